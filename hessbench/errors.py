@@ -1,0 +1,30 @@
+"""The project's own exception types.
+
+Every error that hessbench raises on purpose derives from :class:`HessbenchError`,
+so a command-line boundary can catch it and print its one-line message.
+"""
+
+from __future__ import annotations
+
+
+class HessbenchError(Exception):
+    """Base class of every error hessbench raises on purpose."""
+
+
+class ConfigError(HessbenchError, ValueError):
+    """An unknown estimator, a bad hyper-parameter or a malformed configuration."""
+
+
+class UnsupportedError(HessbenchError):
+    """A model, layer or loss that an estimator does not support.
+
+    The message names the layer's path and type (or the loss type).
+    """
+
+
+class InputError(HessbenchError, ValueError):
+    """Bad data handed to an estimator: non-finite values, wrong shapes or labels."""
+
+
+class TooLargeError(HessbenchError):
+    """A computation refused by a size guard because it would take too long."""

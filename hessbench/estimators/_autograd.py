@@ -1,0 +1,198 @@
+"""Autograd and ``torch.func`` building blocks for estimators on any ``nn.Module``.
+
+These never write ``.grad`` (they use ``torch.autograd.grad`` or
+``torch.func``), never register hooks and never modify parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+from hessbench.errors import TooLargeError
+from hessbench.estimators._base import trainable_parameters
+from hessbench.estimators._losses import LossSpec, LossState
+from hessbench.estimators._sequential import check_output
+
+__all__ = [
+    "exact_diag_hvp",
+    "forward_loss",
+    "ggn_diag_jacobian",
+    "gradient",
+    "hvp_samples",
+    "per_sample_grad_sq",
+    "rademacher",
+]
+
+
+def forward_loss(model: nn.Module, loss: LossSpec, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Model output and differentiable loss, with the output and targets checked."""
+    out = model(x)
+    check_output(model, out.detach())
+    loss.check_targets(out, y)
+    return out, loss.loss(out, y)
+
+
+def gradient(
+    model: nn.Module, loss: LossSpec, x: Tensor, y: Tensor, create_graph: bool = False
+) -> tuple[dict[str, Tensor], Tensor]:
+    """``dL/dtheta`` for the trainable parameters, and the model output."""
+    params = trainable_parameters(model)
+    out, value = forward_loss(model, loss, x, y)
+    grads = torch.autograd.grad(value, list(params.values()), create_graph=create_graph)
+    return dict(zip(params, grads, strict=True)), out
+
+
+def rademacher(like: Tensor, generator: torch.Generator) -> Tensor:
+    """Entries +-1 with equal probability, drawn from ``generator``."""
+    z = torch.randint(0, 2, like.shape, generator=generator, device=generator.device)
+    return z.to(device=like.device, dtype=like.dtype).mul_(2).sub_(1)
+
+
+def hvp_samples(
+    model: nn.Module,
+    loss: LossSpec,
+    x: Tensor,
+    y: Tensor,
+    num_samples: int,
+    generator: torch.Generator,
+    combine: Callable[[Tensor, Tensor], Tensor],
+) -> dict[str, Tensor]:
+    """``mean_k combine(z_k, H z_k)`` with Rademacher ``z_k``, by double backprop."""
+    grads, _ = gradient(model, loss, x, y, create_graph=True)
+    params = list(trainable_parameters(model).values())
+    gs = list(grads.values())
+    acc = [torch.zeros_like(p) for p in params]
+    for k in range(num_samples):
+        zs = [rademacher(p, generator) for p in params]
+        hz = torch.autograd.grad(gs, params, grad_outputs=zs, retain_graph=k + 1 < num_samples)
+        for a, z, h in zip(acc, zs, hz, strict=True):
+            a.add_(combine(z, h))
+    return {n: a.div_(num_samples) for n, a in zip(grads, acc, strict=True)}
+
+
+def _cast_params(model: nn.Module, dtype: torch.dtype | None) -> dict[str, Tensor]:
+    return {
+        n: (p.detach().to(dtype) if dtype is not None else p.detach())
+        for n, p in trainable_parameters(model).items()
+    }
+
+
+def _buffers(model: nn.Module, dtype: torch.dtype | None) -> dict[str, Tensor]:
+    return {
+        n: (b.to(dtype) if dtype is not None and b.is_floating_point() else b)
+        for n, b in model.named_buffers()
+    }
+
+
+def exact_diag_hvp(
+    model: nn.Module,
+    loss: LossSpec,
+    x: Tensor,
+    y: Tensor,
+    *,
+    dtype: torch.dtype | None,
+    max_params: int,
+) -> dict[str, Tensor]:
+    """Exact Hessian diagonal, one double-backprop Hessian row per parameter entry.
+
+    Raises:
+        TooLargeError: when the model has more than ``max_params`` trainable entries.
+    """
+    params = _cast_params(model, dtype)
+    total = sum(p.numel() for p in params.values())
+    if total > max_params:
+        raise TooLargeError(
+            f"exact Hessian diagonal by Hessian-vector products needs {total} backward passes "
+            f"(model has {total} trainable entries, max_params={max_params}); use an "
+            "nn.Sequential of supported layers for the fast path, or raise max_params"
+        )
+    for p in params.values():
+        p.requires_grad_(True)
+    xc = x.to(dtype) if dtype is not None and x.is_floating_point() else x
+    yc = y.to(dtype) if dtype is not None and y.is_floating_point() else y
+    out = functional_call(model, ({**params, **_buffers(model, dtype)},), (xc,))
+    check_output(model, out.detach())
+    loss.check_targets(out, yc)
+    value = loss.loss(out, yc)
+    names = list(params)
+    plist = list(params.values())
+    grads = torch.autograd.grad(value, plist, create_graph=True)
+    result = {}
+    for name, p, g in zip(names, plist, grads, strict=True):
+        flat = g.reshape(-1)
+        diag = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+        if g.requires_grad:
+            for i in range(p.numel()):
+                (row,) = torch.autograd.grad(flat[i], p, retain_graph=True, allow_unused=True)
+                if row is not None:
+                    diag[i] = row.reshape(-1)[i]
+        result[name] = diag.view_as(p)
+    return result
+
+
+def per_sample_grad_sq(
+    model: nn.Module, loss: LossSpec, x: Tensor, y: Tensor
+) -> tuple[dict[str, Tensor], float]:
+    """``sum_n (grad l_n)^2`` with ``l_n`` the per-sample loss summed over outputs, and ``c``."""
+    params = _cast_params(model, None)
+    buffers = _buffers(model, None)
+    with torch.no_grad():
+        out = model(x)
+    check_output(model, out)
+    loss.check_targets(out, y)
+
+    def sample_loss(p: dict[str, Tensor], xn: Tensor, yn: Tensor) -> Tensor:
+        o = functional_call(model, ({**p, **buffers},), (xn.unsqueeze(0),))
+        return loss.per_sample_loss(o, yn.unsqueeze(0)).sum()
+
+    grads = vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(
+        params, x, y
+    )
+    return {n: g.square().sum(0) for n, g in grads.items()}, loss.scale(out)
+
+
+def ggn_diag_jacobian(
+    model: nn.Module,
+    loss: LossSpec,
+    x: Tensor,
+    y: Tensor,
+    columns: Callable[[Tensor, LossState], Tensor],
+    *,
+    max_entries: int = 50_000_000,
+) -> dict[str, Tensor]:
+    """``sum_n sum_k (J_n^T s_nk)^2`` from per-sample Jacobians (``torch.func``).
+
+    ``columns(out, state)`` returns the factor columns ``(N, K, *out)``.
+
+    Raises:
+        TooLargeError: when the per-sample Jacobians would exceed ``max_entries``.
+    """
+    params = _cast_params(model, None)
+    buffers = _buffers(model, None)
+    with torch.no_grad():
+        out = model(x)
+    check_output(model, out)
+    loss.check_targets(out, y)
+    entries = out.numel() * sum(p.numel() for p in params.values())
+    if entries > max_entries:
+        raise TooLargeError(
+            f"per-sample Jacobians need {entries} entries (max {max_entries}); use a smaller "
+            "batch or an nn.Sequential of supported layers for the fast path"
+        )
+    state = loss.evaluate(out, y)
+    cols = columns(out, state).flatten(2)  # (N, K, O)
+
+    def single(p: dict[str, Tensor], xn: Tensor) -> Tensor:
+        return functional_call(model, ({**p, **buffers},), (xn.unsqueeze(0),)).squeeze(0)
+
+    jac = vmap(jacrev(single), in_dims=(None, 0), randomness="different")(params, x)
+    result = {}
+    for name, j in jac.items():
+        jf = j.reshape(j.shape[0], math.prod(out.shape[1:]), -1)  # (N, O, P)
+        result[name] = (cols @ jf).square().sum((0, 1)).view_as(params[name])
+    return result

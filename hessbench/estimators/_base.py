@@ -1,0 +1,190 @@
+"""The common estimator interface and the registry.
+
+An estimator is a frozen (pydantic-validated) dataclass whose fields are its
+hyper-parameters. Calling it returns the estimated Hessian diagonal::
+
+    est = get_estimator("hutchinson", num_samples=10)
+    diag = est(model, loss_fn, inputs, targets, generator=torch.Generator().manual_seed(0))
+    diag["0.weight"].shape == model[0].weight.shape
+
+The result is keyed by ``model.named_parameters()`` names (trainable parameters
+only, in that order), each detached, with its parameter's shape, dtype and
+device. Estimators leave parameters, ``.grad``, hooks and the global RNG as they
+found them; randomness comes only from the ``generator`` (a fresh,
+non-deterministically seeded one when none is given).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import ClassVar, TypeVar
+
+import pydantic
+import torch
+from torch import Tensor, nn
+
+from hessbench.errors import ConfigError, InputError, UnsupportedError
+from hessbench.estimators._losses import LossSpec
+
+__all__ = [
+    "Estimator",
+    "available_estimators",
+    "estimator_class",
+    "get_estimator",
+    "register",
+    "trainable_parameters",
+]
+
+_REGISTRY: dict[str, type[Estimator]] = {}
+E = TypeVar("E", bound="type[Estimator]")
+
+
+def register(cls: E) -> E:
+    """Class decorator: add an estimator class to the registry under ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise RuntimeError(f"estimator {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_estimators() -> list[str]:
+    """Names of every registered estimator, sorted."""
+    return sorted(_REGISTRY)
+
+
+def estimator_class(name: str) -> type[Estimator]:
+    """The class registered as ``name``; :class:`ConfigError` listing the known ones otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(available_estimators())
+        raise ConfigError(f"unknown estimator {name!r}; available: {known}") from None
+
+
+def get_estimator(name: str, **params: object) -> Estimator:
+    """Build the estimator ``name`` with hyper-parameters ``params``.
+
+    Raises:
+        ConfigError: one line naming an unknown estimator or a bad hyper-parameter
+            and what is allowed.
+    """
+    cls = estimator_class(name)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{name}: unknown hyper-parameter {unknown[0]!r}; allowed: {', '.join(allowed) or 'none'}"
+        )
+    try:
+        return cls(**params)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "?"
+        raise ConfigError(
+            f"{name}: hyper-parameter {field}: {err['msg']} (got {err.get('input')!r})"
+        ) from None
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``named_parameters()`` restricted to parameters that require grad."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise UnsupportedError(f"model {type(model).__name__} has no trainable parameters")
+    return params
+
+
+@contextlib.contextmanager
+def _preserve_global_rng(device: torch.device) -> Iterator[None]:
+    """Restore the global RNG state afterwards (a model's own dropout may draw from it)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
+class Estimator(abc.ABC):
+    """A Hessian-diagonal estimator.
+
+    Subclasses are pydantic dataclasses (frozen, fields = hyper-parameters) that
+    set the class variables below and implement :meth:`_estimate`.
+
+    Attributes:
+        name: registry name, e.g. ``"hutchinson"``.
+        cost: rough cost in gradient computations, e.g. ``"k HVPs"``.
+        stochastic: whether the estimate depends on the generator.
+        uses_model_forward: whether the module's own ``forward`` is called
+            (then the global RNG is saved and restored around the call).
+        impl_fields: fields that choose an implementation, not the quantity;
+            they are left out of :attr:`label`.
+    """
+
+    name: ClassVar[str]
+    cost: ClassVar[str]
+    stochastic: ClassVar[bool] = False
+    uses_model_forward: ClassVar[bool] = True
+    impl_fields: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def params(self) -> dict[str, object]:
+        """The hyper-parameters as a dict."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    @property
+    def label(self) -> str:
+        """A readable, stable label such as ``hutchinson[num_samples=10]``."""
+        shown = [f"{k}={v}" for k, v in self.params.items() if k not in self.impl_fields]
+        return f"{self.name}[{','.join(shown)}]" if shown else self.name
+
+    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        """Raise :class:`UnsupportedError` when this estimator cannot handle the pair."""
+        LossSpec.of(loss_fn)
+        trainable_parameters(model)
+
+    def __call__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Estimate the diagonal of the Hessian of ``loss_fn(model(inputs), targets)``."""
+        loss = LossSpec.of(loss_fn)
+        params = trainable_parameters(model)
+        if not bool(torch.isfinite(inputs).all()):
+            raise InputError("the inputs contain NaN or infinity")
+        if generator is None:
+            generator = torch.Generator(device=inputs.device)
+            generator.seed()
+        if self.uses_model_forward:
+            with _preserve_global_rng(inputs.device):
+                result = self._estimate(model, loss, inputs, targets, generator)
+        else:
+            result = self._estimate(model, loss, inputs, targets, generator)
+        return {k: result[k].to(p.dtype).detach() for k, p in params.items()}
+
+    @abc.abstractmethod
+    def _estimate(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator,
+    ) -> dict[str, Tensor]:
+        """The estimate, keyed by trainable parameter name (any order)."""
+
+
+def estimator_dataclass(cls):
+    """Decorator: make ``cls`` a frozen, validated dataclass that forbids unknown fields."""
+    return pydantic.dataclasses.dataclass(
+        frozen=True, config=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    )(cls)

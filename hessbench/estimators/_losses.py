@@ -1,0 +1,212 @@
+"""The losses hessbench understands, in closed form.
+
+For a batch of outputs ``z`` (``N`` samples) the loss is ``L = c * sum_n l(z_n, y_n)``
+with ``c = 1/N`` for cross-entropy with ``reduction="mean"``, ``c = 1/numel(z)``
+for MSE with ``reduction="mean"`` (torch averages over every element), and
+``c = 1`` for ``reduction="sum"``. Everything here works on the network output
+directly, without autograd:
+
+- cross-entropy: ``p = softmax(z)``, ``dL/dz = c (p - e_y)``,
+  ``d2L/dz2 = c (diag p - p p^T)`` with symmetric factor ``sqrt(c) (diag sqrt(p) - p sqrt(p)^T)``;
+- MSE: ``dL/dz = 2c (z - y)``, ``d2L/dz2 = 2c I`` with factor ``sqrt(2c) I``.
+
+Monte-Carlo factors sample labels from the model's predictive distribution:
+categorical ``p`` for cross-entropy, and for MSE the Gaussian whose negative
+log-likelihood is the squared error, ``y ~ N(z, I/2)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hessbench.errors import InputError, UnsupportedError
+
+__all__ = ["LossSpec", "LossState"]
+
+
+@dataclass(frozen=True, slots=True)
+class LossState:
+    """The loss evaluated at a batch of outputs (no autograd involved).
+
+    Attributes:
+        value: the loss ``L``.
+        grad: ``dL/dz``, shaped like the output.
+        scale: the reduction factor ``c``.
+        probs: softmax probabilities for cross-entropy, ``None`` for MSE.
+    """
+
+    value: Tensor
+    grad: Tensor
+    scale: float
+    probs: Tensor | None
+
+
+@dataclass(frozen=True, slots=True)
+class LossSpec:
+    """A supported loss: its kind and reduction.
+
+    Build it with :meth:`of`, which refuses anything it cannot handle exactly.
+    """
+
+    kind: Literal["ce", "mse"]
+    reduction: Literal["mean", "sum"]
+
+    @classmethod
+    def of(cls, loss_fn: nn.Module) -> LossSpec:
+        """Recognise ``loss_fn`` or raise :class:`UnsupportedError` naming why."""
+        if isinstance(loss_fn, nn.CrossEntropyLoss):
+            if loss_fn.weight is not None:
+                raise UnsupportedError("CrossEntropyLoss with class weights is not supported")
+            if loss_fn.label_smoothing != 0.0:
+                raise UnsupportedError("CrossEntropyLoss with label_smoothing is not supported")
+            kind: Literal["ce", "mse"] = "ce"
+        elif isinstance(loss_fn, nn.MSELoss):
+            kind = "mse"
+        else:
+            raise UnsupportedError(
+                f"loss {type(loss_fn).__name__} is not supported; use nn.CrossEntropyLoss or nn.MSELoss"
+            )
+        if loss_fn.reduction not in ("mean", "sum"):
+            raise UnsupportedError(
+                f"{type(loss_fn).__name__}(reduction={loss_fn.reduction!r}) is not supported; "
+                "use 'mean' or 'sum'"
+            )
+        return cls(kind, loss_fn.reduction)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ checks
+    def check_targets(self, out: Tensor, targets: Tensor) -> None:
+        """Raise :class:`InputError` when ``targets`` do not fit ``out``."""
+        if self.kind == "ce":
+            if out.dim() != 2:
+                raise InputError(
+                    f"cross-entropy needs model outputs of shape (N, C), got {tuple(out.shape)}"
+                )
+            if targets.dtype not in (torch.int64, torch.int32) or targets.shape != out.shape[:1]:
+                raise InputError(
+                    "cross-entropy targets must be integer class indices of shape "
+                    f"({out.shape[0]},), got {targets.dtype} {tuple(targets.shape)}"
+                )
+            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= out.shape[1]):
+                raise InputError(f"cross-entropy targets must lie in [0, {out.shape[1]})")
+        else:
+            if targets.shape != out.shape:
+                raise InputError(
+                    f"MSE targets must have the output's shape {tuple(out.shape)}, "
+                    f"got {tuple(targets.shape)}"
+                )
+            if not torch.isfinite(targets).all():
+                raise InputError("MSE targets contain NaN or infinity")
+
+    def scale(self, out: Tensor) -> float:
+        """The reduction factor ``c``."""
+        if self.reduction == "sum":
+            return 1.0
+        return 1.0 / (out.shape[0] if self.kind == "ce" else out.numel())
+
+    # ------------------------------------------------------------------ value
+    def evaluate(self, out: Tensor, targets: Tensor) -> LossState:
+        """Loss value and output gradient in closed form."""
+        c = self.scale(out)
+        if self.kind == "ce":
+            logp = torch.log_softmax(out, dim=1)
+            p = logp.exp()
+            nll = -logp.gather(1, targets.long().unsqueeze(1))
+            grad = p.clone()
+            grad.scatter_add_(1, targets.long().unsqueeze(1), torch.full_like(nll, -1.0))
+            return LossState(nll.sum() * c, grad.mul_(c), c, p)
+        diff = out - targets
+        return LossState(diff.square().sum() * c, diff.mul(2.0 * c), c, None)
+
+    def loss(self, out: Tensor, targets: Tensor) -> Tensor:
+        """The loss through differentiable torch operations (for autograd paths)."""
+        if self.kind == "ce":
+            return F.cross_entropy(out, targets.long(), reduction=self.reduction)
+        return F.mse_loss(out, targets, reduction=self.reduction)
+
+    def per_sample_loss(self, out: Tensor, targets: Tensor) -> Tensor:
+        """Unreduced loss summed over output dimensions, one entry per sample."""
+        if self.kind == "ce":
+            return F.cross_entropy(out, targets.long(), reduction="none")
+        return (out - targets).square().flatten(1).sum(1)
+
+    # -------------------------------------------------------------- curvature
+    def hess_diag(self, out: Tensor, state: LossState) -> Tensor:
+        """Exact diagonal of ``d2L/dz2`` per sample, shaped like the output."""
+        if self.kind == "ce":
+            p = state.probs
+            assert p is not None
+            return (p - p * p).mul_(state.scale)
+        return torch.full_like(out, 2.0 * state.scale)
+
+    def target_hess_diag(self, out: Tensor, targets: Tensor, state: LossState) -> Tensor:
+        """BL89's output curvature: the softmax treated element-wise.
+
+        Cross-entropy: ``c (p_y - p_y^2)`` on the target logit, zero elsewhere.
+        MSE: the exact ``2c`` (the output layer is already element-wise).
+        """
+        if self.kind == "mse":
+            return self.hess_diag(out, state)
+        p = state.probs
+        assert p is not None
+        idx = targets.long().unsqueeze(1)
+        py = p.gather(1, idx)
+        return torch.zeros_like(p).scatter_(1, idx, (py - py * py) * state.scale)
+
+    def sqrt_factor(self, out: Tensor, state: LossState) -> Tensor:
+        """Columns ``S`` with ``S S^T = d2L/dz2`` per sample: shape ``(N, K, *out)``."""
+        n = out.shape[0]
+        if self.kind == "ce":
+            p = state.probs
+            assert p is not None
+            sp = p.sqrt()
+            # rows k of (diag sqrt(p) - p sqrt(p)^T)^T = columns of the factor
+            cols = torch.diag_embed(sp) - sp.unsqueeze(2) * p.unsqueeze(1)
+            return cols.mul_(state.scale**0.5)
+        d = out[0].numel()
+        eye = torch.eye(d, dtype=out.dtype, device=out.device) * (2.0 * state.scale) ** 0.5
+        return eye.expand(n, d, d).reshape(n, d, *out.shape[1:])
+
+    def mc_factor(
+        self, out: Tensor, state: LossState, num_samples: int, generator: torch.Generator
+    ) -> Tensor:
+        """Monte-Carlo columns, ``E[S S^T] = d2L/dz2``: shape ``(N, num_samples, *out)``.
+
+        Each column is ``sqrt(c / k)`` times the output gradient of the per-sample
+        loss at a label drawn from the model's predictive distribution.
+        """
+        k = num_samples
+        if self.kind == "ce":
+            p = state.probs
+            assert p is not None
+            labels = self.sample_labels_ce(p, k, generator)  # (N, k)
+            cols = p.unsqueeze(1).repeat(1, k, 1)
+            cols.scatter_add_(2, labels.unsqueeze(2), torch.full_like(cols[..., :1], -1.0))
+            return cols.mul_((state.scale / k) ** 0.5)
+        noise = _randn((out.shape[0], k, *out.shape[1:]), out, generator)
+        # gradient of (z - y)^2 at y = z + eps / sqrt(2) is -sqrt(2) eps
+        return noise.mul_(-((2.0 * state.scale / k) ** 0.5))
+
+    def sample_targets(self, out: Tensor, state: LossState, generator: torch.Generator) -> Tensor:
+        """One draw of targets from the model's predictive distribution."""
+        if self.kind == "ce":
+            assert state.probs is not None
+            return self.sample_labels_ce(state.probs, 1, generator)[:, 0]
+        return out + _randn(tuple(out.shape), out, generator).mul_(0.5**0.5)
+
+    @staticmethod
+    def sample_labels_ce(p: Tensor, k: int, generator: torch.Generator) -> Tensor:
+        """``k`` categorical draws per row of ``p``: shape ``(N, k)``."""
+        gen_p = p.detach().to(device=generator.device, dtype=torch.float64)
+        labels = torch.multinomial(gen_p, k, replacement=True, generator=generator)
+        return labels.to(p.device)
+
+
+def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
+    """Standard normal noise drawn on the generator's device, moved next to ``like``."""
+    z = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float64)
+    return z.to(device=like.device, dtype=like.dtype)

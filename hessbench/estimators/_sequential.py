@@ -1,0 +1,351 @@
+"""One-pass engines over ``nn.Sequential`` models, driven by the rule table.
+
+:func:`build_plan` turns a model into a list of steps (nested ``Sequential``
+containers are flattened; ``Identity`` and eval-mode ``Dropout`` are skipped).
+The engines then run the forward pass, the loss and one backward pass by hand,
+without autograd or hooks:
+
+- :func:`diag_pass` propagates a diagonal curvature estimate (HesScale, BL89)
+  alongside the gradient;
+- :func:`factor_pass` propagates signed symmetric factors of the exact output
+  Hessian (or of its Monte-Carlo estimate), and for the exact Hessian the
+  factors of every curved activation's ``f''(u) g`` residual, as BackPACK's
+  DiagHessian does. When a layer has more columns than features it switches to
+  full per-sample matrices, ``H_u = f' f'^T o (J^T H_z J) + diag(f'' g)``.
+  The same pass yields the K-FAC factors.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from hessbench.errors import InputError, UnsupportedError
+from hessbench.estimators._layers import RULES, Elementwise, Parametric, Rule
+from hessbench.estimators._losses import LossSpec, LossState
+
+__all__ = ["Plan", "build_plan", "diag_pass", "factor_pass"]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    path: str
+    module: nn.Module
+    rule: Rule
+    weight_key: str | None
+    bias_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The layers to run, and where the first trainable parameter sits."""
+
+    steps: tuple[Step, ...]
+    first_param: int
+    keys: tuple[str, ...]
+
+
+def _flatten(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]]) -> None:
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        if type(child) is nn.Sequential:
+            _flatten(child, path + ".", out)
+        else:
+            out.append((path, child))
+
+
+def build_plan(model: nn.Module) -> Plan:
+    """Check ``model`` against the rule table and list its steps.
+
+    Raises:
+        UnsupportedError: naming the first unsupported layer's path and type, or
+            when the model is not an ``nn.Sequential`` or has no trainable parameter.
+    """
+    if type(model) is not nn.Sequential:
+        raise UnsupportedError(
+            f"model {type(model).__name__} is not an nn.Sequential; this estimator's "
+            "layer-by-layer pass needs one"
+        )
+    layers: list[tuple[str, nn.Module]] = []
+    _flatten(model, "", layers)
+    steps = []
+    first = -1
+    keys: list[str] = []
+    for path, m in layers:
+        rule = RULES.get(type(m))
+        if rule is None:
+            supported = ", ".join(sorted(t.__name__ for t in RULES))
+            raise UnsupportedError(
+                f"layer '{path}' ({type(m).__name__}) is not supported; supported layers: {supported}"
+            )
+        rule.check(m, path)
+        if type(m) is nn.Identity or (type(m) is nn.Dropout and (not m.training or m.p == 0.0)):
+            continue
+        wkey = bkey = None
+        if isinstance(rule, Parametric):
+            if m.weight.requires_grad:
+                wkey = f"{path}.weight"
+            if m.bias is not None and m.bias.requires_grad:
+                bkey = f"{path}.bias"
+        else:
+            stray = [n for n, p in m.named_parameters() if p.requires_grad]
+            if stray:
+                raise UnsupportedError(
+                    f"layer '{path}' ({type(m).__name__}) has trainable parameters {stray} "
+                    "that this estimator cannot handle"
+                )
+        if (wkey or bkey) and first < 0:
+            first = len(steps)
+        keys += [k for k in (wkey, bkey) if k]
+        steps.append(Step(path, m, rule, wkey, bkey))
+    if first < 0:
+        raise UnsupportedError("the model has no trainable parameters")
+    if len(set(map(id, (p for p in model.parameters() if p.requires_grad)))) != len(keys):
+        raise UnsupportedError("shared (tied) parameters are not supported by the layer-by-layer pass")
+    return Plan(tuple(steps), first, tuple(keys))
+
+
+def _forward(plan: Plan, x: Tensor, generator: torch.Generator | None):
+    caches = []
+    shapes = []
+    for st in plan.steps:
+        shapes.append(x.shape[1:])
+        x, cache = st.rule.forward(st.module, x, generator)
+        caches.append(cache)
+    return x, caches, shapes
+
+
+def check_output(model: nn.Module, out: Tensor) -> None:
+    """Raise :class:`InputError` for a non-finite output, naming a bad parameter."""
+    if bool(torch.isfinite(out).all()):
+        return
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    hint = f"; non-finite parameters: {', '.join(bad)}" if bad else ""
+    raise InputError(f"the model output contains NaN or infinity{hint}")
+
+
+def _start(plan, model, loss: LossSpec, x, targets, generator):
+    out, caches, shapes = _forward(plan, x, generator)
+    check_output(model, out)
+    loss.check_targets(out, targets)
+    return out, caches, shapes, loss.evaluate(out, targets)
+
+
+def _store(res: dict, step: Step, w: Tensor, b: Tensor | None) -> None:
+    if step.weight_key:
+        res[step.weight_key] = w
+    if step.bias_key and b is not None:
+        res[step.bias_key] = b
+
+
+def diag_pass(
+    plan: Plan,
+    model: nn.Module,
+    loss: LossSpec,
+    x: Tensor,
+    targets: Tensor,
+    *,
+    output: Literal["exact", "bl89", "zero"],
+    residual: bool,
+    generator: torch.Generator | None = None,
+    with_grad: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], LossState]:
+    """HesScale-style diagonal backprop: ``h_u = f'^2 h_a (+ f'' g_a)``, ``h_a = (W o W)^T h_z``.
+
+    Returns:
+        the parameter diagonals, the parameter gradients (empty unless
+        ``with_grad``) and the loss state.
+    """
+    with torch.no_grad():
+        out, caches, _, state = _start(plan, model, loss, x, targets, generator)
+        if output == "exact":
+            h = loss.hess_diag(out, state)
+        elif output == "bl89":
+            h = loss.target_hess_diag(out, targets, state)
+        else:
+            h = torch.zeros_like(out)
+        need_g = residual or with_grad
+        g = state.grad
+        diag: dict[str, Tensor] = {}
+        grads: dict[str, Tensor] = {}
+        steps = plan.steps
+        for i in range(len(steps) - 1, plan.first_param - 1, -1):
+            st = steps[i]
+            rule = st.rule
+            m = st.module
+            c = caches[i]
+            if rule.parametric:
+                _store(diag, st, *rule.param_diag(m, c, h))
+                if with_grad:
+                    _store(grads, st, *rule.param_grad(m, c, g))
+            if i == plan.first_param:
+                break
+            if rule.elementwise:
+                d1, d2 = rule.derivs(m, c)
+                if residual and d2 is not None:
+                    h = torch.addcmul(d2 * g, d1 * d1, h)
+                else:
+                    h = d1 * d1 * h
+                if need_g:
+                    g = g * d1
+            else:
+                h = rule.vjp_sq(m, c, h)
+                if need_g:
+                    g = rule.vjp(m, c, g)
+    return diag, grads, state
+
+
+def _to_full(v: Tensor, s: Tensor | None, d: Tensor | None) -> Tensor:
+    """``sum_k s_k v_k v_k^T + diag(d)`` per sample, shape (N, F, F)."""
+    n, k = v.shape[:2]
+    vf = v.reshape(n, k, -1)
+    if s is None:
+        hmat = vf.transpose(1, 2) @ vf
+    else:
+        hmat = (vf * s.unsqueeze(2)).transpose(1, 2) @ vf
+    if d is not None:
+        hmat.diagonal(dim1=1, dim2=2).add_(d.reshape(n, -1))
+    return hmat
+
+
+def _full_vjp(rule, m, cache, hmat: Tensor, out_shape, in_shape) -> Tensor:
+    """``J^T H J`` per sample for a layer linear in its input."""
+    n, dout = hmat.shape[:2]
+    din = math.prod(in_shape)
+    left = rule.vjp_cols(m, cache, hmat.reshape(n, dout, *out_shape))  # (N, dout, *in) = H J
+    left = left.reshape(n, dout, din).transpose(1, 2).reshape(n, din, *out_shape)
+    return rule.vjp_cols(m, cache, left).reshape(n, din, din)
+
+
+def _diag_cols(rule, m, cache, d: Tensor, out_shape) -> Tensor:
+    """``J^T diag(d)`` as columns, (N, F_out, *in)."""
+    n = d.shape[0]
+    flat = d.reshape(n, -1)
+    if hasattr(rule, "vjp_diag_cols"):
+        return rule.vjp_diag_cols(m, cache, flat)
+    eye = torch.diag_embed(flat).reshape(n, flat.shape[1], *out_shape)
+    return rule.vjp_cols(m, cache, eye)
+
+
+def factor_pass(
+    plan: Plan,
+    model: nn.Module,
+    loss: LossSpec,
+    x: Tensor,
+    targets: Tensor,
+    *,
+    columns: Literal["exact", "mc"],
+    residual: bool,
+    generator: torch.Generator | None = None,
+    num_samples: int = 1,
+    representation: Literal["auto", "factored", "full"] = "auto",
+    kfac: bool = False,
+) -> dict[str, Tensor]:
+    """Backpropagate factors of the output Hessian (see the module docstring).
+
+    Args:
+        columns: ``exact`` starts from the symmetric factor of the loss Hessian,
+            ``mc`` from ``num_samples`` Monte-Carlo columns.
+        residual: add the ``f''(u) g`` terms of curved activations (the exact
+            Hessian); without them the result is the GGN diagonal.
+        representation: ``factored`` keeps columns throughout, ``full`` uses
+            per-sample matrices throughout, ``auto`` switches to matrices where
+            a layer has more columns than features.
+        kfac: return the K-FAC diagonal ``diag(A) diag(G)^T`` instead.
+    """
+    with torch.no_grad():
+        out, caches, shapes, state = _start(plan, model, loss, x, targets, generator)
+        if columns == "exact":
+            v = loss.sqrt_factor(out, state)
+        else:
+            assert generator is not None
+            v = loss.mc_factor(out, state, num_samples, generator)
+        s: Tensor | None = None
+        dres: Tensor | None = None
+        hmat: Tensor | None = None
+        n = out.shape[0]
+        auto_full = representation == "auto" and not kfac
+        if representation == "full" or (auto_full and v.shape[1] > out[0].numel()):
+            hmat, v = _to_full(v, None, None), None
+        g = state.grad
+        res: dict[str, Tensor] = {}
+        steps = plan.steps
+        out_shape = out.shape[1:]
+        for i in range(len(steps) - 1, plan.first_param - 1, -1):
+            st = steps[i]
+            rule = st.rule
+            m = st.module
+            c = caches[i]
+            in_shape = shapes[i]
+            if isinstance(rule, Parametric):
+                if kfac:
+                    a = rule.kfac_input(m, c)
+                    gdiag = rule.kfac_output(m, c, v)
+                    w = (gdiag.view(a.shape[0], -1, 1) * a.unsqueeze(1)).reshape(m.weight.shape)
+                    _store(res, st, w, gdiag)
+                elif hmat is not None:
+                    _store(res, st, *rule.param_diag_full(m, c, hmat))
+                else:
+                    w, b = rule.param_diag_cols(m, c, v, s)
+                    if dres is not None:
+                        wd, bd = rule.param_diag(m, c, dres)
+                        w = w + wd
+                        b = None if b is None else b + bd
+                    _store(res, st, w, b)
+            if i == plan.first_param:
+                break
+            if isinstance(rule, Elementwise):
+                d1, d2 = rule.derivs(m, c)
+                r = d2 * g if residual and d2 is not None else None
+                if hmat is not None:
+                    f = d1.reshape(n, -1)
+                    hmat = hmat * f.unsqueeze(2) * f.unsqueeze(1)
+                    if r is not None:
+                        hmat.diagonal(dim1=1, dim2=2).add_(r.reshape(n, -1))
+                else:
+                    v = v * d1.unsqueeze(1)
+                    if dres is not None:
+                        dres = dres * d1 * d1
+                    if r is not None:
+                        dres = r if dres is None else dres + r
+                if residual:
+                    g = g * d1
+            else:
+                if hmat is not None:
+                    hmat = _full_vjp(rule, m, c, hmat, out_shape, in_shape)
+                else:
+                    v = rule.vjp_cols(m, c, v)
+                    if dres is not None:
+                        cols = _diag_cols(rule, m, c, dres.abs().sqrt(), out_shape)
+                        signs = dres.reshape(n, -1).sign()
+                        if s is None:
+                            s = torch.ones(v.shape[:2], dtype=v.dtype, device=v.device)
+                        v = torch.cat([v, cols], 1)
+                        s = torch.cat([s, signs], 1)
+                        dres = None
+                    if auto_full and v.shape[1] > math.prod(in_shape):
+                        hmat, v, s = _to_full(v, s, None), None, None
+                if residual:
+                    g = rule.vjp(m, c, g)
+            out_shape = in_shape
+    return res
+
+
+def cast_problem(
+    model: nn.Module, x: Tensor, y: Tensor, dtype: torch.dtype | None
+) -> tuple[nn.Module, Tensor, Tensor]:
+    """A copy of the problem in ``dtype`` (the originals when already there or ``dtype`` is None)."""
+    if dtype is None:
+        return model, x, y
+    if x.is_floating_point():
+        x = x.to(dtype)
+    if y.is_floating_point():
+        y = y.to(dtype)
+    if any(p.dtype != dtype for p in model.parameters()):
+        model = copy.deepcopy(model).to(dtype)
+    return model, x, y

@@ -1,0 +1,51 @@
+"""The empirical Fisher diagonal from per-sample gradients."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from hessbench.estimators._autograd import per_sample_grad_sq
+from hessbench.estimators._base import Estimator, estimator_dataclass, register
+from hessbench.estimators._losses import LossSpec
+
+__all__ = ["EmpiricalFisher"]
+
+
+@register
+@estimator_dataclass
+class EmpiricalFisher(Estimator):
+    r"""``c sum_n (grad l_n)^2``, ``l_n`` the per-sample loss summed over outputs.
+
+    With ``L = c sum_n l_n`` this is the diagonal of the empirical Fisher at the
+    loss's scale. At batch size 1 it is ``grad_sq / c``: equal to ``grad_sq``
+    for cross-entropy, ``D`` times it for mean MSE with ``D`` outputs.
+    Per-sample gradients by ``torch.func.vmap`` over ``torch.func.grad``.
+
+    Cost: one (vectorised) backprop. Supports any differentiable ``nn.Module``
+    that handles a batch of one sample.
+    Reference: Kunstner, Hennig & Balles, "Limitations of the empirical Fisher
+    approximation" (NeurIPS 2019).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 2))
+        >>> x, y = torch.randn(1, 3), torch.tensor([1])
+        >>> from hessbench.estimators import get_estimator
+        >>> a = EmpiricalFisher()(model, nn.CrossEntropyLoss(), x, y)
+        >>> b = get_estimator("grad_sq")(model, nn.CrossEntropyLoss(), x, y)
+        >>> all(torch.allclose(a[k], b[k]) for k in a)
+        True
+    """
+
+    name: ClassVar[str] = "efisher"
+    cost: ClassVar[str] = "1 backprop (vmap)"
+
+    def _estimate(
+        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        sq, c = per_sample_grad_sq(model, loss, inputs, targets)
+        return {n: s.mul_(c) for n, s in sq.items()}

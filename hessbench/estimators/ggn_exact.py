@@ -1,0 +1,74 @@
+"""The exact diagonal of the generalized Gauss-Newton matrix."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from hessbench.errors import UnsupportedError
+from hessbench.estimators._autograd import ggn_diag_jacobian
+from hessbench.estimators._base import Estimator, estimator_dataclass, register
+from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._sequential import build_plan, factor_pass
+
+__all__ = ["GGNExact"]
+
+
+@register
+@estimator_dataclass
+class GGNExact(Estimator):
+    r"""``diag(J^T (d2L/dz2) J)``, via a symmetric factor ``S S^T = d2L/dz2``.
+
+    ``ggn = sum_n sum_k (J_n^T s_nk)^2``: the ``C`` columns of the loss Hessian's
+    factor (``sqrt(c) (diag sqrt(p) - p sqrt(p)^T)`` for cross-entropy,
+    ``sqrt(2c) I`` for MSE) are backpropagated through the network. Equals the
+    exact Hessian diagonal for a network that is linear in its parameters
+    before the loss (e.g. one Linear layer).
+
+    Args:
+        method: ``auto`` (layer-by-layer pass on supported ``nn.Sequential``
+            models, else per-sample Jacobians with ``torch.func``),
+            ``structured`` or ``jacobian``.
+
+    Cost: ``O(C)`` backprops (the layer-by-layer pass carries ``C`` columns).
+    Reference: Schraudolph (2002); BackPACK's DiagGGNExact (Dangel et al., 2020).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 2)).double()
+        >>> x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+        >>> g = GGNExact()(model, nn.CrossEntropyLoss(), x, y)
+        >>> from hessbench.estimators import get_estimator
+        >>> h = get_estimator("exact")(model, nn.CrossEntropyLoss(), x, y)
+        >>> all(torch.allclose(g[k], h[k]) for k in g)
+        True
+    """
+
+    name: ClassVar[str] = "ggn_exact"
+    cost: ClassVar[str] = "O(C) backprops"
+    impl_fields: ClassVar[tuple[str, ...]] = ("method",)
+    method: Literal["auto", "structured", "jacobian"] = "auto"
+
+    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        super().check_supported(model, loss_fn)
+        if self.method == "structured":
+            build_plan(model)
+
+    def _estimate(
+        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        if self.method != "jacobian":
+            try:
+                plan = build_plan(model)
+            except UnsupportedError:
+                if self.method == "structured":
+                    raise
+            else:
+                return factor_pass(
+                    plan, model, loss, inputs, targets, columns="exact", residual=False,
+                    generator=generator,
+                )
+        return ggn_diag_jacobian(model, loss, inputs, targets, loss.sqrt_factor)

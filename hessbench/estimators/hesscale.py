@@ -1,0 +1,63 @@
+"""HesScale: BL89's recursion started from the exact output Hessian diagonal.
+
+Elsayed & Mahmood, "HesScale: Scalable Computation of Hessian Diagonals" (2022);
+Elsayed, Farrahi, Dangel & Mahmood, "Revisiting Scalable Hessian Diagonal
+Approximations for Applications in Reinforcement Learning" (ICML 2024).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from hessbench.estimators._base import estimator_dataclass, register
+from hessbench.estimators._layerwise import LayerwiseEstimator
+from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._sequential import build_plan, diag_pass
+
+__all__ = ["HesScale"]
+
+
+@register
+@estimator_dataclass
+class HesScale(LayerwiseEstimator):
+    r"""HesScale diagonal estimate, computed with the gradient in one pass.
+
+    Each layer passes back, per sample, a diagonal estimate ``h_o`` of the
+    output curvature with the exact gradient ``g_o``. At the network output
+    ``h_z`` is exact: ``c (p - p^2)`` for cross-entropy, ``2c`` for MSE. Then
+
+    - Linear ``z = W a + b``: ``h_a = (W o W)^T h_z``, ``h_W = sum_n h_z a^T o a^T``,
+      ``h_b = sum_n h_z``; Conv the same with a transposed convolution by ``W o W``;
+    - activation ``a = f(u)``: ``h_u = f'(u)^2 h_a + f''(u) g_a``;
+    - max pooling routes ``h`` to the argmax, average pooling weights it ``1/K^2``.
+
+    The last layer's diagonals are exact; with MSE so is the last-but-one
+    Linear layer.
+
+    Cost: about one backprop (one joint forward/backward pass, no autograd).
+    Supports: the layers of :class:`~hessbench.estimators._layerwise.LayerwiseEstimator`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(1, 3, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+        >>> diag = HesScale()(model, nn.MSELoss(), x, y)
+        >>> sorted(diag), diag["0.weight"].shape
+        (['0.bias', '0.weight', '2.bias', '2.weight'], torch.Size([4, 3]))
+    """
+
+    name: ClassVar[str] = "hesscale"
+    cost: ClassVar[str] = "~1 backprop"
+
+    def _estimate(
+        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        plan = build_plan(model)
+        diag, _, _ = diag_pass(
+            plan, model, loss, inputs, targets, output="exact", residual=True, generator=generator
+        )
+        return diag

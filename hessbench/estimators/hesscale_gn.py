@@ -1,0 +1,55 @@
+"""HesScaleGN: HesScale without the ``f''(u) g`` terms (a GGN-flavoured diagonal).
+
+Elsayed & Mahmood (2022), Elsayed et al. (ICML 2024).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from hessbench.estimators._base import estimator_dataclass, register
+from hessbench.estimators._layerwise import LayerwiseEstimator
+from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._sequential import build_plan, diag_pass
+
+__all__ = ["HesScaleGN"]
+
+
+@register
+@estimator_dataclass
+class HesScaleGN(LayerwiseEstimator):
+    r"""HesScale's recursion with ``h_u = f'(u)^2 h_a`` (no second-derivative term).
+
+    It approximates the diagonal of the generalized Gauss-Newton matrix. For
+    networks whose activations have ``f'' = 0`` (ReLU, LeakyReLU) it equals
+    HesScale exactly, and ``hesscale == hesscale_gn + bl89(output_curvature=zero)``.
+
+    Cost: about one backprop. Supports: the layers of
+    :class:`~hessbench.estimators._layerwise.LayerwiseEstimator`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1])
+        >>> a = HesScaleGN()(model, nn.CrossEntropyLoss(), x, y)
+        >>> from hessbench.estimators import HesScale
+        >>> b = HesScale()(model, nn.CrossEntropyLoss(), x, y)
+        >>> all(torch.allclose(a[k], b[k]) for k in a)
+        True
+    """
+
+    name: ClassVar[str] = "hesscale_gn"
+    cost: ClassVar[str] = "~1 backprop"
+
+    def _estimate(
+        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        plan = build_plan(model)
+        diag, _, _ = diag_pass(
+            plan, model, loss, inputs, targets, output="exact", residual=False, generator=generator
+        )
+        return diag

@@ -1,0 +1,59 @@
+"""Sophia's Gauss-Newton-Bartlett estimator."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from hessbench.estimators._base import Estimator, estimator_dataclass, register, trainable_parameters
+from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._sequential import check_output
+
+__all__ = ["SophiaGNB"]
+
+
+@register
+@estimator_dataclass
+class SophiaGNB(Estimator):
+    r"""``(grad L_hat)^2 / c``, ``L_hat`` the loss at labels sampled from the model.
+
+    Labels are drawn from the model's predictive distribution: categorical
+    ``softmax(z)`` for cross-entropy, ``y_hat = z + eps/sqrt(2)`` for MSE (the
+    Gaussian whose negative log-likelihood is the squared error). For mean
+    cross-entropy this is Sophia's ``N (grad L_hat)^2``. By Bartlett's second
+    identity its expectation is ``c sum_n diag(J_n^T d2l/dz2 J_n)`` (exact at
+    batch size 1, where it equals the GGN diagonal of the loss ``L``); for
+    ``N > 1`` the expectation also contains cross-sample terms
+    ``c sum_{n != m} E[g_n] o E[g_m]``, which vanish because ``E[g_n] = 0``, so
+    the expectation is the GGN diagonal of ``L`` in all cases.
+
+    Cost: one forward and one backprop. Supports any differentiable ``nn.Module``.
+    Reference: Liu et al., "Sophia" (ICLR 2024).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 2))
+        >>> x, y = torch.randn(2, 3), torch.tensor([0, 1])
+        >>> SophiaGNB()(model, nn.CrossEntropyLoss(), x, y)["0.weight"].shape
+        torch.Size([2, 3])
+    """
+
+    name: ClassVar[str] = "sophia_gnb"
+    cost: ClassVar[str] = "1 backprop"
+    stochastic: ClassVar[bool] = True
+
+    def _estimate(
+        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        params = trainable_parameters(model)
+        out = model(inputs)
+        check_output(model, out.detach())
+        loss.check_targets(out, targets)
+        with torch.no_grad():
+            state = loss.evaluate(out.detach(), targets)
+            sampled = loss.sample_targets(out.detach(), state, generator)
+        grads = torch.autograd.grad(loss.loss(out, sampled), list(params.values()))
+        return {n: g.square().div_(state.scale) for n, g in zip(params, grads, strict=True)}

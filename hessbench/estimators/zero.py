@@ -1,0 +1,39 @@
+"""The all-zero estimate: the floor every estimator must beat."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from hessbench.estimators._base import Estimator, estimator_dataclass, register, trainable_parameters
+from hessbench.estimators._losses import LossSpec
+
+__all__ = ["Zero"]
+
+
+@register
+@estimator_dataclass
+class Zero(Estimator):
+    r"""``0`` for every entry; its L1 error is ``||h||_1`` and its relative L1 is 1.
+
+    Cost: nothing. Supports any ``nn.Module`` with trainable parameters.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 2))
+        >>> d = Zero()(model, nn.MSELoss(), torch.randn(1, 3), torch.randn(1, 2))
+        >>> float(d["0.weight"].abs().sum())
+        0.0
+    """
+
+    name: ClassVar[str] = "zero"
+    cost: ClassVar[str] = "0"
+    uses_model_forward: ClassVar[bool] = False
+
+    def _estimate(
+        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        return {n: torch.zeros_like(p) for n, p in trainable_parameters(model).items()}
