@@ -33,6 +33,8 @@ __all__ = [
     "Estimator",
     "available_estimators",
     "estimator_class",
+    "finalize",
+    "fresh_generator",
     "get_estimator",
     "register",
     "trainable_parameters",
@@ -94,6 +96,24 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     if not params:
         raise UnsupportedError(f"model {type(model).__name__} has no trainable parameters")
     return params
+
+
+def fresh_generator(device: torch.device) -> torch.Generator:
+    """A generator seeded non-deterministically, without touching the global RNG."""
+    gen = torch.Generator(device=device)
+    gen.seed()
+    return gen
+
+
+def finalize(params: dict[str, nn.Parameter], result: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``result`` ordered like ``params``, detached and cast to each parameter's dtype."""
+    out = {}
+    for name, p in params.items():
+        r = result[name]
+        if r.dtype != p.dtype:
+            r = r.to(p.dtype)
+        out[name] = r.detach() if r.requires_grad else r
+    return out
 
 
 @contextlib.contextmanager
@@ -158,18 +178,14 @@ class Estimator(abc.ABC):
     ) -> dict[str, Tensor]:
         """Estimate the diagonal of the Hessian of ``loss_fn(model(inputs), targets)``."""
         loss = LossSpec.of(loss_fn)
-        params = trainable_parameters(model)
         if not bool(torch.isfinite(inputs).all()):
             raise InputError("the inputs contain NaN or infinity")
-        if generator is None:
-            generator = torch.Generator(device=inputs.device)
-            generator.seed()
+        if generator is None and self.stochastic:
+            generator = fresh_generator(inputs.device)
         if self.uses_model_forward:
             with _preserve_global_rng(inputs.device):
-                result = self._estimate(model, loss, inputs, targets, generator)
-        else:
-            result = self._estimate(model, loss, inputs, targets, generator)
-        return {k: result[k].to(p.dtype).detach() for k, p in params.items()}
+                return self._estimate(model, loss, inputs, targets, generator)
+        return self._estimate(model, loss, inputs, targets, generator)
 
     @abc.abstractmethod
     def _estimate(
@@ -178,9 +194,14 @@ class Estimator(abc.ABC):
         loss: LossSpec,
         inputs: Tensor,
         targets: Tensor,
-        generator: torch.Generator,
+        generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
-        """The estimate, keyed by trainable parameter name (any order)."""
+        """The estimate, keyed by trainable parameter name in ``named_parameters()`` order.
+
+        Tensors must be detached and have their parameter's dtype (see
+        :func:`finalize`). ``generator`` is None only for a non-stochastic
+        estimator called without one.
+        """
 
 
 def estimator_dataclass(cls):

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv1d_input, conv2d_input
 
 from hessbench.errors import UnsupportedError
+from hessbench.estimators._base import fresh_generator
 
 _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
@@ -39,7 +40,7 @@ class Rule:
     elementwise = False
     parametric = False
 
-    def check(self, module: nn.Module, path: str) -> None:  # noqa: B027 - optional hook
+    def check(self, module: nn.Module, path: str) -> None:
         """Raise :class:`UnsupportedError` for a configuration the rule cannot handle."""
 
     def forward(self, m: nn.Module, x: Tensor, generator: torch.Generator | None):
@@ -53,6 +54,17 @@ class Elementwise(Rule):
 
     def derivs(self, m: nn.Module, cache) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
+
+    def backward_diag(
+        self, m: nn.Module, cache, g: Tensor | None, h: Tensor, residual: bool
+    ) -> tuple[Tensor | None, Tensor]:
+        """``(f' g, f'^2 h + f'' g)``; no ``f'' g`` unless ``residual``, no ``g`` if it is None."""
+        d1, d2 = self.derivs(m, cache)
+        if residual and d2 is not None:
+            h = torch.addcmul(d2 * g, d1 * d1, h)
+        else:
+            h = d1 * d1 * h
+        return (None if g is None else g * d1), h
 
 
 class LinearMap(Rule):
@@ -251,7 +263,7 @@ class ConvRule(Parametric):
 
     def param_diag_full(self, m, cache, hmat):
         a = self._unfold(m, cache)
-        n, grp, q, p = a.shape
+        n, grp, _, p = a.shape
         o = m.out_channels
         blocks = hmat.view(n, o, p, o, p).diagonal(dim1=1, dim2=3)  # (N, P, P, O)
         blocks = blocks.permute(0, 3, 1, 2).reshape(n, grp, o // grp, p, p)
@@ -297,7 +309,9 @@ class MaxPoolRule(LinearMap):
 
     def check(self, m, path):
         if m.return_indices:
-            raise UnsupportedError(f"layer '{path}' (MaxPool): return_indices=True is not supported")
+            raise UnsupportedError(
+                f"layer '{path}' (MaxPool): return_indices=True is not supported"
+            )
 
     def forward(self, m, x, generator):
         y, idx = self.pool(
@@ -372,6 +386,15 @@ class TanhRule(Elementwise):
         d1 = 1.0 - y * y
         return d1, -2.0 * y * d1
 
+    def backward_diag(self, m, y, g, h, residual):
+        # f'' = -2 y f', so f'^2 h + f'' g = f' (f' h - 2 y g): fused tanh_backward calls
+        tb = torch.ops.aten.tanh_backward
+        if residual:
+            h = tb(torch.add(tb(h, y), y * g, alpha=-2.0), y)
+        else:
+            h = tb(tb(h, y), y)
+        return (None if g is None else tb(g, y)), h
+
 
 class SigmoidRule(Elementwise):
     def forward(self, m, x, generator):
@@ -381,6 +404,15 @@ class SigmoidRule(Elementwise):
     def derivs(self, m, y):
         d1 = y * (1.0 - y)
         return d1, d1 * (1.0 - 2.0 * y)
+
+    def backward_diag(self, m, y, g, h, residual):
+        # f'' = f' (1 - 2y), so f'^2 h + f'' g = f' (f' h + (1 - 2y) g)
+        sb = torch.ops.aten.sigmoid_backward
+        if residual:
+            h = sb(sb(h, y) + torch.add(g, y * g, alpha=-2.0), y)
+        else:
+            h = sb(sb(h, y), y)
+        return (None if g is None else sb(g, y)), h
 
 
 class ReLURule(Elementwise):
@@ -458,7 +490,8 @@ class DropoutRule(Elementwise):
             return x, None
         if m.p >= 1.0:
             return torch.zeros_like(x), torch.zeros_like(x)
-        assert generator is not None
+        if generator is None:
+            generator = fresh_generator(x.device)
         u = torch.rand(x.shape, generator=generator, device=generator.device, dtype=torch.float64)
         d1 = (u >= m.p).to(device=x.device, dtype=x.dtype) / (1.0 - m.p)
         return x * d1, d1

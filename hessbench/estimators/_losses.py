@@ -172,7 +172,7 @@ class LossSpec:
         return eye.expand(n, d, d).reshape(n, d, *out.shape[1:])
 
     def mc_factor(
-        self, out: Tensor, state: LossState, num_samples: int, generator: torch.Generator
+        self, out: Tensor, state: LossState, num_samples: int, generator: torch.Generator | None
     ) -> Tensor:
         """Monte-Carlo columns, ``E[S S^T] = d2L/dz2``: shape ``(N, num_samples, *out)``.
 

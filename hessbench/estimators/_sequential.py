@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -32,8 +32,9 @@ from hessbench.estimators._losses import LossSpec, LossState
 __all__ = ["Plan", "build_plan", "diag_pass", "factor_pass"]
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
+class Step(NamedTuple):
+    """One layer of a plan: its path, module, rule and trainable parameter names."""
+
     path: str
     module: nn.Module
     rule: Rule
@@ -51,7 +52,9 @@ class Plan:
 
 
 def _flatten(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]]) -> None:
-    for name, child in module.named_children():
+    for name, child in module._modules.items():
+        if child is None:
+            continue
         path = f"{prefix}{name}"
         if type(child) is nn.Sequential:
             _flatten(child, path + ".", out)
@@ -76,6 +79,7 @@ def build_plan(model: nn.Module) -> Plan:
     steps = []
     first = -1
     keys: list[str] = []
+    seen: set[int] = set()
     for path, m in layers:
         rule = RULES.get(type(m))
         if rule is None:
@@ -84,29 +88,38 @@ def build_plan(model: nn.Module) -> Plan:
                 f"layer '{path}' ({type(m).__name__}) is not supported; supported layers: {supported}"
             )
         rule.check(m, path)
-        if type(m) is nn.Identity or (type(m) is nn.Dropout and (not m.training or m.p == 0.0)):
-            continue
         wkey = bkey = None
-        if isinstance(rule, Parametric):
+        if rule.parametric:
             if m.weight.requires_grad:
                 wkey = f"{path}.weight"
             if m.bias is not None and m.bias.requires_grad:
                 bkey = f"{path}.bias"
-        else:
+            for p in (m.weight, m.bias):
+                if p is not None and p.requires_grad:
+                    if id(p) in seen:
+                        raise UnsupportedError(
+                            f"layer '{path}' ({type(m).__name__}) shares a parameter with another "
+                            "layer; tied parameters are not supported by the layer-by-layer pass"
+                        )
+                    seen.add(id(p))
+        elif m._parameters or m._modules:
             stray = [n for n, p in m.named_parameters() if p.requires_grad]
             if stray:
                 raise UnsupportedError(
                     f"layer '{path}' ({type(m).__name__}) has trainable parameters {stray} "
                     "that this estimator cannot handle"
                 )
+        if type(m) is nn.Identity or (type(m) is nn.Dropout and (not m.training or m.p == 0.0)):
+            continue
         if (wkey or bkey) and first < 0:
             first = len(steps)
-        keys += [k for k in (wkey, bkey) if k]
+        if wkey:
+            keys.append(wkey)
+        if bkey:
+            keys.append(bkey)
         steps.append(Step(path, m, rule, wkey, bkey))
     if first < 0:
         raise UnsupportedError("the model has no trainable parameters")
-    if len(set(map(id, (p for p in model.parameters() if p.requires_grad)))) != len(keys):
-        raise UnsupportedError("shared (tied) parameters are not supported by the layer-by-layer pass")
     return Plan(tuple(steps), first, tuple(keys))
 
 
@@ -134,6 +147,10 @@ def _start(plan, model, loss: LossSpec, x, targets, generator):
     check_output(model, out)
     loss.check_targets(out, targets)
     return out, caches, shapes, loss.evaluate(out, targets)
+
+
+def _ordered(plan: Plan, res: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: res[k] for k in plan.keys}
 
 
 def _store(res: dict, step: Step, w: Tensor, b: Tensor | None) -> None:
@@ -170,7 +187,7 @@ def diag_pass(
         else:
             h = torch.zeros_like(out)
         need_g = residual or with_grad
-        g = state.grad
+        g = state.grad if need_g else None
         diag: dict[str, Tensor] = {}
         grads: dict[str, Tensor] = {}
         steps = plan.steps
@@ -186,18 +203,12 @@ def diag_pass(
             if i == plan.first_param:
                 break
             if rule.elementwise:
-                d1, d2 = rule.derivs(m, c)
-                if residual and d2 is not None:
-                    h = torch.addcmul(d2 * g, d1 * d1, h)
-                else:
-                    h = d1 * d1 * h
-                if need_g:
-                    g = g * d1
+                g, h = rule.backward_diag(m, c, g, h, residual)
             else:
                 h = rule.vjp_sq(m, c, h)
                 if need_g:
                     g = rule.vjp(m, c, g)
-    return diag, grads, state
+    return _ordered(plan, diag), _ordered(plan, grads) if with_grad else grads, state
 
 
 def _to_full(v: Tensor, s: Tensor | None, d: Tensor | None) -> Tensor:
@@ -333,7 +344,7 @@ def factor_pass(
                 if residual:
                     g = rule.vjp(m, c, g)
             out_shape = in_shape
-    return res
+    return _ordered(plan, res)
 
 
 def cast_problem(

@@ -52,7 +52,12 @@ class AdaHessian(Estimator):
     spatial_averaging: bool = True
 
     def _estimate(
-        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         diag = hvp_samples(
             model, loss, inputs, targets, self.num_samples, generator, lambda z, hz: (z * hz).abs()

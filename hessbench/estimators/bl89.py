@@ -53,7 +53,12 @@ class BL89(LayerwiseEstimator):
     output_curvature: Literal["elementwise", "zero"] = "elementwise"
 
     def _estimate(
-        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         plan = build_plan(model)
         output = "bl89" if self.output_curvature == "elementwise" else "zero"

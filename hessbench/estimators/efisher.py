@@ -45,7 +45,12 @@ class EmpiricalFisher(Estimator):
     cost: ClassVar[str] = "1 backprop (vmap)"
 
     def _estimate(
-        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         sq, c = per_sample_grad_sq(model, loss, inputs, targets)
         return {n: s.mul_(c) for n, s in sq.items()}

@@ -10,7 +10,13 @@ from torch import Tensor, nn
 
 from hessbench.errors import UnsupportedError
 from hessbench.estimators._autograd import exact_diag_hvp
-from hessbench.estimators._base import Estimator, estimator_dataclass, register
+from hessbench.estimators._base import (
+    Estimator,
+    estimator_dataclass,
+    finalize,
+    register,
+    trainable_parameters,
+)
 from hessbench.estimators._losses import LossSpec
 from hessbench.estimators._sequential import Plan, build_plan, cast_problem, factor_pass
 
@@ -84,22 +90,30 @@ class Exact(Estimator):
     max_params: PositiveInt = 50_000
 
     def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        """Also refuse models the layer-by-layer pass cannot run when it is forced."""
         super().check_supported(model, loss_fn)
         _plan_or_none(model, self.method)
 
     def _estimate(
-        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         dtype = torch.float64 if self.compute_dtype == "float64" else None
         plan = _plan_or_none(model, self.method)
+        params = trainable_parameters(model)
         if plan is None:
-            return exact_diag_hvp(
+            diag = exact_diag_hvp(
                 model, loss, inputs, targets, dtype=dtype, max_params=self.max_params
             )
+            return finalize(params, diag)
         cmodel, x, y = cast_problem(model, inputs, targets, dtype)
         if cmodel is not model:
             plan = build_plan(cmodel)
-        return factor_pass(
+        diag = factor_pass(
             plan,
             cmodel,
             loss,
@@ -110,3 +124,4 @@ class Exact(Estimator):
             generator=generator,
             representation=self.representation,
         )
+        return finalize(params, diag)

@@ -53,12 +53,18 @@ class GGNExact(Estimator):
     method: Literal["auto", "structured", "jacobian"] = "auto"
 
     def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        """Also refuse models the layer-by-layer pass cannot run when it is forced."""
         super().check_supported(model, loss_fn)
         if self.method == "structured":
             build_plan(model)
 
     def _estimate(
-        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         if self.method != "jacobian":
             try:
@@ -68,7 +74,13 @@ class GGNExact(Estimator):
                     raise
             else:
                 return factor_pass(
-                    plan, model, loss, inputs, targets, columns="exact", residual=False,
+                    plan,
+                    model,
+                    loss,
+                    inputs,
+                    targets,
+                    columns="exact",
+                    residual=False,
                     generator=generator,
                 )
         return ggn_diag_jacobian(model, loss, inputs, targets, loss.sqrt_factor)

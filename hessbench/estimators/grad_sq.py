@@ -39,7 +39,12 @@ class GradSq(Estimator):
     cost: ClassVar[str] = "1 backprop"
 
     def _estimate(
-        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         grads, _ = gradient(model, loss, inputs, targets)
         return {n: g.square() for n, g in grads.items()}

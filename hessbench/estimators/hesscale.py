@@ -54,7 +54,12 @@ class HesScale(LayerwiseEstimator):
     cost: ClassVar[str] = "~1 backprop"
 
     def _estimate(
-        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         plan = build_plan(model)
         diag, _, _ = diag_pass(

@@ -46,7 +46,12 @@ class HesScaleGN(LayerwiseEstimator):
     cost: ClassVar[str] = "~1 backprop"
 
     def _estimate(
-        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         plan = build_plan(model)
         diag, _, _ = diag_pass(

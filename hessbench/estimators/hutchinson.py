@@ -48,7 +48,12 @@ class Hutchinson(Estimator):
     num_samples: PositiveInt = 1
 
     def _estimate(
-        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         return hvp_samples(
             model, loss, inputs, targets, self.num_samples, generator, lambda z, hz: z * hz

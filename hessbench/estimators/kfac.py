@@ -63,10 +63,23 @@ class KFAC(LayerwiseEstimator):
         return self.backward == "mc"
 
     def _estimate(
-        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         plan = build_plan(model)
         return factor_pass(
-            plan, model, loss, inputs, targets, columns=self.backward, residual=False,
-            generator=generator, num_samples=self.num_samples, kfac=True,
+            plan,
+            model,
+            loss,
+            inputs,
+            targets,
+            columns=self.backward,
+            residual=False,
+            generator=generator,
+            num_samples=self.num_samples,
+            kfac=True,
         )

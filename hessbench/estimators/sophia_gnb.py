@@ -7,7 +7,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from hessbench.estimators._base import Estimator, estimator_dataclass, register, trainable_parameters
+from hessbench.estimators._base import (
+    Estimator,
+    estimator_dataclass,
+    register,
+    trainable_parameters,
+)
 from hessbench.estimators._losses import LossSpec
 from hessbench.estimators._sequential import check_output
 
@@ -46,7 +51,12 @@ class SophiaGNB(Estimator):
     stochastic: ClassVar[bool] = True
 
     def _estimate(
-        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         params = trainable_parameters(model)
         out = model(inputs)

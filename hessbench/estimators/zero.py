@@ -7,7 +7,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from hessbench.estimators._base import Estimator, estimator_dataclass, register, trainable_parameters
+from hessbench.estimators._base import (
+    Estimator,
+    estimator_dataclass,
+    register,
+    trainable_parameters,
+)
 from hessbench.estimators._losses import LossSpec
 
 __all__ = ["Zero"]
@@ -34,6 +39,11 @@ class Zero(Estimator):
     uses_model_forward: ClassVar[bool] = False
 
     def _estimate(
-        self, model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         return {n: torch.zeros_like(p) for n, p in trainable_parameters(model).items()}
