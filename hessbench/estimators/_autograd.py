@@ -47,10 +47,13 @@ def gradient(
     return dict(zip(params, grads, strict=True)), out
 
 
-def rademacher(like: Tensor, generator: torch.Generator) -> Tensor:
-    """Entries +-1 with equal probability, drawn from ``generator``."""
-    z = torch.randint(0, 2, like.shape, generator=generator, device=generator.device)
-    return z.to(device=like.device, dtype=like.dtype).mul_(2).sub_(1)
+def rademacher(params: list[Tensor], generator: torch.Generator) -> list[Tensor]:
+    """One Rademacher (+-1) tensor per parameter, drawn in a single call from ``generator``."""
+    total = sum(p.numel() for p in params)
+    z = torch.randint(0, 2, (total,), generator=generator, device=generator.device)
+    ref = params[0]
+    z = z.to(device=ref.device, dtype=ref.dtype).mul_(2).sub_(1)
+    return [c.view_as(p) for c, p in zip(z.split([p.numel() for p in params]), params, strict=True)]
 
 
 def hvp_samples(
@@ -68,7 +71,7 @@ def hvp_samples(
     gs = list(grads.values())
     acc = [torch.zeros_like(p) for p in params]
     for k in range(num_samples):
-        zs = [rademacher(p, generator) for p in params]
+        zs = rademacher(params, generator)
         hz = torch.autograd.grad(gs, params, grad_outputs=zs, retain_graph=k + 1 < num_samples)
         for a, z, h in zip(acc, zs, hz, strict=True):
             a.add_(combine(z, h))

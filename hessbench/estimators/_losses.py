@@ -103,7 +103,7 @@ class LossSpec:
                 raise InputError("MSE targets contain NaN or infinity")
 
     def scale(self, out: Tensor) -> float:
-        """The reduction factor ``c``."""
+        """The reduction factor ``c`` for a batch of outputs (or of targets: same ``c``)."""
         if self.reduction == "sum":
             return 1.0
         return 1.0 / (out.shape[0] if self.kind == "ce" else out.numel())

@@ -250,7 +250,7 @@ def factor_pass(
     x: Tensor,
     targets: Tensor,
     *,
-    columns: Literal["exact", "mc"],
+    columns: Literal["exact", "mc", "grad"],
     residual: bool,
     generator: torch.Generator | None = None,
     num_samples: int = 1,
@@ -261,7 +261,8 @@ def factor_pass(
 
     Args:
         columns: ``exact`` starts from the symmetric factor of the loss Hessian,
-            ``mc`` from ``num_samples`` Monte-Carlo columns.
+            ``mc`` from ``num_samples`` Monte-Carlo columns, ``grad`` from the
+            output gradient itself (one column: squared per-sample gradients).
         residual: add the ``f''(u) g`` terms of curved activations (the exact
             Hessian); without them the result is the GGN diagonal.
         representation: ``factored`` keeps columns throughout, ``full`` uses
@@ -273,6 +274,8 @@ def factor_pass(
         out, caches, shapes, state = _start(plan, model, loss, x, targets, generator)
         if columns == "exact":
             v = loss.sqrt_factor(out, state)
+        elif columns == "grad":
+            v = state.grad.unsqueeze(1)
         else:
             assert generator is not None
             v = loss.mc_factor(out, state, num_samples, generator)

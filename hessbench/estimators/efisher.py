@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from hessbench.errors import UnsupportedError
 from hessbench.estimators._autograd import per_sample_grad_sq
 from hessbench.estimators._base import Estimator, estimator_dataclass, register
 from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._sequential import build_plan, factor_pass
 
 __all__ = ["EmpiricalFisher"]
 
@@ -22,10 +24,15 @@ class EmpiricalFisher(Estimator):
     With ``L = c sum_n l_n`` this is the diagonal of the empirical Fisher at the
     loss's scale. At batch size 1 it is ``grad_sq / c``: equal to ``grad_sq``
     for cross-entropy, ``D`` times it for mean MSE with ``D`` outputs.
-    Per-sample gradients by ``torch.func.vmap`` over ``torch.func.grad``.
+    On supported ``nn.Sequential`` models the per-sample gradients come from
+    the layer-by-layer pass (one backpropagated column per sample); on any
+    other module from ``torch.func.vmap`` over ``torch.func.grad``.
 
-    Cost: one (vectorised) backprop. Supports any differentiable ``nn.Module``
-    that handles a batch of one sample.
+    Args:
+        method: ``auto``, ``structured`` or ``vmap``.
+
+    Cost: one backprop. Supports any differentiable ``nn.Module`` that handles a
+    batch of one sample (the vmap path).
     Reference: Kunstner, Hennig & Balles, "Limitations of the empirical Fisher
     approximation" (NeurIPS 2019).
 
@@ -42,7 +49,15 @@ class EmpiricalFisher(Estimator):
     """
 
     name: ClassVar[str] = "efisher"
-    cost: ClassVar[str] = "1 backprop (vmap)"
+    cost: ClassVar[str] = "1 backprop"
+    impl_fields: ClassVar[tuple[str, ...]] = ("method",)
+    method: Literal["auto", "structured", "vmap"] = "auto"
+
+    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        """Also refuse models the layer-by-layer pass cannot run when it is forced."""
+        super().check_supported(model, loss_fn)
+        if self.method == "structured":
+            build_plan(model)
 
     def _estimate(
         self,
@@ -52,5 +67,16 @@ class EmpiricalFisher(Estimator):
         targets: Tensor,
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
+        if self.method != "vmap":
+            try:
+                plan = build_plan(model)
+            except UnsupportedError:
+                if self.method == "structured":
+                    raise
+            else:
+                # columns = dL/dz_n = c * dl_n/dz_n, so the pass gives c^2 sum_n (grad l_n)^2
+                sq = factor_pass(plan, model, loss, inputs, targets, columns="grad", residual=False)
+                c = loss.scale(targets)
+                return {n: s.div_(c) for n, s in sq.items()}
         sq, c = per_sample_grad_sq(model, loss, inputs, targets)
         return {n: s.mul_(c) for n, s in sq.items()}
