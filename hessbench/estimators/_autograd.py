@@ -66,16 +66,19 @@ def hvp_samples(
     combine: Callable[[Tensor, Tensor], Tensor],
 ) -> dict[str, Tensor]:
     """``mean_k combine(z_k, H z_k)`` with Rademacher ``z_k``, by double backprop."""
-    grads, _ = gradient(model, loss, x, y, create_graph=True)
-    params = list(trainable_parameters(model).values())
-    gs = list(grads.values())
-    acc = [torch.zeros_like(p) for p in params]
+    params = trainable_parameters(model)
+    plist = list(params.values())
+    _, value = forward_loss(model, loss, x, y)
+    gs = torch.autograd.grad(value, plist, create_graph=True)
+    acc: list[Tensor] = []
     for k in range(num_samples):
-        zs = rademacher(params, generator)
-        hz = torch.autograd.grad(gs, params, grad_outputs=zs, retain_graph=k + 1 < num_samples)
-        for a, z, h in zip(acc, zs, hz, strict=True):
-            a.add_(combine(z, h))
-    return {n: a.div_(num_samples) for n, a in zip(grads, acc, strict=True)}
+        zs = rademacher(plist, generator)
+        hz = torch.autograd.grad(gs, plist, grad_outputs=zs, retain_graph=k + 1 < num_samples)
+        terms = [combine(z, h) for z, h in zip(zs, hz, strict=True)]
+        acc = terms if k == 0 else [a.add_(t) for a, t in zip(acc, terms, strict=True)]
+    if num_samples > 1:
+        acc = [a.div_(num_samples) for a in acc]
+    return dict(zip(params, acc, strict=True))
 
 
 def _cast_params(model: nn.Module, dtype: torch.dtype | None) -> dict[str, Tensor]:

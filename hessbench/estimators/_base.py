@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterator
 from typing import ClassVar, TypeVar
 
@@ -31,6 +32,7 @@ from hessbench.estimators._losses import LossSpec
 
 __all__ = [
     "Estimator",
+    "all_finite",
     "available_estimators",
     "estimator_class",
     "finalize",
@@ -91,11 +93,36 @@ def get_estimator(name: str, **params: object) -> Estimator:
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """``named_parameters()`` restricted to parameters that require grad."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    """``named_parameters()`` restricted to parameters that require grad (same names, order).
+
+    A direct walk over the module tree: ``named_parameters()`` costs tens of
+    microseconds per call, a sizeable share of one gradient at batch size 1.
+    """
+    params: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, p in module._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                if p.requires_grad:
+                    params[prefix + name] = p
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(child, f"{prefix}{name}.")
+
+    walk(model, "")
     if not params:
         raise UnsupportedError(f"model {type(model).__name__} has no trainable parameters")
     return params
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (one reduction in the common case)."""
+    t = t.detach()
+    if not t.is_floating_point() or math.isfinite(float(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())  # the sum overflowed or saw NaN/inf: check exactly
 
 
 def fresh_generator(device: torch.device) -> torch.Generator:
@@ -178,7 +205,7 @@ class Estimator(abc.ABC):
     ) -> dict[str, Tensor]:
         """Estimate the diagonal of the Hessian of ``loss_fn(model(inputs), targets)``."""
         loss = LossSpec.of(loss_fn)
-        if not bool(torch.isfinite(inputs).all()):
+        if not all_finite(inputs):
             raise InputError("the inputs contain NaN or infinity")
         if generator is None and self.stochastic:
             generator = fresh_generator(inputs.device)

@@ -55,6 +55,14 @@ class Elementwise(Rule):
     def derivs(self, m: nn.Module, cache) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
 
+    def vjp(self, m: nn.Module, cache, v: Tensor) -> Tensor:
+        """``f'(x) v`` for ``v`` of shape (N, *shape)."""
+        return v * self.derivs(m, cache)[0]
+
+    def vjp_cols(self, m: nn.Module, cache, v: Tensor) -> Tensor:
+        """``f'(x) v`` for columns ``v`` of shape (N, K, *shape)."""
+        return v * self.derivs(m, cache)[0].unsqueeze(1)
+
     def backward_diag(
         self, m: nn.Module, cache, g: Tensor | None, h: Tensor, residual: bool
     ) -> tuple[Tensor | None, Tensor]:
@@ -386,6 +394,12 @@ class TanhRule(Elementwise):
         d1 = 1.0 - y * y
         return d1, -2.0 * y * d1
 
+    def vjp(self, m, y, v):
+        return torch.ops.aten.tanh_backward(v, y)
+
+    def vjp_cols(self, m, y, v):
+        return torch.ops.aten.tanh_backward(v, y.unsqueeze(1))
+
     def backward_diag(self, m, y, g, h, residual):
         # f'' = -2 y f', so f'^2 h + f'' g = f' (f' h - 2 y g): fused tanh_backward calls
         tb = torch.ops.aten.tanh_backward
@@ -404,6 +418,12 @@ class SigmoidRule(Elementwise):
     def derivs(self, m, y):
         d1 = y * (1.0 - y)
         return d1, d1 * (1.0 - 2.0 * y)
+
+    def vjp(self, m, y, v):
+        return torch.ops.aten.sigmoid_backward(v, y)
+
+    def vjp_cols(self, m, y, v):
+        return torch.ops.aten.sigmoid_backward(v, y.unsqueeze(1))
 
     def backward_diag(self, m, y, g, h, residual):
         # f'' = f' (1 - 2y), so f'^2 h + f'' g = f' (f' h + (1 - 2y) g)

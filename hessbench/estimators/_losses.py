@@ -17,6 +17,7 @@ log-likelihood is the squared error, ``y ~ N(z, I/2)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -91,7 +92,8 @@ class LossSpec:
                     "cross-entropy targets must be integer class indices of shape "
                     f"({out.shape[0]},), got {targets.dtype} {tuple(targets.shape)}"
                 )
-            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= out.shape[1]):
+            lo, hi = torch.aminmax(targets) if targets.numel() else (0, 0)
+            if int(lo) < 0 or int(hi) >= out.shape[1]:
                 raise InputError(f"cross-entropy targets must lie in [0, {out.shape[1]})")
         else:
             if targets.shape != out.shape:
@@ -99,7 +101,7 @@ class LossSpec:
                     f"MSE targets must have the output's shape {tuple(out.shape)}, "
                     f"got {tuple(targets.shape)}"
                 )
-            if not torch.isfinite(targets).all():
+            if not math.isfinite(float(targets.sum())) and not bool(torch.isfinite(targets).all()):
                 raise InputError("MSE targets contain NaN or infinity")
 
     def scale(self, out: Tensor) -> float:

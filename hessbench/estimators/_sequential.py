@@ -26,10 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from hessbench.errors import InputError, UnsupportedError
+from hessbench.estimators._base import all_finite
 from hessbench.estimators._layers import RULES, Elementwise, Parametric, Rule
 from hessbench.estimators._losses import LossSpec, LossState
 
-__all__ = ["Plan", "build_plan", "diag_pass", "factor_pass"]
+__all__ = ["Plan", "build_plan", "diag_pass", "factor_pass", "sampled_grad_pass"]
 
 
 class Step(NamedTuple):
@@ -135,9 +136,9 @@ def _forward(plan: Plan, x: Tensor, generator: torch.Generator | None):
 
 def check_output(model: nn.Module, out: Tensor) -> None:
     """Raise :class:`InputError` for a non-finite output, naming a bad parameter."""
-    if bool(torch.isfinite(out).all()):
+    if all_finite(out):
         return
-    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    bad = [n for n, p in model.named_parameters() if not all_finite(p)]
     hint = f"; non-finite parameters: {', '.join(bad)}" if bad else ""
     raise InputError(f"the model output contains NaN or infinity{hint}")
 
@@ -209,6 +210,34 @@ def diag_pass(
                 if need_g:
                     g = rule.vjp(m, c, g)
     return _ordered(plan, diag), _ordered(plan, grads) if with_grad else grads, state
+
+
+def sampled_grad_pass(
+    plan: Plan,
+    model: nn.Module,
+    loss: LossSpec,
+    x: Tensor,
+    targets: Tensor,
+    generator: torch.Generator,
+) -> tuple[dict[str, Tensor], LossState]:
+    """The gradient of the loss at targets drawn from the model's predictive distribution.
+
+    Returns:
+        the parameter gradients and the loss state at the true targets.
+    """
+    with torch.no_grad():
+        out, caches, _, state = _start(plan, model, loss, x, targets, generator)
+        g = loss.evaluate(out, loss.sample_targets(out, state, generator)).grad
+        grads: dict[str, Tensor] = {}
+        steps = plan.steps
+        for i in range(len(steps) - 1, plan.first_param - 1, -1):
+            st = steps[i]
+            if st.rule.parametric:
+                _store(grads, st, *st.rule.param_grad(st.module, caches[i], g))
+            if i == plan.first_param:
+                break
+            g = st.rule.vjp(st.module, caches[i], g)
+    return _ordered(plan, grads), state
 
 
 def _to_full(v: Tensor, s: Tensor | None, d: Tensor | None) -> Tensor:
@@ -314,6 +343,10 @@ def factor_pass(
             if i == plan.first_param:
                 break
             if isinstance(rule, Elementwise):
+                if not residual and hmat is None and dres is None:
+                    v = rule.vjp_cols(m, c, v)  # GGN / K-FAC: plain column backprop
+                    out_shape = in_shape
+                    continue
                 d1, d2 = rule.derivs(m, c)
                 r = d2 * g if residual and d2 is not None else None
                 if hmat is not None:

@@ -75,7 +75,16 @@ class EmpiricalFisher(Estimator):
                     raise
             else:
                 # columns = dL/dz_n = c * dl_n/dz_n, so the pass gives c^2 sum_n (grad l_n)^2
-                sq = factor_pass(plan, model, loss, inputs, targets, columns="grad", residual=False)
+                sq = factor_pass(
+                    plan,
+                    model,
+                    loss,
+                    inputs,
+                    targets,
+                    columns="grad",
+                    residual=False,
+                    generator=generator,
+                )
                 c = loss.scale(targets)
                 return {n: s.div_(c) for n, s in sq.items()}
         sq, c = per_sample_grad_sq(model, loss, inputs, targets)

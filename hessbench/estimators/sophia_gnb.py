@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from hessbench.errors import UnsupportedError
 from hessbench.estimators._base import (
     Estimator,
     estimator_dataclass,
@@ -14,7 +15,7 @@ from hessbench.estimators._base import (
     trainable_parameters,
 )
 from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import check_output
+from hessbench.estimators._sequential import build_plan, check_output, sampled_grad_pass
 
 __all__ = ["SophiaGNB"]
 
@@ -34,6 +35,11 @@ class SophiaGNB(Estimator):
     ``c sum_{n != m} E[g_n] o E[g_m]``, which vanish because ``E[g_n] = 0``, so
     the expectation is the GGN diagonal of ``L`` in all cases.
 
+    Args:
+        method: ``auto`` (the layer-by-layer gradient pass on supported
+            ``nn.Sequential`` models, else autograd), ``structured`` or ``autograd``.
+            Both draw the same labels from the same generator.
+
     Cost: one forward and one backprop. Supports any differentiable ``nn.Module``.
     Reference: Liu et al., "Sophia" (ICLR 2024).
 
@@ -49,6 +55,14 @@ class SophiaGNB(Estimator):
     name: ClassVar[str] = "sophia_gnb"
     cost: ClassVar[str] = "1 backprop"
     stochastic: ClassVar[bool] = True
+    impl_fields: ClassVar[tuple[str, ...]] = ("method",)
+    method: Literal["auto", "structured", "autograd"] = "auto"
+
+    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        """Also refuse models the layer-by-layer pass cannot run when it is forced."""
+        super().check_supported(model, loss_fn)
+        if self.method == "structured":
+            build_plan(model)
 
     def _estimate(
         self,
@@ -58,6 +72,16 @@ class SophiaGNB(Estimator):
         targets: Tensor,
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
+        assert generator is not None
+        if self.method != "autograd":
+            try:
+                plan = build_plan(model)
+            except UnsupportedError:
+                if self.method == "structured":
+                    raise
+            else:
+                grads, state = sampled_grad_pass(plan, model, loss, inputs, targets, generator)
+                return {n: g.square_().div_(state.scale) for n, g in grads.items()}
         params = trainable_parameters(model)
         out = model(inputs)
         check_output(model, out.detach())

@@ -14,6 +14,7 @@ from hessbench.estimators._base import (
     trainable_parameters,
 )
 from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._sequential import check_output
 
 __all__ = ["Zero"]
 
@@ -23,7 +24,9 @@ __all__ = ["Zero"]
 class Zero(Estimator):
     r"""``0`` for every entry; its L1 error is ``||h||_1`` and its relative L1 is 1.
 
-    Cost: nothing. Supports any ``nn.Module`` with trainable parameters.
+    Cost: one forward pass without autograd, only to validate the model output
+    and the targets like every other estimator. Supports any ``nn.Module`` with
+    trainable parameters.
 
     Example:
         >>> import torch
@@ -36,7 +39,6 @@ class Zero(Estimator):
 
     name: ClassVar[str] = "zero"
     cost: ClassVar[str] = "0"
-    uses_model_forward: ClassVar[bool] = False
 
     def _estimate(
         self,
@@ -46,4 +48,9 @@ class Zero(Estimator):
         targets: Tensor,
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
-        return {n: torch.zeros_like(p) for n, p in trainable_parameters(model).items()}
+        params = trainable_parameters(model)
+        with torch.no_grad():  # validate like every other estimator: output and targets
+            out = model(inputs)
+        check_output(model, out)
+        loss.check_targets(out, targets)
+        return {n: torch.zeros_like(p) for n, p in params.items()}
