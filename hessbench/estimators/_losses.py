@@ -145,6 +145,15 @@ class LossSpec:
             return (p - p * p).mul_(state.scale)
         return torch.full_like(out, 2.0 * state.scale)
 
+    def hess_vec(self, state: LossState, r: Tensor) -> Tensor:
+        """``(d2L/dz2) r`` per sample: ``c (p o r - p (p . r))`` for CE, ``2c r`` for MSE."""
+        if self.kind == "ce":
+            p = state.probs
+            assert p is not None
+            pr = p * r
+            return (pr - p * pr.sum(1, keepdim=True)).mul_(state.scale)
+        return r * (2.0 * state.scale)
+
     def target_hess_diag(self, out: Tensor, targets: Tensor, state: LossState) -> Tensor:
         """BL89's output curvature: the softmax treated element-wise.
 

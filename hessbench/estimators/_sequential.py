@@ -143,14 +143,14 @@ def check_output(model: nn.Module, out: Tensor) -> None:
     raise InputError(f"the model output contains NaN or infinity{hint}")
 
 
-def _start(plan, model, loss: LossSpec, x, targets, generator):
+def run_start(plan, model, loss: LossSpec, x, targets, generator):
     out, caches, shapes = _forward(plan, x, generator)
     check_output(model, out)
     loss.check_targets(out, targets)
     return out, caches, shapes, loss.evaluate(out, targets)
 
 
-def _ordered(plan: Plan, res: dict[str, Tensor]) -> dict[str, Tensor]:
+def ordered(plan: Plan, res: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: res[k] for k in plan.keys}
 
 
@@ -180,7 +180,7 @@ def diag_pass(
         ``with_grad``) and the loss state.
     """
     with torch.no_grad():
-        out, caches, _, state = _start(plan, model, loss, x, targets, generator)
+        out, caches, _, state = run_start(plan, model, loss, x, targets, generator)
         if output == "exact":
             h = loss.hess_diag(out, state)
         elif output == "bl89":
@@ -209,7 +209,7 @@ def diag_pass(
                 h = rule.vjp_sq(m, c, h)
                 if need_g:
                     g = rule.vjp(m, c, g)
-    return _ordered(plan, diag), _ordered(plan, grads) if with_grad else grads, state
+    return ordered(plan, diag), ordered(plan, grads) if with_grad else grads, state
 
 
 def sampled_grad_pass(
@@ -226,7 +226,7 @@ def sampled_grad_pass(
         the parameter gradients and the loss state at the true targets.
     """
     with torch.no_grad():
-        out, caches, _, state = _start(plan, model, loss, x, targets, generator)
+        out, caches, _, state = run_start(plan, model, loss, x, targets, generator)
         g = loss.evaluate(out, loss.sample_targets(out, state, generator)).grad
         grads: dict[str, Tensor] = {}
         steps = plan.steps
@@ -237,7 +237,7 @@ def sampled_grad_pass(
             if i == plan.first_param:
                 break
             g = st.rule.vjp(st.module, caches[i], g)
-    return _ordered(plan, grads), state
+    return ordered(plan, grads), state
 
 
 def _to_full(v: Tensor, s: Tensor | None, d: Tensor | None) -> Tensor:
@@ -300,7 +300,7 @@ def factor_pass(
         kfac: return the K-FAC diagonal ``diag(A) diag(G)^T`` instead.
     """
     with torch.no_grad():
-        out, caches, shapes, state = _start(plan, model, loss, x, targets, generator)
+        out, caches, shapes, state = run_start(plan, model, loss, x, targets, generator)
         if columns == "exact":
             v = loss.sqrt_factor(out, state)
         elif columns == "grad":
@@ -380,7 +380,7 @@ def factor_pass(
                 if residual:
                     g = rule.vjp(m, c, g)
             out_shape = in_shape
-    return _ordered(plan, res)
+    return ordered(plan, res)
 
 
 def cast_problem(

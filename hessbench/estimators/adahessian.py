@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import PositiveInt
 from torch import Tensor, nn
 
-from hessbench.estimators._autograd import hvp_samples
 from hessbench.estimators._base import Estimator, estimator_dataclass, register
+from hessbench.estimators._hvp_pass import hutchinson_terms
 from hessbench.estimators._losses import LossSpec
 
 __all__ = ["AdaHessian"]
@@ -48,7 +48,9 @@ class AdaHessian(Estimator):
     name: ClassVar[str] = "adahessian"
     cost: ClassVar[str] = "k HVPs"
     stochastic: ClassVar[bool] = True
+    impl_fields: ClassVar[tuple[str, ...]] = ("method",)
     num_samples: PositiveInt = 1
+    method: Literal["auto", "structured", "autograd"] = "auto"
     spatial_averaging: bool = True
 
     def _estimate(
@@ -59,8 +61,16 @@ class AdaHessian(Estimator):
         targets: Tensor,
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
-        diag = hvp_samples(
-            model, loss, inputs, targets, self.num_samples, generator, lambda z, hz: (z * hz).abs()
+        assert generator is not None
+        diag = hutchinson_terms(
+            model,
+            loss,
+            inputs,
+            targets,
+            num_samples=self.num_samples,
+            generator=generator,
+            combine=lambda z, hz: (z * hz).abs(),
+            method=self.method,
         )
         if self.spatial_averaging:
             for name, d in diag.items():

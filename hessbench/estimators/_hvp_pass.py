@@ -1,0 +1,136 @@
+"""Hessian-vector products over ``nn.Sequential`` models by Pearlmutter's R-operator.
+
+``Hv`` is the directional derivative of the gradient along ``v``. One forward
+pass and one gradient pass are shared by every probe; each probe then costs an
+R-forward pass (``R{z} = W R{x} + V_w x + v_b``, ``R{a} = f'(u) R{u}``) and an
+R-backward pass (``R{g_u} = f'(u) R{g_a} + f''(u) R{u} g_a``,
+``R{g_x} = W^T R{g_z} + V_w^T g_z``), which yields
+``Hv_W = R{g_z} x^T + g_z R{x}^T``. No autograd, no hooks.
+
+Reference: Pearlmutter, "Fast exact multiplication by the Hessian" (1994).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from hessbench.errors import UnsupportedError
+from hessbench.estimators._autograd import hvp_samples, rademacher
+from hessbench.estimators._base import trainable_parameters
+from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._sequential import Plan, build_plan, ordered, run_start
+
+__all__ = ["hutchinson_terms", "hvp_products"]
+
+
+def hvp_products(
+    plan: Plan,
+    model: nn.Module,
+    loss: LossSpec,
+    x: Tensor,
+    targets: Tensor,
+    vectors: Iterator[dict[str, Tensor]],
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+    """Yield ``(v, Hv)`` for each direction ``v`` (keyed like the plan's parameters).
+
+    The forward pass and the gradient pass run once, before the first product.
+    """
+    steps = plan.steps
+    first = plan.first_param
+    with torch.no_grad():
+        _, caches, _, state = run_start(plan, model, loss, x, targets, generator)
+        # gradient at every layer output, from the last layer down to the first parameter
+        grads: list[Tensor | None] = [None] * len(steps)
+        g = state.grad
+        for i in range(len(steps) - 1, first - 1, -1):
+            grads[i] = g
+            if i > first:
+                g = steps[i].rule.vjp(steps[i].module, caches[i], g)
+    for v in vectors:
+        with torch.no_grad():
+            yield v, _one_product(plan, loss, state, caches, grads, v)
+
+
+def _one_product(plan, loss, state, caches, grads, v: dict[str, Tensor]) -> dict[str, Tensor]:
+    steps = plan.steps
+    first = plan.first_param
+    r_in: list[Tensor | None] = [None] * len(steps)
+    r: Tensor | None = None
+    for i in range(first, len(steps)):
+        st = steps[i]
+        r_in[i] = r
+        if st.rule.parametric:
+            vw = v.get(st.weight_key) if st.weight_key else None
+            vb = v.get(st.bias_key) if st.bias_key else None
+            r = st.rule.jvp_param(st.module, caches[i], r, vw, vb)
+        elif r is not None:
+            r = st.rule.jvp(st.module, caches[i], r)
+    assert r is not None
+    rg = loss.hess_vec(state, r)
+    res: dict[str, Tensor] = {}
+    for i in range(len(steps) - 1, first - 1, -1):
+        st = steps[i]
+        m, c, g = st.module, caches[i], grads[i]
+        if st.rule.parametric:
+            hw, hb = st.rule.param_rgrad(m, c, g, rg, r_in[i])
+            if st.weight_key:
+                res[st.weight_key] = hw
+            if st.bias_key and hb is not None:
+                res[st.bias_key] = hb
+            if i == first:
+                break
+            rg = st.rule.r_vjp(m, c, g, rg, v.get(st.weight_key) if st.weight_key else None)
+        elif st.rule.elementwise:
+            rg = st.rule.r_vjp(m, c, g, rg, r_in[i])
+        else:
+            rg = st.rule.vjp(m, c, rg)
+    return ordered(plan, res)
+
+
+def hutchinson_terms(
+    model: nn.Module,
+    loss: LossSpec,
+    x: Tensor,
+    targets: Tensor,
+    *,
+    num_samples: int,
+    generator: torch.Generator,
+    combine: Callable[[Tensor, Tensor], Tensor],
+    method: str,
+) -> dict[str, Tensor]:
+    """``mean_k combine(z_k, H z_k)`` over Rademacher probes ``z_k``.
+
+    ``method``: ``structured`` (the R-operator pass), ``autograd`` (double
+    backprop through the module's ``forward``) or ``auto`` (structured where the
+    model is a supported ``nn.Sequential``). Both draw the same probes from the
+    same generator, so they agree to rounding.
+    """
+    plan = None
+    if method != "autograd":
+        try:
+            plan = build_plan(model)
+        except UnsupportedError:
+            if method == "structured":
+                raise
+    if plan is None:
+        return hvp_samples(model, loss, x, targets, num_samples, generator, combine)
+    params = trainable_parameters(model)
+    plist = list(params.values())
+
+    def probes() -> Iterator[dict[str, Tensor]]:
+        for _ in range(num_samples):
+            yield dict(zip(params, rademacher(plist, generator), strict=True))
+
+    acc: dict[str, Tensor] = {}
+    for v, hv in hvp_products(plan, model, loss, x, targets, probes(), generator):
+        for name, z in v.items():
+            term = combine(z, hv[name])
+            acc[name] = term if name not in acc else acc[name].add_(term)
+    if num_samples > 1:
+        for t in acc.values():
+            t.div_(num_samples)
+    return acc
