@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from hessbench.errors import TooLargeError
+from hessbench.errors import TooLargeError, UnsupportedError
 from hessbench.estimators._base import trainable_parameters
 from hessbench.estimators._losses import LossSpec, LossState
 from hessbench.estimators._sequential import check_output
@@ -148,10 +148,24 @@ def exact_diag_hvp(
     return result
 
 
+def refuse_batch_coupling(model: nn.Module) -> None:
+    """Refuse layers whose training-mode output couples the samples of a batch.
+
+    Per-sample computations (``torch.func.vmap``) cannot run them.
+    """
+    for path, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise UnsupportedError(
+                f"layer '{path}' ({type(m).__name__}) in training mode couples the samples of a "
+                "batch, so per-sample gradients are undefined; call model.eval() first"
+            )
+
+
 def per_sample_grad_sq(
     model: nn.Module, loss: LossSpec, x: Tensor, y: Tensor
 ) -> tuple[dict[str, Tensor], float]:
     """``sum_n (grad l_n)^2`` with ``l_n`` the per-sample loss summed over outputs, and ``c``."""
+    refuse_batch_coupling(model)
     params = _cast_params(model, None)
     buffers = _buffers(model, None)
     with torch.no_grad():
@@ -185,6 +199,7 @@ def ggn_diag_jacobian(
     Raises:
         TooLargeError: when the per-sample Jacobians would exceed ``max_entries``.
     """
+    refuse_batch_coupling(model)
     params = _cast_params(model, None)
     buffers = _buffers(model, None)
     with torch.no_grad():

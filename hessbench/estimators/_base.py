@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
-from typing import ClassVar, TypeVar
+from typing import Annotated, ClassVar, TypeVar
 
 import pydantic
 import torch
@@ -31,7 +31,9 @@ from hessbench.errors import ConfigError, InputError, UnsupportedError
 from hessbench.estimators._losses import LossSpec
 
 __all__ = [
+    "Count",
     "Estimator",
+    "Flag",
     "all_finite",
     "available_estimators",
     "estimator_class",
@@ -143,17 +145,39 @@ def finalize(params: dict[str, nn.Parameter], result: dict[str, Tensor]) -> dict
     return out
 
 
+def _buffers(model: nn.Module) -> list[Tensor]:
+    found: list[Tensor] = []
+
+    def walk(module: nn.Module) -> None:
+        found.extend(b for b in module._buffers.values() if b is not None)
+        for child in module._modules.values():
+            if child is not None:
+                walk(child)
+
+    walk(model)
+    return found
+
+
 @contextlib.contextmanager
-def _preserve_global_rng(device: torch.device) -> Iterator[None]:
-    """Restore the global RNG state afterwards (a model's own dropout may draw from it)."""
+def _preserve_state(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Restore the global RNG and the model's buffers afterwards.
+
+    A model's own forward may draw from the global RNG (dropout) or update
+    buffers (running statistics of batch normalisation in training mode).
+    """
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    buffers = _buffers(model)
+    saved = [b.clone() for b in buffers]
     try:
         yield
     finally:
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, device)
+        with torch.no_grad():
+            for b, v in zip(buffers, saved, strict=True):
+                b.copy_(v)
 
 
 class Estimator(abc.ABC):
@@ -166,8 +190,9 @@ class Estimator(abc.ABC):
         name: registry name, e.g. ``"hutchinson"``.
         cost: rough cost in gradient computations, e.g. ``"k HVPs"``.
         stochastic: whether the estimate depends on the generator.
-        uses_model_forward: whether the module's own ``forward`` is called
-            (then the global RNG is saved and restored around the call).
+        uses_model_forward: whether the module's own ``forward`` may be called
+            (then the global RNG and the buffers are saved and restored around
+            the call).
         impl_fields: fields that choose an implementation, not the quantity;
             they are left out of :attr:`label`.
     """
@@ -210,7 +235,7 @@ class Estimator(abc.ABC):
         if generator is None and self.stochastic:
             generator = fresh_generator(inputs.device)
         if self.uses_model_forward:
-            with _preserve_global_rng(inputs.device):
+            with _preserve_state(model, inputs.device):
                 return self._estimate(model, loss, inputs, targets, generator)
         return self._estimate(model, loss, inputs, targets, generator)
 
@@ -229,6 +254,19 @@ class Estimator(abc.ABC):
         :func:`finalize`). ``generator`` is None only for a non-stochastic
         estimator called without one.
         """
+
+
+def _no_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, not a boolean")
+    return value
+
+
+Count = Annotated[int, pydantic.BeforeValidator(_no_bool), pydantic.Field(gt=0)]
+"""A positive integer hyper-parameter (``"10"`` parses; ``True`` is refused)."""
+
+Flag = Annotated[bool, pydantic.Field(strict=True)]
+"""A boolean hyper-parameter (no coercion from integers or strings)."""
 
 
 def estimator_dataclass(cls):

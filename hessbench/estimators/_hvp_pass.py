@@ -17,13 +17,12 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from hessbench.errors import UnsupportedError
-from hessbench.estimators._autograd import hvp_samples, rademacher
+from hessbench.estimators._autograd import rademacher
 from hessbench.estimators._base import trainable_parameters
 from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import Plan, build_plan, ordered, run_start
+from hessbench.estimators._sequential import Plan, ordered, run_start
 
-__all__ = ["hutchinson_terms", "hvp_products"]
+__all__ = ["hvp_products", "structured_hutchinson"]
 
 
 def hvp_products(
@@ -91,33 +90,22 @@ def _one_product(plan, loss, state, caches, grads, v: dict[str, Tensor]) -> dict
     return ordered(plan, res)
 
 
-def hutchinson_terms(
+def structured_hutchinson(
+    plan: Plan,
     model: nn.Module,
     loss: LossSpec,
     x: Tensor,
     targets: Tensor,
-    *,
     num_samples: int,
     generator: torch.Generator,
     combine: Callable[[Tensor, Tensor], Tensor],
-    method: str,
 ) -> dict[str, Tensor]:
-    """``mean_k combine(z_k, H z_k)`` over Rademacher probes ``z_k``.
+    """``mean_k combine(z_k, H z_k)`` over Rademacher probes ``z_k``, by the R-operator pass.
 
-    ``method``: ``structured`` (the R-operator pass), ``autograd`` (double
-    backprop through the module's ``forward``) or ``auto`` (structured where the
-    model is a supported ``nn.Sequential``). Both draw the same probes from the
-    same generator, so they agree to rounding.
+    The probes are drawn exactly as the autograd path draws them
+    (:func:`~hessbench.estimators._autograd.rademacher` over the trainable
+    parameters in order), so both paths agree to rounding for equal generators.
     """
-    plan = None
-    if method != "autograd":
-        try:
-            plan = build_plan(model)
-        except UnsupportedError:
-            if method == "structured":
-                raise
-    if plan is None:
-        return hvp_samples(model, loss, x, targets, num_samples, generator, combine)
     params = trainable_parameters(model)
     plist = list(params.values())
 

@@ -1,15 +1,19 @@
-"""Base class of estimators that run the layer-by-layer pass over ``nn.Sequential``."""
+"""Base classes of estimators built on the layer-by-layer pass over ``nn.Sequential``."""
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from hessbench.errors import UnsupportedError
 from hessbench.estimators._base import Estimator
-from hessbench.estimators._sequential import build_plan
+from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._sequential import Plan, build_plan
 
-__all__ = ["LayerwiseEstimator"]
+__all__ = ["DualPathEstimator", "LayerwiseEstimator"]
 
 
 class LayerwiseEstimator(Estimator):
@@ -24,5 +28,64 @@ class LayerwiseEstimator(Estimator):
     uses_model_forward: ClassVar[bool] = False
 
     def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        """Also refuse any model the layer-by-layer pass cannot run."""
         super().check_supported(model, loss_fn)
         build_plan(model)
+
+
+class DualPathEstimator(Estimator):
+    """An estimator with a layer-by-layer path and a generic (autograd) path.
+
+    Subclasses declare a ``method`` field whose values are ``auto``,
+    ``structured`` and the name of their generic path. ``auto`` takes the
+    layer-by-layer path where the model and inputs allow it and falls back to
+    the generic path on :class:`UnsupportedError`; ``structured`` raises it.
+    """
+
+    method: str
+
+    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        """Also refuse models the layer-by-layer pass cannot run when it is forced."""
+        super().check_supported(model, loss_fn)
+        if self.method == "structured":
+            build_plan(model)
+
+    def _estimate(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        if self.method in ("auto", "structured"):
+            try:
+                plan = build_plan(model)
+                return self._structured(plan, model, loss, inputs, targets, generator)
+            except UnsupportedError:
+                if self.method == "structured":
+                    raise
+        return self._generic(model, loss, inputs, targets, generator)
+
+    @abc.abstractmethod
+    def _structured(
+        self,
+        plan: Plan,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        """The layer-by-layer path."""
+
+    @abc.abstractmethod
+    def _generic(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        """The path for any differentiable ``nn.Module``."""

@@ -69,8 +69,9 @@ class LossSpec:
         elif isinstance(loss_fn, nn.MSELoss):
             kind = "mse"
         else:
+            what = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
             raise UnsupportedError(
-                f"loss {type(loss_fn).__name__} is not supported; use nn.CrossEntropyLoss or nn.MSELoss"
+                f"loss {what} is not supported; use nn.CrossEntropyLoss or nn.MSELoss modules"
             )
         if loss_fn.reduction not in ("mean", "sum"):
             raise UnsupportedError(

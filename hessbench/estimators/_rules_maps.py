@@ -17,7 +17,7 @@ class FlattenRule(LinearMap):
     def check(self, m, path):
         if m.start_dim != 1 or m.end_dim != -1:
             raise UnsupportedError(
-                f"layer '{path}' (Flatten): only start_dim=1, end_dim=-1 is supported"
+                f"layer '{path}' ({type(m).__name__}): only start_dim=1, end_dim=-1 is supported"
             )
 
     def forward(self, m, x, generator):
@@ -46,7 +46,7 @@ class MaxPoolRule(LinearMap):
     def check(self, m, path):
         if m.return_indices:
             raise UnsupportedError(
-                f"layer '{path}' (MaxPool): return_indices=True is not supported"
+                f"layer '{path}' ({type(m).__name__}): return_indices=True is not supported"
             )
 
     def forward(self, m, x, generator):

@@ -129,7 +129,12 @@ def _forward(plan: Plan, x: Tensor, generator: torch.Generator | None):
     shapes = []
     for st in plan.steps:
         shapes.append(x.shape[1:])
-        x, cache = st.rule.forward(st.module, x, generator)
+        try:
+            x, cache = st.rule.forward(st.module, x, generator)
+        except UnsupportedError as exc:
+            raise UnsupportedError(
+                f"layer '{st.path}' ({type(st.module).__name__}): {exc}"
+            ) from None
         caches.append(cache)
     return x, caches, shapes
 

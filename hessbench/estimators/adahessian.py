@@ -5,19 +5,21 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
-from hessbench.estimators._base import Estimator, estimator_dataclass, register
-from hessbench.estimators._hvp_pass import hutchinson_terms
+from hessbench.estimators._autograd import hvp_samples
+from hessbench.estimators._base import Count, Flag, estimator_dataclass, register
+from hessbench.estimators._hvp_pass import structured_hutchinson
+from hessbench.estimators._layerwise import DualPathEstimator
 from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._sequential import Plan
 
 __all__ = ["AdaHessian"]
 
 
 @register
 @estimator_dataclass
-class AdaHessian(Estimator):
+class AdaHessian(DualPathEstimator):
     r"""``mean_k |z_k o (H z_k)|``, kernels of convolutions averaged over space.
 
     As AdaHessian's optimizer uses it: the absolute value of one Hutchinson
@@ -49,9 +51,38 @@ class AdaHessian(Estimator):
     cost: ClassVar[str] = "k HVPs"
     stochastic: ClassVar[bool] = True
     impl_fields: ClassVar[tuple[str, ...]] = ("method",)
-    num_samples: PositiveInt = 1
+    num_samples: Count = 1
     method: Literal["auto", "structured", "autograd"] = "auto"
-    spatial_averaging: bool = True
+    spatial_averaging: Flag = True
+
+    @staticmethod
+    def _combine(z: Tensor, hz: Tensor) -> Tensor:
+        return (z * hz).abs()
+
+    def _structured(
+        self,
+        plan: Plan,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        assert generator is not None
+        return structured_hutchinson(
+            plan, model, loss, inputs, targets, self.num_samples, generator, self._combine
+        )
+
+    def _generic(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        assert generator is not None
+        return hvp_samples(model, loss, inputs, targets, self.num_samples, generator, self._combine)
 
     def _estimate(
         self,
@@ -61,17 +92,7 @@ class AdaHessian(Estimator):
         targets: Tensor,
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
-        assert generator is not None
-        diag = hutchinson_terms(
-            model,
-            loss,
-            inputs,
-            targets,
-            num_samples=self.num_samples,
-            generator=generator,
-            combine=lambda z, hz: (z * hz).abs(),
-            method=self.method,
-        )
+        diag = super()._estimate(model, loss, inputs, targets, generator)
         if self.spatial_averaging:
             for name, d in diag.items():
                 if d.dim() >= 3:

@@ -7,18 +7,18 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from hessbench.errors import UnsupportedError
 from hessbench.estimators._autograd import per_sample_grad_sq
-from hessbench.estimators._base import Estimator, estimator_dataclass, register
+from hessbench.estimators._base import estimator_dataclass, register
+from hessbench.estimators._layerwise import DualPathEstimator
 from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import build_plan, factor_pass
+from hessbench.estimators._sequential import Plan, factor_pass
 
 __all__ = ["EmpiricalFisher"]
 
 
 @register
 @estimator_dataclass
-class EmpiricalFisher(Estimator):
+class EmpiricalFisher(DualPathEstimator):
     r"""``c sum_n (grad l_n)^2``, ``l_n`` the per-sample loss summed over outputs.
 
     With ``L = c sum_n l_n`` this is the diagonal of the empirical Fisher at the
@@ -53,13 +53,23 @@ class EmpiricalFisher(Estimator):
     impl_fields: ClassVar[tuple[str, ...]] = ("method",)
     method: Literal["auto", "structured", "vmap"] = "auto"
 
-    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
-        """Also refuse models the layer-by-layer pass cannot run when it is forced."""
-        super().check_supported(model, loss_fn)
-        if self.method == "structured":
-            build_plan(model)
+    def _structured(
+        self,
+        plan: Plan,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        # columns = dL/dz_n = c dl_n/dz_n, so the pass gives c^2 sum_n (grad l_n)^2
+        sq = factor_pass(
+            plan, model, loss, inputs, targets, columns="grad", residual=False, generator=generator
+        )
+        c = loss.scale(targets)
+        return {n: s.div_(c) for n, s in sq.items()}
 
-    def _estimate(
+    def _generic(
         self,
         model: nn.Module,
         loss: LossSpec,
@@ -67,25 +77,5 @@ class EmpiricalFisher(Estimator):
         targets: Tensor,
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
-        if self.method != "vmap":
-            try:
-                plan = build_plan(model)
-            except UnsupportedError:
-                if self.method == "structured":
-                    raise
-            else:
-                # columns = dL/dz_n = c * dl_n/dz_n, so the pass gives c^2 sum_n (grad l_n)^2
-                sq = factor_pass(
-                    plan,
-                    model,
-                    loss,
-                    inputs,
-                    targets,
-                    columns="grad",
-                    residual=False,
-                    generator=generator,
-                )
-                c = loss.scale(targets)
-                return {n: s.div_(c) for n, s in sq.items()}
         sq, c = per_sample_grad_sq(model, loss, inputs, targets)
         return {n: s.mul_(c) for n, s in sq.items()}

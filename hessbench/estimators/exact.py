@@ -5,39 +5,26 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
-from hessbench.errors import UnsupportedError
 from hessbench.estimators._autograd import exact_diag_hvp
 from hessbench.estimators._base import (
-    Estimator,
+    Count,
     estimator_dataclass,
     finalize,
     register,
     trainable_parameters,
 )
+from hessbench.estimators._layerwise import DualPathEstimator
 from hessbench.estimators._losses import LossSpec
 from hessbench.estimators._sequential import Plan, build_plan, cast_problem, factor_pass
 
 __all__ = ["Exact"]
 
 
-def _plan_or_none(model: nn.Module, method: str) -> Plan | None:
-    """The layer-by-layer plan, or None where the HVP fallback applies."""
-    if method == "hvp":
-        return None
-    try:
-        return build_plan(model)
-    except UnsupportedError:
-        if method == "structured":
-            raise
-        return None
-
-
 @register
 @estimator_dataclass
-class Exact(Estimator):
+class Exact(DualPathEstimator):
     r"""Exact diagonal of the loss Hessian, by default computed in float64.
 
     Two independent ways, tested against each other:
@@ -87,15 +74,11 @@ class Exact(Estimator):
     method: Literal["auto", "structured", "hvp"] = "auto"
     representation: Literal["auto", "factored", "full"] = "auto"
     compute_dtype: Literal["float64", "model"] = "float64"
-    max_params: PositiveInt = 50_000
+    max_params: Count = 50_000
 
-    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
-        """Also refuse models the layer-by-layer pass cannot run when it is forced."""
-        super().check_supported(model, loss_fn)
-        _plan_or_none(model, self.method)
-
-    def _estimate(
+    def _structured(
         self,
+        plan: Plan,
         model: nn.Module,
         loss: LossSpec,
         inputs: Tensor,
@@ -103,13 +86,6 @@ class Exact(Estimator):
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         dtype = torch.float64 if self.compute_dtype == "float64" else None
-        plan = _plan_or_none(model, self.method)
-        params = trainable_parameters(model)
-        if plan is None:
-            diag = exact_diag_hvp(
-                model, loss, inputs, targets, dtype=dtype, max_params=self.max_params
-            )
-            return finalize(params, diag)
         cmodel, x, y = cast_problem(model, inputs, targets, dtype)
         if cmodel is not model:
             plan = build_plan(cmodel)
@@ -124,4 +100,16 @@ class Exact(Estimator):
             generator=generator,
             representation=self.representation,
         )
-        return finalize(params, diag)
+        return finalize(trainable_parameters(model), diag)
+
+    def _generic(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        dtype = torch.float64 if self.compute_dtype == "float64" else None
+        diag = exact_diag_hvp(model, loss, inputs, targets, dtype=dtype, max_params=self.max_params)
+        return finalize(trainable_parameters(model), diag)

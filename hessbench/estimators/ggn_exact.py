@@ -7,18 +7,18 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from hessbench.errors import UnsupportedError
 from hessbench.estimators._autograd import ggn_diag_jacobian
-from hessbench.estimators._base import Estimator, estimator_dataclass, register
+from hessbench.estimators._base import estimator_dataclass, register
+from hessbench.estimators._layerwise import DualPathEstimator
 from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import build_plan, factor_pass
+from hessbench.estimators._sequential import Plan, factor_pass
 
 __all__ = ["GGNExact"]
 
 
 @register
 @estimator_dataclass
-class GGNExact(Estimator):
+class GGNExact(DualPathEstimator):
     r"""``diag(J^T (d2L/dz2) J)``, via a symmetric factor ``S S^T = d2L/dz2``.
 
     ``ggn = sum_n sum_k (J_n^T s_nk)^2``: the ``C`` columns of the loss Hessian's
@@ -52,13 +52,20 @@ class GGNExact(Estimator):
     impl_fields: ClassVar[tuple[str, ...]] = ("method",)
     method: Literal["auto", "structured", "jacobian"] = "auto"
 
-    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
-        """Also refuse models the layer-by-layer pass cannot run when it is forced."""
-        super().check_supported(model, loss_fn)
-        if self.method == "structured":
-            build_plan(model)
+    def _structured(
+        self,
+        plan: Plan,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        return factor_pass(
+            plan, model, loss, inputs, targets, columns="exact", residual=False, generator=generator
+        )
 
-    def _estimate(
+    def _generic(
         self,
         model: nn.Module,
         loss: LossSpec,
@@ -66,21 +73,4 @@ class GGNExact(Estimator):
         targets: Tensor,
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
-        if self.method != "jacobian":
-            try:
-                plan = build_plan(model)
-            except UnsupportedError:
-                if self.method == "structured":
-                    raise
-            else:
-                return factor_pass(
-                    plan,
-                    model,
-                    loss,
-                    inputs,
-                    targets,
-                    columns="exact",
-                    residual=False,
-                    generator=generator,
-                )
         return ggn_diag_jacobian(model, loss, inputs, targets, loss.sqrt_factor)

@@ -5,21 +5,20 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
-from hessbench.errors import UnsupportedError
 from hessbench.estimators._autograd import ggn_diag_jacobian
-from hessbench.estimators._base import Estimator, estimator_dataclass, register
-from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import build_plan, factor_pass
+from hessbench.estimators._base import Count, estimator_dataclass, register
+from hessbench.estimators._layerwise import DualPathEstimator
+from hessbench.estimators._losses import LossSpec, LossState
+from hessbench.estimators._sequential import Plan, factor_pass
 
 __all__ = ["GGNMC"]
 
 
 @register
 @estimator_dataclass
-class GGNMC(Estimator):
+class GGNMC(DualPathEstimator):
     r"""``sum_n mean_k (c^(1/2) J_n^T grad_z l(z_n, y_hat_nk))^2``, labels from the model.
 
     Labels ``y_hat`` are drawn from the model's predictive distribution
@@ -49,16 +48,31 @@ class GGNMC(Estimator):
     cost: ClassVar[str] = "k backprops"
     stochastic: ClassVar[bool] = True
     impl_fields: ClassVar[tuple[str, ...]] = ("method",)
-    num_samples: PositiveInt = 1
+    num_samples: Count = 1
     method: Literal["auto", "structured", "jacobian"] = "auto"
 
-    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
-        """Also refuse models the layer-by-layer pass cannot run when it is forced."""
-        super().check_supported(model, loss_fn)
-        if self.method == "structured":
-            build_plan(model)
+    def _structured(
+        self,
+        plan: Plan,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        return factor_pass(
+            plan,
+            model,
+            loss,
+            inputs,
+            targets,
+            columns="mc",
+            residual=False,
+            generator=generator,
+            num_samples=self.num_samples,
+        )
 
-    def _estimate(
+    def _generic(
         self,
         model: nn.Module,
         loss: LossSpec,
@@ -66,26 +80,9 @@ class GGNMC(Estimator):
         targets: Tensor,
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
-        if self.method != "jacobian":
-            try:
-                plan = build_plan(model)
-            except UnsupportedError:
-                if self.method == "structured":
-                    raise
-            else:
-                return factor_pass(
-                    plan,
-                    model,
-                    loss,
-                    inputs,
-                    targets,
-                    columns="mc",
-                    residual=False,
-                    generator=generator,
-                    num_samples=self.num_samples,
-                )
+        assert generator is not None
 
-        def columns(out: Tensor, state) -> Tensor:
+        def columns(out: Tensor, state: LossState) -> Tensor:
             return loss.mc_factor(out, state, self.num_samples, generator)
 
         return ggn_diag_jacobian(model, loss, inputs, targets, columns)

@@ -5,19 +5,21 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
-from hessbench.estimators._base import Estimator, estimator_dataclass, register
-from hessbench.estimators._hvp_pass import hutchinson_terms
+from hessbench.estimators._autograd import hvp_samples
+from hessbench.estimators._base import Count, estimator_dataclass, register
+from hessbench.estimators._hvp_pass import structured_hutchinson
+from hessbench.estimators._layerwise import DualPathEstimator
 from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._sequential import Plan
 
 __all__ = ["Hutchinson"]
 
 
 @register
 @estimator_dataclass
-class Hutchinson(Estimator):
+class Hutchinson(DualPathEstimator):
     r"""``mean_k z_k o (H z_k)`` with Rademacher ``z_k``: unbiased for ``diag H``.
 
     ``E[z z^T] = I`` gives ``E[z o Hz] = diag H``; the variance of one sample's
@@ -46,10 +48,28 @@ class Hutchinson(Estimator):
     cost: ClassVar[str] = "k HVPs"
     stochastic: ClassVar[bool] = True
     impl_fields: ClassVar[tuple[str, ...]] = ("method",)
-    num_samples: PositiveInt = 1
+    num_samples: Count = 1
     method: Literal["auto", "structured", "autograd"] = "auto"
 
-    def _estimate(
+    @staticmethod
+    def _combine(z: Tensor, hz: Tensor) -> Tensor:
+        return z * hz
+
+    def _structured(
+        self,
+        plan: Plan,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        assert generator is not None
+        return structured_hutchinson(
+            plan, model, loss, inputs, targets, self.num_samples, generator, self._combine
+        )
+
+    def _generic(
         self,
         model: nn.Module,
         loss: LossSpec,
@@ -58,13 +78,4 @@ class Hutchinson(Estimator):
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         assert generator is not None
-        return hutchinson_terms(
-            model,
-            loss,
-            inputs,
-            targets,
-            num_samples=self.num_samples,
-            generator=generator,
-            combine=lambda z, hz: z * hz,
-            method=self.method,
-        )
+        return hvp_samples(model, loss, inputs, targets, self.num_samples, generator, self._combine)

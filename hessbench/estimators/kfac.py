@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
-from hessbench.estimators._base import estimator_dataclass, register
+from hessbench.estimators._base import Count, estimator_dataclass, register
 from hessbench.estimators._layerwise import LayerwiseEstimator
 from hessbench.estimators._losses import LossSpec
 from hessbench.estimators._sequential import build_plan, factor_pass
@@ -55,7 +54,7 @@ class KFAC(LayerwiseEstimator):
     name: ClassVar[str] = "kfac"
     cost: ClassVar[str] = "~1 backprop + k columns"
     backward: Literal["mc", "exact"] = "mc"
-    num_samples: PositiveInt = 1
+    num_samples: Count = 1
 
     @property
     def stochastic(self) -> bool:  # type: ignore[override]

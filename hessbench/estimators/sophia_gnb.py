@@ -7,22 +7,21 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from hessbench.errors import UnsupportedError
 from hessbench.estimators._base import (
-    Estimator,
     estimator_dataclass,
     register,
     trainable_parameters,
 )
+from hessbench.estimators._layerwise import DualPathEstimator
 from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import build_plan, check_output, sampled_grad_pass
+from hessbench.estimators._sequential import Plan, check_output, sampled_grad_pass
 
 __all__ = ["SophiaGNB"]
 
 
 @register
 @estimator_dataclass
-class SophiaGNB(Estimator):
+class SophiaGNB(DualPathEstimator):
     r"""``(grad L_hat)^2 / c``, ``L_hat`` the loss at labels sampled from the model.
 
     Labels are drawn from the model's predictive distribution: categorical
@@ -58,13 +57,20 @@ class SophiaGNB(Estimator):
     impl_fields: ClassVar[tuple[str, ...]] = ("method",)
     method: Literal["auto", "structured", "autograd"] = "auto"
 
-    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
-        """Also refuse models the layer-by-layer pass cannot run when it is forced."""
-        super().check_supported(model, loss_fn)
-        if self.method == "structured":
-            build_plan(model)
+    def _structured(
+        self,
+        plan: Plan,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        assert generator is not None
+        grads, state = sampled_grad_pass(plan, model, loss, inputs, targets, generator)
+        return {n: g.square_().div_(state.scale) for n, g in grads.items()}
 
-    def _estimate(
+    def _generic(
         self,
         model: nn.Module,
         loss: LossSpec,
@@ -73,15 +79,6 @@ class SophiaGNB(Estimator):
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         assert generator is not None
-        if self.method != "autograd":
-            try:
-                plan = build_plan(model)
-            except UnsupportedError:
-                if self.method == "structured":
-                    raise
-            else:
-                grads, state = sampled_grad_pass(plan, model, loss, inputs, targets, generator)
-                return {n: g.square_().div_(state.scale) for n, g in grads.items()}
         params = trainable_parameters(model)
         out = model(inputs)
         check_output(model, out.detach())
