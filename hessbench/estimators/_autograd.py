@@ -149,15 +149,22 @@ def exact_diag_hvp(
 
 
 def refuse_batch_coupling(model: nn.Module) -> None:
-    """Refuse layers whose training-mode output couples the samples of a batch.
+    """Refuse training-mode layers that per-sample computations cannot reproduce.
 
-    Per-sample computations (``torch.func.vmap``) cannot run them.
+    Batch normalisation couples the samples of a batch; dropout would draw
+    other masks one sample at a time than for the whole batch.
     """
     for path, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             raise UnsupportedError(
                 f"layer '{path}' ({type(m).__name__}) in training mode couples the samples of a "
                 "batch, so per-sample gradients are undefined; call model.eval() first"
+            )
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and 0 < m.p < 1:
+            raise UnsupportedError(
+                f"layer '{path}' ({type(m).__name__}) in training mode: per-sample evaluation "
+                "(torch.func.vmap) cannot reproduce the batch's dropout masks; call model.eval() "
+                "or use an nn.Sequential of supported layers"
             )
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "finalize",
     "fresh_generator",
     "get_estimator",
+    "has_active_dropout",
     "register",
     "trainable_parameters",
 ]
@@ -158,17 +159,34 @@ def _buffers(model: nn.Module) -> list[Tensor]:
     return found
 
 
+def has_active_dropout(model: nn.Module) -> bool:
+    """Whether a dropout layer of ``model`` is in training mode with ``p > 0``."""
+    if isinstance(model, nn.modules.dropout._DropoutNd) and model.training and model.p > 0:
+        return True
+    return any(has_active_dropout(c) for c in model._modules.values() if c is not None)
+
+
 @contextlib.contextmanager
-def _preserve_state(model: nn.Module, device: torch.device) -> Iterator[None]:
+def _preserve_state(
+    model: nn.Module, device: torch.device, seed_from: torch.Generator | None
+) -> Iterator[None]:
     """Restore the global RNG and the model's buffers afterwards.
 
     A model's own forward may draw from the global RNG (dropout) or update
-    buffers (running statistics of batch normalisation in training mode).
+    buffers (running statistics of batch normalisation in training mode). With
+    ``seed_from``, the global RNG is seeded from that generator for the
+    duration, so dropout masks are a function of the caller's generator, and
+    the same in the layer-by-layer and autograd paths.
     """
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     buffers = _buffers(model)
     saved = [b.clone() for b in buffers]
+    if seed_from is not None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=seed_from, device=seed_from.device))
+        torch.default_generator.manual_seed(seed)
+        if cuda is not None:
+            torch.cuda.manual_seed(seed)
     try:
         yield
     finally:
@@ -232,10 +250,11 @@ class Estimator(abc.ABC):
         loss = LossSpec.of(loss_fn)
         if not all_finite(inputs):
             raise InputError("the inputs contain NaN or infinity")
-        if generator is None and self.stochastic:
+        dropout = has_active_dropout(model)
+        if generator is None and (self.stochastic or dropout):
             generator = fresh_generator(inputs.device)
-        if self.uses_model_forward:
-            with _preserve_state(model, inputs.device):
+        if self.uses_model_forward or dropout:
+            with _preserve_state(model, inputs.device, generator if dropout else None):
                 return self._estimate(model, loss, inputs, targets, generator)
         return self._estimate(model, loss, inputs, targets, generator)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hessbench.estimators._base import fresh_generator
 from hessbench.estimators._rules import Elementwise
 
 _SELU_ALPHA = 1.6732632423543772848170429916717
@@ -137,19 +136,16 @@ class LogSigmoidRule(Elementwise):
 class DropoutRule(Elementwise):
     """Dropout: its scaled mask in training mode, the identity in eval mode.
 
-    In training mode the mask is drawn from the estimator's generator (never the
-    global RNG), so estimators given equal generators see the same mask.
+    In training mode the mask is exactly the one ``nn.Dropout`` would draw at
+    this point from the global RNG, which the estimator seeds from its
+    generator (and restores afterwards): the layer-by-layer and autograd paths
+    see the same masks for equal generators.
     """
 
     def forward(self, m, x, generator):
         if not m.training or m.p == 0.0:
             return x, None
-        if m.p >= 1.0:
-            return torch.zeros_like(x), torch.zeros_like(x)
-        if generator is None:
-            generator = fresh_generator(x.device)
-        u = torch.rand(x.shape, generator=generator, device=generator.device, dtype=torch.float64)
-        d1 = (u >= m.p).to(device=x.device, dtype=x.dtype) / (1.0 - m.p)
+        d1 = F.dropout(torch.ones_like(x), m.p, True)  # the same draw nn.Dropout makes
         return x * d1, d1
 
     def derivs(self, m, d1):
