@@ -7,12 +7,18 @@ line (exit code 2); anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import importlib
+import math
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from hessbench import __version__
@@ -41,6 +47,20 @@ def _one_line_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _load_plugins() -> None:
+    """Import the modules named in ``HESSBENCH_PLUGINS`` (comma-separated).
+
+    A plugin module registers extra estimators with
+    :func:`hessbench.estimators._base.register`; worker processes import it again
+    when they unpickle those estimators. (Suites cannot import code.)
+    """
+    for name in filter(None, os.environ.get("HESSBENCH_PLUGINS", "").split(",")):
+        try:
+            importlib.import_module(name.strip())
+        except ImportError as exc:
+            raise HessbenchError(f"HESSBENCH_PLUGINS: cannot import {name!r}: {exc}") from None
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"hessbench {__version__}")
@@ -54,6 +74,11 @@ def main(
     ),
 ) -> None:
     """Benchmark and evaluate Hessian-diagonal estimators in PyTorch."""
+    try:
+        _load_plugins()
+    except HessbenchError as exc:
+        print(f"hessbench: error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
 
 
 @list_app.command("estimators")
@@ -73,6 +98,146 @@ def list_estimators() -> None:
         fields = ", ".join(f"{f.name}={getattr(est, f.name)}" for f in dataclasses.fields(cls))
         table.add_row(name, fields or "-", cls.cost, "yes" if est.stochastic else "no")
     Console(width=140).print(table)
+
+
+def _fmt(value: object, spec: str = ".3g") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def summary_table(df, title: str) -> Table:
+    """Per estimator label: cells by status, median relative L1, L1/HesScale, time ratio."""
+    table = Table(title=title)
+    for col in ("estimator", "ok", "other", "rel. L1", "L1 / HesScale", "time ratio"):
+        if col == "estimator":
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
+    for label, g in df.groupby("label", sort=True):
+        ok = g[g["status"] == "ok"]
+        other = ", ".join(
+            f"{k} {v}" for k, v in g[g["status"] != "ok"]["status"].value_counts().items()
+        )
+        table.add_row(
+            escape(str(label)),
+            str(len(ok)),
+            other or "-",
+            _fmt(ok["rel_l1"].median()),
+            _fmt(ok["l1_over_hesscale"].median()),
+            _fmt(ok["time_ratio"].median(), ".2f"),
+        )
+    return table
+
+
+@app.command("validate")
+@_one_line_errors
+def validate(suite: Path = typer.Argument(..., help="Suite YAML file.")) -> None:
+    """Check a suite file and print what it would run (no computation)."""
+    from hessbench.config import load_suite, plan_cells, task_variants
+
+    s = load_suite(suite)
+    cells = plan_cells(s)
+    labels = sorted({c.estimator.label for c in cells})
+    print(
+        f"{suite}: ok: suite '{s.name}': {len(task_variants(s))} task variants, "
+        f"{len(labels)} estimator labels, {len(s.defaults.seed_list)} seeds, {len(cells)} cells"
+    )
+
+
+@app.command("run")
+@_one_line_errors
+def run(
+    suite: Path = typer.Argument(..., help="Suite YAML file, e.g. suites/small_mlp.yaml."),
+    output: Path = typer.Option(
+        None, "-o", "--output", help="Run folder (default: results/<suite>/<suite-hash>)."
+    ),
+    jobs: int = typer.Option(1, "-j", "--jobs", min=1, help="Worker processes."),
+    estimator: list[str] = typer.Option(
+        None, "--estimator", help="Only these estimators (names, labels or patterns); repeatable."
+    ),
+    task: list[str] = typer.Option(None, "--task", help="Only these tasks (names or patterns)."),
+    seed: list[int] = typer.Option(None, "--seed", help="Only these seeds; repeatable."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="Also re-run cells that ended in error, timeout or crash."
+    ),
+    force: bool = typer.Option(False, "--force", help="Discard the folder's finished cells."),
+    quick: bool = typer.Option(
+        False, "--quick", help="First seed, at most 2 batches per task, no timing repeats."
+    ),
+) -> None:
+    """Run a suite (resuming its folder), then print where the results are and a summary."""
+    from hessbench.results import load
+    from hessbench.runner import RunOptions, plan_run, run_suite
+
+    opts = RunOptions(
+        output, jobs, task or None, estimator or None, seed or None, retry_failed, force, quick
+    )
+    err = Console(stderr=True)
+    if dry_run:
+        _, _, run_dir, cells = plan_run(suite, opts)
+        for c in cells:
+            print(c.id)
+        err.print(f"{len(cells)} cells; results would go to {run_dir}")
+        return
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[cell]}", markup=False),
+        console=err,
+    )
+    bar = {}
+
+    def on_plan(summary) -> None:
+        skipped = len(summary.planned) - len(summary.todo)
+        err.print(
+            f"{len(summary.planned)} cells, {skipped} already done; writing {summary.run_dir}"
+        )
+        bar["id"] = progress.add_task("cells", total=len(summary.todo), cell="")
+
+    def on_record(rec: dict) -> None:
+        progress.update(bar["id"], advance=1)
+        if rec["status"] not in ("ok", "unsupported"):
+            progress.console.print(
+                f"[yellow]{rec['status']}[/]: {escape(rec['cell_id'])}: "
+                f"{escape(str(rec.get('message', '')))}"
+            )
+
+    with progress:
+        summary = run_suite(
+            suite,
+            opts,
+            on_plan=on_plan,
+            on_start=lambda cid: progress.update(bar["id"], cell=cid),
+            on_record=on_record,
+        )
+    df = load(summary.run_dir)
+    Console().print(summary_table(df, f"{summary.run_dir}"))
+    print(f"results: {summary.run_dir / 'results.csv'} ({len(df)} cells)")
+    if summary.interrupted:
+        err.print("interrupted: finished cells are on disk; run the same command to resume")
+        raise typer.Exit(130)
+    failed = df["status"].isin(["error", "timeout", "crashed"]).sum()
+    if failed:
+        err.print(
+            f"{failed} cells failed; see 'message' in results.csv (--retry-failed re-runs them)"
+        )
+        raise typer.Exit(1)
+
+
+@app.command("show")
+@_one_line_errors
+def show(
+    run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/smoke/<hash>."),
+) -> None:
+    """Print a run's summary table."""
+    from hessbench.results import load
+
+    df = load(run_dir)
+    Console().print(summary_table(df, str(run_dir)))
 
 
 if __name__ == "__main__":  # pragma: no cover

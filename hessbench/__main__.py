@@ -1,0 +1,5 @@
+"""``python -m hessbench``: the same as the ``hessbench`` command."""
+
+from hessbench.cli import app
+
+app()

@@ -1,0 +1,141 @@
+"""Evaluating cells: what a worker process does for one (task variant, seed) group.
+
+The problem (model, loss, evaluated batches) is built once per group and the
+float64 ground truth once per evaluated batch, then reused by every estimator
+of the group. Each cell yields one record (see :mod:`hessbench.results`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+
+import torch
+
+from hessbench.config import Defaults, TaskVariant, derive_seed
+from hessbench.errors import TooLargeError, UnsupportedError
+from hessbench.estimators import Estimator, get_estimator
+from hessbench.measure import time_interleaved
+from hessbench.metrics import aggregate, batch_metrics
+from hessbench.tasks import Problem, build_problem
+
+__all__ = ["GroupEvaluator", "base_record"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def base_record(variant_name: str, est: Estimator, seed: int, cell_id: str) -> dict:
+    """The identifying fields every record of a cell carries."""
+    return {
+        "cell_id": cell_id,
+        "task": variant_name,
+        "estimator": est.name,
+        "label": est.label,
+        "params": {k: v for k, v in est.params.items() if k not in est.impl_fields},
+        "seed": seed,
+    }
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class GroupEvaluator:
+    """Lazily builds a group's problem and ground truth; evaluates its cells."""
+
+    def __init__(self, variant: TaskVariant, seed: int, defaults: Defaults):
+        self.variant = variant
+        self.seed = seed
+        self.defaults = defaults
+        dtype = variant.task.dtype or defaults.dtype
+        self.dtype = _DTYPES[dtype]
+        self.device = torch.device(defaults.device)
+        self._problem: Problem | None = None
+        self._truth: dict[int, dict[str, torch.Tensor]] = {}
+        self._truth_model: torch.nn.Module | None = None
+
+    @property
+    def problem(self) -> Problem:
+        """The group's model, loss and evaluated batches (built on first use)."""
+        if self._problem is None:
+            self._problem = build_problem(
+                self.variant, self.seed, dtype=self.dtype, device=self.device
+            )
+        return self._problem
+
+    def truth(self, b: int) -> dict[str, torch.Tensor]:
+        """The float64 exact diagonal for evaluated batch ``b`` (computed once)."""
+        if b not in self._truth:
+            p = self.problem
+            if self._truth_model is None:
+                self._truth_model = copy.deepcopy(p.model).to(torch.float64)
+            x, y = p.batches[b]
+            x = x.to(torch.float64)
+            y = y.to(torch.float64) if y.is_floating_point() else y
+            gen = torch.Generator(device=self.device).manual_seed(
+                derive_seed(self.variant.name, self.seed, b, "truth")
+            )
+            self._truth[b] = get_estimator("exact")(
+                self._truth_model, p.loss_fn, x, y, generator=gen
+            )
+        return self._truth[b]
+
+    def evaluate(self, est: Estimator, cell_id: str) -> dict:
+        """Run one cell; never raises (failures become a status)."""
+        rec = base_record(self.variant.name, est, self.seed, cell_id)
+        start = time.perf_counter()
+        try:
+            rec.update(self._evaluate(est))
+        except (UnsupportedError, TooLargeError) as exc:
+            rec.update(status="unsupported", message=str(exc))
+        except Exception as exc:  # a failing cell must not stop the others
+            rec.update(status="error", message=_one_line(exc), traceback=traceback.format_exc())
+        rec["elapsed_s"] = time.perf_counter() - start
+        return rec
+
+    def _evaluate(self, est: Estimator) -> dict:
+        p = self.problem
+        est.check_supported(p.model, p.loss_fn)
+        per_batch = []
+        for b, (x, y) in enumerate(p.batches):
+            gen = torch.Generator(device=self.device).manual_seed(
+                derive_seed(self.variant.name, est.label, self.seed, b)
+            )
+            diag = est(p.model, p.loss_fn, x, y, generator=gen)
+            for name, d in diag.items():
+                if not bool(torch.isfinite(d).all()):
+                    raise FloatingPointError(f"non-finite estimate for parameter '{name}'")
+            per_batch.append(batch_metrics(diag, self.truth(b)))
+        return {
+            "status": "ok",
+            "message": "",
+            **aggregate(per_batch),
+            **self._timing(est),
+            "num_batches": len(p.batches),
+            "batch_size": int(p.batches[0][0].shape[0]),
+            "num_params": p.num_params,
+        }
+
+    def _timing(self, est: Estimator) -> dict:
+        """The measurement protocol of :mod:`hessbench.measure` on the first batch.
+
+        It uses its own generator, so accuracy numbers never depend on timing.
+        """
+        p = self.problem
+        x, y = p.batches[0]
+        params = [q for q in p.model.parameters() if q.requires_grad]
+        gen = torch.Generator(device=self.device).manual_seed(
+            derive_seed(self.variant.name, est.label, self.seed, "timing")
+        )
+        t = self.defaults.timing
+        return time_interleaved(
+            lambda: est(p.model, p.loss_fn, x, y, generator=gen),
+            lambda: torch.autograd.grad(p.loss_fn(p.model(x), y), params),
+            device=self.device,
+            warmup=t.warmup,
+            min_repeats=t.min_repeats,
+            max_repeats=t.max_repeats,
+            min_time_s=t.min_time_s,
+        )

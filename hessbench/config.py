@@ -1,0 +1,271 @@
+"""The suite schema: YAML suites parsed into frozen pydantic models.
+
+A suite names tasks (model, loss, data, evaluation protocol) and estimators (a
+name and hyper-parameters; a list of values expands into a grid); the plan is
+task variant x seed x estimator label, minus what ``include``/``exclude`` drop
+(:func:`plan_cells`). Every model forbids unknown
+fields, and nothing in a suite can execute code. Field reference: ``docs/suites.md``.
+
+>>> suite = parse_suite('''
+... name: demo
+... tasks:
+...   - {name: t, model: {kind: mlp, widths: [4]}, loss: {kind: mse},
+...      data: {kind: synthetic, input_shape: [3], output_dim: 2}}
+... estimators:
+...   - {name: hutchinson, params: {num_samples: [1, 10]}}
+... ''')
+>>> [cell.id for cell in plan_cells(suite)]
+['t/hutchinson[num_samples=1]/seed=0', 't/hutchinson[num_samples=10]/seed=0']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+from pathlib import Path
+from typing import Annotated, Literal
+
+import pydantic
+from pydantic import (
+    Discriminator,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from hessbench._plan import CellSpec, TaskVariant, derive_seed, matches, plan_cells, task_variants
+from hessbench._suite_parsing import (
+    Name,
+    ParamValue,
+    Problems,
+    StrictModel,
+    SuiteError,
+    custom_error,
+    fail,
+    format_error,
+    read_yaml,
+    repeats,
+    validate,
+)
+from hessbench._task_schema import (
+    Activation,
+    CNNModel,
+    DataSpec,
+    DigitsData,
+    Evaluation,
+    LayerSpec,
+    LossConfig,
+    MLPModel,
+    ModelSpec,
+    SequentialModel,
+    SyntheticData,
+    TaskSpec,
+    TrainState,
+)
+from hessbench.errors import ConfigError, HessbenchError
+from hessbench.estimators import Estimator, estimator_class, get_estimator
+
+__all__ = [
+    "Activation",
+    "CNNModel",
+    "CellSpec",
+    "DataSpec",
+    "Defaults",
+    "DigitsData",
+    "EstimatorSpec",
+    "Evaluation",
+    "LayerSpec",
+    "LossConfig",
+    "MLPModel",
+    "Memory",
+    "ModelSpec",
+    "SequentialModel",
+    "Suite",
+    "SuiteError",
+    "SyntheticData",
+    "TaskSpec",
+    "TaskVariant",
+    "Timing",
+    "TrainState",
+    "derive_seed",
+    "load_suite",
+    "parse_suite",
+    "plan_cells",
+    "suite_text_hash",
+    "task_variants",
+]
+
+
+class EstimatorSpec(StrictModel):
+    """A registered estimator and its hyper-parameters; list values expand into a grid."""
+
+    name: str
+    params: dict[str, ParamValue] = Field(default_factory=dict)
+
+    def grid(self) -> list[dict[str, object]]:
+        """Every combination of the hyper-parameters, the last key varying fastest."""
+        values = [v if isinstance(v, list) else [v] for v in self.params.values()]
+        return [dict(zip(self.params, combo, strict=True)) for combo in itertools.product(*values)]
+
+    def expand(self) -> list[Estimator]:
+        """One estimator per grid point, built with :func:`get_estimator`."""
+        return [get_estimator(self.name, **params) for params in self.grid()]
+
+    @model_validator(mode="after")
+    def _builds(self) -> EstimatorSpec:
+        try:
+            cls = estimator_class(self.name)
+        except ConfigError as exc:
+            raise custom_error(str(exc)) from None
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        problems: Problems = {}
+        for key, value in self.params.items():
+            if key not in allowed:
+                known = ", ".join(allowed) or "none"
+                problems["params", key] = f"not a hyper-parameter of {self.name}; allowed: {known}"
+            elif value == []:
+                problems["params", key] = "an empty list of values"
+        for params in [] if problems else self.grid():
+            try:
+                cls(**params)
+            except pydantic.ValidationError as exc:
+                for err in exc.errors():
+                    problems.setdefault(("params", *err["loc"][:1]), format_error(err, None)[1])
+            except (HessbenchError, ValueError, TypeError) as exc:
+                problems.setdefault(("params",), str(exc))
+        fail(problems.items())
+        return self
+
+
+class Timing(StrictModel):
+    """Timing repeats per cell: ``warmup`` calls, then repeats until both minimums are met."""
+
+    warmup: NonNegativeInt = 2
+    min_repeats: PositiveInt = 5
+    max_repeats: PositiveInt = 50
+    min_time_s: PositiveFloat = 0.2
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Timing:
+        if self.max_repeats < self.min_repeats:
+            fail([(("max_repeats",), f"less than min_repeats ({self.min_repeats})")])
+        return self
+
+
+class Memory(StrictModel):
+    """Whether peak memory is measured."""
+
+    enabled: bool = True
+
+
+def _seeds_tag(value: object) -> str:
+    return "list" if isinstance(value, list) else "count"
+
+
+Seeds = Annotated[
+    Annotated[list[NonNegativeInt], Tag("list")] | Annotated[PositiveInt, Tag("count")],
+    Discriminator(_seeds_tag),
+]
+
+
+class Defaults(StrictModel):
+    """Settings shared by every task of a suite."""
+
+    seeds: Seeds = Field(default_factory=lambda: [0])
+    dtype: Literal["float32", "float64"] = "float32"
+    device: Literal["cpu", "cuda"] = "cpu"
+    threads: PositiveInt = 1
+    timeout_s: PositiveFloat = 600
+    timing: Timing = Timing()
+    memory: Memory = Memory()
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds: the list as given, or ``range(n)`` for an integer ``n``."""
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, seeds: list[int] | int) -> list[int] | int:
+        if isinstance(seeds, list):
+            fail(((i,), f"seed {seeds[i]} appears twice") for i in repeats(seeds))
+            if not seeds:
+                raise custom_error("an empty list of seeds")
+        return seeds
+
+
+class Suite(StrictModel):
+    """A benchmark suite: tasks x estimators x seeds."""
+
+    name: Name
+    description: str = ""
+    defaults: Defaults = Defaults()
+    tasks: list[TaskSpec] = Field(min_length=1)
+    estimators: list[EstimatorSpec] = Field(min_length=1)
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+
+    def estimator_list(self) -> list[Estimator]:
+        """Every estimator of the suite, grids expanded, in suite order."""
+        return [est for spec in self.estimators for est in spec.expand()]
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
+        names = [t.name for t in tasks]
+        fail(((i, "name"), f"a second task named {names[i]!r}") for i in repeats(names))
+        return tasks
+
+    @model_validator(mode="after")
+    def _check(self) -> Suite:
+        problems: Problems = {}
+        labels = [(i, est.label) for i, spec in enumerate(self.estimators) for est in spec.expand()]
+        for k in repeats([label for _, label in labels]):
+            (i, label), first = labels[k], next(j for j, other in labels if other == labels[k][1])
+            problems["estimators", i] = (
+                f"label {label!r} again (also estimators[{first}]); labels must differ "
+                "(they leave out implementation choices such as method)"
+            )
+        cells = [(v, e) for v in task_variants(self) for e in self.estimator_list()]
+        for field in ("include", "exclude"):
+            for i, pattern in enumerate(getattr(self, field)):
+                if pattern.count("/") != 1:
+                    problems[field, i] = f"{pattern!r} is not a 'task/estimator' pattern"
+                elif not any(matches([pattern], v, e) for v, e in cells):
+                    problems[field, i] = f"{pattern!r} matches no task/estimator pair"
+        if not problems and not plan_cells(self):
+            problems["exclude" if self.exclude else "include",] = "no cell is left"
+        fail(problems.items())
+        return self
+
+
+def parse_suite(text: str, source: str = "<suite>") -> Suite:
+    """Parse and validate a suite from YAML text; ``source`` names it in messages.
+
+    Raises:
+        SuiteError: every problem, one per line, ``SOURCE: field.path: message``
+            (``SOURCE:LINE:COL: message`` for YAML syntax errors).
+    """
+    return validate(Suite, read_yaml(text, source), source)
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file (see :func:`parse_suite`)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SuiteError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SuiteError(f"{path}: cannot read: {exc}") from None
+    return parse_suite(text, str(path))
+
+
+def suite_text_hash(text: str | bytes) -> str:
+    """The SHA-256 hex digest of a suite's text (UTF-8)."""
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()

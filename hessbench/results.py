@@ -1,0 +1,231 @@
+"""Results on disk: a crash-safe run folder, and tidy tables from it.
+
+A run folder holds
+
+- ``cells.jsonl``: one JSON record per finished cell, appended, flushed and
+  fsynced as soon as the cell ends (a re-run of a cell appends a newer record;
+  the last record of a cell wins);
+- ``metadata.json``: the suite text and hash, versions, machine, start and end
+  times, written to a temporary file and renamed;
+- ``results.csv``: the tidy cell table, written the same way at the end of a run;
+- ``.lock``: held (``fcntl.flock``) while a run writes the folder.
+
+Every record carries ``schema_version``; :func:`load` refuses a newer one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+
+from hessbench.errors import HessbenchError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CellStore",
+    "atomic_write",
+    "load",
+    "load_parts",
+    "read_records",
+    "run_lock",
+]
+
+SCHEMA_VERSION = 1
+CELLS = "cells.jsonl"
+FAILED = ("error", "timeout", "crashed")
+
+
+class ResultsError(HessbenchError):
+    """A run folder that cannot be read or written."""
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a synced temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock, or fail at once naming the holder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise ResultsError(f"{run_dir} is being written by {holder}; wait or use -o") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        yield
+
+
+def _clean(value: object) -> object:
+    """JSON-safe: NaN and infinities become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class CellStore:
+    """Appends cell records to ``cells.jsonl`` in a run folder."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / CELLS
+        self._repair_tail()
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run
+
+    def _repair_tail(self) -> None:
+        """Drop a half-written last line left by a killed run."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+
+    def append(self, record: dict) -> None:
+        """Append one record, flushed and fsynced before returning."""
+        line = json.dumps(_clean({"schema_version": SCHEMA_VERSION, **record}), sort_keys=True)
+        self._fh.write(line + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        """Close the file."""
+        self._fh.close()
+
+
+def read_records(run_dir: Path) -> dict[str, dict]:
+    """The last record of every cell, keyed by cell id (a torn last line is ignored)."""
+    path = Path(run_dir) / CELLS
+    if not path.exists():
+        return {}
+    records: dict[str, dict] = {}
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue  # torn write at the very end
+            raise ResultsError(f"{path}:{i + 1}: not a JSON record") from None
+        version = rec.get("schema_version", 0)
+        if version > SCHEMA_VERSION:
+            raise ResultsError(
+                f"{path}: written with results schema {version}, newer than this hessbench's "
+                f"{SCHEMA_VERSION}; upgrade hessbench to read it"
+            )
+        records[rec["cell_id"]] = rec
+    return records
+
+
+CELL_COLUMNS = [
+    "cell_id",
+    "task",
+    "estimator",
+    "label",
+    "params",
+    "seed",
+    "status",
+    "message",
+    "l1",
+    "abs_truth",
+    "rel_l1",
+    "l1_over_hesscale",
+    "cosine",
+    "spearman",
+    "sign_agreement",
+    "time_ratio",
+    "cpu_time_ratio",
+    "time_s",
+    "time_iqr_s",
+    "cpu_time_s",
+    "grad_time_s",
+    "grad_time_iqr_s",
+    "grad_cpu_time_s",
+    "repeats",
+    "contended",
+    "num_batches",
+    "batch_size",
+    "num_params",
+    "elapsed_s",
+]
+
+
+def load(run_dir: str | Path) -> pd.DataFrame:
+    """One row per cell (its last record), with the paper's ``l1_over_hesscale``.
+
+    ``l1_over_hesscale`` divides a cell's ``l1`` by the ``l1`` of the ``hesscale``
+    cell of the same task and seed (NaN where that cell is missing or failed).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ResultsError(f"{run_dir}: no such run folder")
+    records = read_records(run_dir)
+    rows = []
+    for rec in records.values():
+        row = {k: rec.get(k) for k in CELL_COLUMNS if k not in ("params", "l1_over_hesscale")}
+        row["params"] = json.dumps(rec.get("params", {}), sort_keys=True)
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=[c for c in CELL_COLUMNS if c != "l1_over_hesscale"])
+    numeric = [
+        c
+        for c in CELL_COLUMNS
+        if c
+        not in (
+            "contended",
+            "cell_id",
+            "task",
+            "estimator",
+            "label",
+            "params",
+            "status",
+            "message",
+            "l1_over_hesscale",
+        )
+    ]
+    df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
+    ref = df[(df["estimator"] == "hesscale") & (df["status"] == "ok")]
+    ref = ref.drop_duplicates(["task", "seed"]).set_index(["task", "seed"])["l1"]
+    keys = pd.MultiIndex.from_frame(df[["task", "seed"]])
+    df.insert(11, "l1_over_hesscale", df["l1"].to_numpy() / ref.reindex(keys).to_numpy())
+    return df.sort_values(["task", "seed", "label"], kind="stable").reset_index(drop=True)
+
+
+def load_parts(run_dir: str | Path) -> pd.DataFrame:
+    """One row per cell and parameter or layer: ``level``, ``name``, ``l1``, ``rel_l1``, ..."""
+    rows = []
+    for rec in read_records(Path(run_dir)).values():
+        for part in rec.get("parts") or []:
+            rows.append(
+                {
+                    "cell_id": rec["cell_id"],
+                    "task": rec.get("task"),
+                    "label": rec.get("label"),
+                    "seed": rec.get("seed"),
+                    **part,
+                }
+            )
+    cols = ["cell_id", "task", "label", "seed", "level", "name", "l1", "abs_truth", "rel_l1"]
+    return pd.DataFrame(rows, columns=cols)

@@ -1,0 +1,61 @@
+"""Estimators that misbehave on purpose, for the runner's failure-isolation tests.
+
+Imported by the tests (which registers them) and, through pickling, by the
+worker processes that evaluate their cells.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import ClassVar
+
+from hessbench.estimators._base import estimator_dataclass, register
+from hessbench.estimators.zero import Zero
+
+
+@register
+@estimator_dataclass
+class Segfault(Zero):
+    """Kills its own process with SIGSEGV, like a crash in native code."""
+
+    name: ClassVar[str] = "test_segfault"
+
+    def _estimate(self, model, loss, inputs, targets, generator):
+        os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(10)
+
+
+@register
+@estimator_dataclass
+class Hang(Zero):
+    """Never returns."""
+
+    name: ClassVar[str] = "test_hang"
+
+    def _estimate(self, model, loss, inputs, targets, generator):
+        time.sleep(3600)
+
+
+@register
+@estimator_dataclass
+class Raises(Zero):
+    """Raises an ordinary exception."""
+
+    name: ClassVar[str] = "test_raises"
+
+    def _estimate(self, model, loss, inputs, targets, generator):
+        raise RuntimeError("deliberate failure\nsecond line")
+
+
+@register
+@estimator_dataclass
+class NaNs(Zero):
+    """Returns NaN for every entry."""
+
+    name: ClassVar[str] = "test_nan"
+
+    def _estimate(self, model, loss, inputs, targets, generator):
+        out = super()._estimate(model, loss, inputs, targets, generator)
+        return {k: v + float("nan") for k, v in out.items()}
