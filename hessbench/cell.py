@@ -16,7 +16,7 @@ import torch
 from hessbench.config import Defaults, TaskVariant, derive_seed
 from hessbench.errors import TooLargeError, UnsupportedError
 from hessbench.estimators import Estimator, get_estimator
-from hessbench.measure import time_interleaved
+from hessbench.measure import memory_ratio, time_interleaved
 from hessbench.metrics import aggregate, batch_metrics
 from hessbench.tasks import Problem, build_problem
 
@@ -113,10 +113,27 @@ class GroupEvaluator:
             "message": "",
             **aggregate(per_batch),
             **self._timing(est),
+            **self._memory(est),
             "num_batches": len(p.batches),
             "batch_size": int(p.batches[0][0].shape[0]),
             "num_params": p.num_params,
         }
+
+    def _memory(self, est: Estimator) -> dict:
+        """Peak memory of one call and of one gradient (first batch, untimed pass)."""
+        if not self.defaults.memory.enabled:
+            return {}
+        p = self.problem
+        x, y = p.batches[0]
+        params = [q for q in p.model.parameters() if q.requires_grad]
+        gen = torch.Generator(device=self.device).manual_seed(
+            derive_seed(self.variant.name, est.label, self.seed, "memory")
+        )
+        return memory_ratio(
+            lambda: est(p.model, p.loss_fn, x, y, generator=gen),
+            lambda: torch.autograd.grad(p.loss_fn(p.model(x), y), params),
+            device=self.device,
+        )
 
     def _timing(self, est: Estimator) -> dict:
         """The measurement protocol of :mod:`hessbench.measure` on the first batch.

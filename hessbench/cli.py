@@ -107,9 +107,13 @@ def _fmt(value: object, spec: str = ".3g") -> str:
 
 
 def summary_table(df, title: str) -> Table:
-    """Per estimator label: cells by status, median relative L1, L1/HesScale, time ratio."""
-    table = Table(title=title)
-    for col in ("estimator", "ok", "other", "rel. L1", "L1 / HesScale", "time ratio"):
+    """Per estimator label: cells by status, median relative L1, L1/HesScale, cost ratios.
+
+    ``time`` is the median CPU-time ratio to one gradient, ``memory`` the median
+    peak-memory ratio to one gradient.
+    """
+    table = Table(title=title, caption="time, memory: ratio to one gradient (median)")
+    for col in ("estimator", "ok", "other", "rel. L1", "L1 / HesScale", "time", "memory"):
         if col == "estimator":
             table.add_column(col, overflow="fold")
         else:
@@ -125,7 +129,8 @@ def summary_table(df, title: str) -> Table:
             other or "-",
             _fmt(ok["rel_l1"].median()),
             _fmt(ok["l1_over_hesscale"].median()),
-            _fmt(ok["time_ratio"].median(), ".2f"),
+            _fmt(ok["cpu_time_ratio"].median(), ".2f"),
+            _fmt(ok["memory_ratio"].median(), ".2f"),
         )
     return table
 

@@ -16,6 +16,13 @@ Reported: medians and inter-quartile ranges, and the ratios of medians
 estimator / gradient for wall and CPU time. A run is flagged ``contended``
 when the median wall time exceeds the median CPU time by more than 50% (with
 one thread, the process was waiting for a core).
+
+Memory (:func:`peak_memory`, a separate untimed pass): the peak of bytes
+allocated above the level at the start of the call. On CUDA from
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. On the
+CPU ``tracemalloc`` does not see torch's allocator, so the call runs under
+``torch.profiler.profile(profile_memory=True)`` and its allocation and free
+events are replayed in time order; the running sum's maximum is the peak.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["time_interleaved"]
+__all__ = ["memory_ratio", "peak_memory", "time_interleaved"]
 
 
 def _sync(device: torch.device) -> None:
@@ -93,3 +100,34 @@ def time_interleaved(
         "repeats": repeats,
         "contended": bool(contended),
     }
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by torch during ``fn()``, above the level at its start."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    level = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        if e.device_type() == torch.autograd.DeviceType.CPU:
+            level += e.nbytes()
+            peak = max(peak, level)
+    return int(peak)
+
+
+def memory_ratio(
+    est_fn: Callable[[], object], grad_fn: Callable[[], object], *, device: torch.device
+) -> dict[str, float | int]:
+    """Peak memory of the estimator and of one gradient, and their ratio."""
+    est = peak_memory(est_fn, device)
+    grad = peak_memory(grad_fn, device)
+    return {"peak_bytes": est, "grad_peak_bytes": grad, "memory_ratio": _ratio(est, grad)}

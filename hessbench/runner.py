@@ -194,7 +194,12 @@ def run_suite(
         signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             run_groups(
-                _groups(todo), suite.defaults, jobs=opts.jobs, on_start=on_start, on_record=record
+                _groups(todo),
+                suite.defaults,
+                jobs=opts.jobs,
+                on_start=on_start,
+                on_record=record,
+                log_path=run_dir / "workers.log",
             )
         except KeyboardInterrupt:
             summary.interrupted = True

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import signal
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 
 import torch
 
@@ -37,8 +39,13 @@ class Group:
     cells: list[tuple[str, Estimator]]
 
 
-def _worker_main(conn: Connection, defaults: Defaults) -> None:
+def _worker_main(conn: Connection, defaults: Defaults, log_path: str | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    if log_path:  # keep the terminal for the parent's progress; keep crash output
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     torch.set_num_threads(defaults.threads)
     while True:
         msg = conn.recv()
@@ -80,11 +87,13 @@ def run_groups(
     jobs: int,
     on_start: Callable[[str], None],
     on_record: Callable[[dict], None],
+    log_path: Path | None = None,
 ) -> None:
     """Evaluate every cell of ``groups`` with ``jobs`` worker processes.
 
     ``on_record`` is called in the parent, in completion order, with every
-    cell's record (ok, unsupported, error, timeout or crashed).
+    cell's record (ok, unsupported, error, timeout or crashed). The workers'
+    stdout and stderr go to ``log_path`` when given.
     """
     ctx = mp.get_context("spawn")
     queue: deque[Group] = deque(groups)
@@ -92,7 +101,8 @@ def run_groups(
 
     def spawn() -> _Worker:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker_main, args=(child, defaults), daemon=True)
+        log = str(log_path) if log_path else None
+        proc = ctx.Process(target=_worker_main, args=(child, defaults, log), daemon=True)
         proc.start()
         child.close()
         return _Worker(proc, parent)

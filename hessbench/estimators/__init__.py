@@ -48,3 +48,6 @@ __all__ = [
     "get_estimator",
     "trainable_parameters",
 ]
+
+# Peer libraries' implementations (BackPACK, curvlinops), registered when they import.
+import hessbench.estimators.peers  # noqa: F401

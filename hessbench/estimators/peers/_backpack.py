@@ -1,0 +1,141 @@
+"""The shared runner of the BackPACK peer estimators.
+
+BackPACK (Dangel, Kunstner & Hennig, ICLR 2020; ``pip install
+backpack-for-pytorch``) computes curvature quantities during one backward pass
+through hooks that it installs with ``extend()``, storing the results as
+attributes of the parameters. ``extend()`` mutates the model (hooks,
+attributes, ``.grad``), so every call here works on a deep copy of the caller's
+model, extended and discarded afterwards, and removes the hooks it installed
+from BackPACK's global handle list; the caller's model, its ``.grad`` and its
+hooks stay as they were. The copy costs one ``copy.deepcopy`` per call, which
+is included in the timings.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+from typing import ClassVar
+
+import torch
+from backpack import backpack, extend
+from backpack.context import CTX
+from backpack.extensions.backprop_extension import BackpropExtension
+from torch import Tensor, nn
+
+from hessbench.estimators._base import finalize, has_active_dropout, trainable_parameters
+from hessbench.estimators._layerwise import LayerwiseEstimator
+from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._sequential import Plan, build_plan
+from hessbench.estimators.peers._common import (
+    check_layer_types,
+    library_errors,
+    loss_module,
+    quiet_backward_hooks,
+    run_steps,
+    seeded_global_rng,
+)
+
+__all__ = ["BackpackEstimator"]
+
+
+def _supported_types(ext: BackpropExtension) -> set[type]:
+    # BackPACK keeps its layer table private; the name is mangled.
+    table = getattr(ext, "_BackpropExtension__module_extensions", {})
+    return {t for t in table if issubclass(t, nn.Module)}
+
+
+class BackpackEstimator(LayerwiseEstimator):
+    """A BackPACK extension run on a deep copy of an ``nn.Sequential`` model.
+
+    Subclasses set :attr:`extension_name` and implement :meth:`_extension` and,
+    when BackPACK's stored quantity is not already the diagonal, :meth:`_diagonal`.
+    The model must be an ``nn.Sequential`` that hessbench's layer table accepts,
+    whose layers BackPACK's extension also handles (``Identity`` and eval-mode
+    ``Dropout`` are skipped: they compute the identity).
+    """
+
+    uses_model_forward: ClassVar[bool] = True
+    extension_name: ClassVar[str]
+    groups_supported: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def _extension(self) -> BackpropExtension:
+        """A fresh BackPACK extension object."""
+
+    def _diagonal(self, value: object, param: Tensor) -> Tensor:
+        """The diagonal from what BackPACK stored on ``param`` (default: itself)."""
+        assert isinstance(value, Tensor)
+        return value
+
+    def _check_plan(self, plan: Plan, ext: BackpropExtension) -> None:
+        check_layer_types(
+            plan,
+            _supported_types(ext),
+            f"BackPACK's {self.extension_name}",
+            groups=self.groups_supported,
+        )
+
+    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        """Also refuse layers that BackPACK's extension does not handle."""
+        super().check_supported(model, loss_fn)
+        self._check_plan(build_plan(model), self._extension())
+
+    def _estimate(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        plan = build_plan(model)
+        ext = self._extension()
+        self._check_plan(plan, ext)
+        params = trainable_parameters(model)
+        if self.stochastic and not has_active_dropout(model):
+            # BackPACK samples from the global RNG: seed it from the generator. With
+            # active dropout __call__ has already seeded it (the masks come first).
+            assert generator is not None
+            with seeded_global_rng(generator, inputs.device):
+                stored = self._run(plan, model, loss, inputs, targets, ext)
+        else:
+            stored = self._run(plan, model, loss, inputs, targets, ext)
+        return finalize(params, {n: self._diagonal(stored[n], params[n]) for n in params})
+
+    @staticmethod
+    def _run(
+        plan: Plan,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        ext: BackpropExtension,
+    ) -> dict[str, object]:
+        """What BackPACK stores on each trainable parameter of an extended copy."""
+        twin = copy.deepcopy(model)
+        loss_fn = extend(loss_module(loss))
+        n_handles = len(CTX.hook_handles)
+        try:
+            extend(twin)
+            with library_errors(f"BackPACK's {type(ext).__name__}"):
+                out = run_steps(plan, twin, inputs)
+                loss.check_targets(out, targets)
+                value = loss_fn(out, targets)
+                with quiet_backward_hooks(), backpack(ext):
+                    value.backward()
+            return {
+                n: getattr(p, ext.savefield) for n, p in twin.named_parameters() if p.requires_grad
+            }
+        finally:
+            for handle in CTX.hook_handles[n_handles:]:
+                handle.remove()
+            del CTX.hook_handles[n_handles:]
+
+
+def kronecker_diagonal(factors: list[Tensor], param: Tensor) -> Tensor:
+    """The diagonal of ``factors[0] (x) factors[1] (x) ...`` shaped like ``param``."""
+    diag = factors[0].diagonal()
+    for f in factors[1:]:
+        diag = torch.outer(diag, f.diagonal()).flatten()
+    return diag.reshape(param.shape)

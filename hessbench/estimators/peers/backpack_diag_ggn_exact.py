@@ -1,0 +1,36 @@
+"""BackPACK's exact GGN diagonal (``DiagGGNExact``)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from backpack.extensions import DiagGGNExact
+
+from hessbench.estimators._base import estimator_dataclass, register
+from hessbench.estimators.peers._backpack import BackpackEstimator
+
+__all__ = ["BackpackDiagGGNExact"]
+
+
+@register
+@estimator_dataclass
+class BackpackDiagGGNExact(BackpackEstimator):
+    r"""BackPACK's ``DiagGGNExact``: the exact GGN diagonal, hessbench's ``ggn_exact``.
+
+    Library: BackPACK (``backpack-for-pytorch``), ``backpack.extensions.DiagGGNExact``,
+    run on a deep copy of the model. Quantity: ``diag(J^T (nabla^2_z L) J)``,
+    backpropagating the ``C`` columns of a symmetric factor of the loss Hessian.
+
+    Known deviations: none in the quantity (equal to ``ggn_exact`` to round-off in
+    float64). Layers: those of hessbench's table that BackPACK's DiagGGNExact also
+    handles (no Softplus). Cost includes a ``copy.deepcopy`` of the model per call.
+
+    Reference: Dangel, Kunstner & Hennig, "BackPACK" (ICLR 2020).
+    """
+
+    name: ClassVar[str] = "backpack.diag_ggn_exact"
+    cost: ClassVar[str] = "O(C) backprops (BackPACK)"
+    extension_name: ClassVar[str] = "DiagGGNExact"
+
+    def _extension(self) -> DiagGGNExact:
+        return DiagGGNExact()
