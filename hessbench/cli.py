@@ -100,6 +100,11 @@ def list_estimators() -> None:
     Console(width=140).print(table)
 
 
+def _stdout() -> Console:
+    """Standard output; wide enough for full estimator labels when not a terminal."""
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
 def _fmt(value: object, spec: str = ".3g") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -220,7 +225,7 @@ def run(
             on_record=on_record,
         )
     df = load(summary.run_dir)
-    Console().print(summary_table(df, f"{summary.run_dir}"))
+    _stdout().print(summary_table(df, f"{summary.run_dir}"))
     print(f"results: {summary.run_dir / 'results.csv'} ({len(df)} cells)")
     if summary.interrupted:
         err.print("interrupted: finished cells are on disk; run the same command to resume")
@@ -242,7 +247,7 @@ def show(
     from hessbench.results import load
 
     df = load(run_dir)
-    Console().print(summary_table(df, str(run_dir)))
+    _stdout().print(summary_table(df, str(run_dir)))
 
 
 if __name__ == "__main__":  # pragma: no cover
