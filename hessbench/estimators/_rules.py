@@ -100,6 +100,8 @@ class Parametric(LinearMap):
     """A layer with a weight and an optional bias, affine in its input."""
 
     parametric = True
+    diag_suffices = False
+    """Whether the parameter diagonal needs only the diagonal of the output Hessian."""
 
     def param_grad(self, m, cache, g: Tensor) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError

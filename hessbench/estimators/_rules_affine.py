@@ -15,6 +15,8 @@ from hessbench.estimators._rules import Parametric, _weighted_sum
 class LinearRule(Parametric):
     """``z = x W^T + b`` on inputs of shape (N, in_features)."""
 
+    diag_suffices = True
+
     def forward(self, m, x, generator):
         if x.dim() != 2:
             raise UnsupportedError(

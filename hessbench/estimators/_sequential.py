@@ -245,6 +245,23 @@ def sampled_grad_pass(
     return ordered(plan, grads), state
 
 
+def _collapse_step(plan: Plan) -> int:
+    """The step below which only the diagonal of the Hessian is needed (-1 if none).
+
+    When the first parametric layer needs only its output's Hessian diagonal
+    (Linear) and only element-wise layers lie between it and the next linear
+    map above, that map's input Hessian is needed only on its diagonal, which
+    element-wise layers propagate exactly: ``f'^2 d + f'' g``.
+    """
+    steps = plan.steps
+    if not getattr(steps[plan.first_param].rule, "diag_suffices", False):
+        return -1
+    j = plan.first_param + 1
+    while j < len(steps) and steps[j].rule.elementwise:
+        j += 1
+    return j if j < len(steps) else -1
+
+
 def _to_full(v: Tensor, s: Tensor | None, d: Tensor | None) -> Tensor:
     """``sum_k s_k v_k v_k^T + diag(d)`` per sample, shape (N, F, F)."""
     n, k = v.shape[:2]
@@ -324,6 +341,7 @@ def factor_pass(
         res: dict[str, Tensor] = {}
         steps = plan.steps
         out_shape = out.shape[1:]
+        collapse_at = _collapse_step(plan) if representation != "full" and not kfac else -1
         for i in range(len(steps) - 1, plan.first_param - 1, -1):
             st = steps[i]
             rule = st.rule
@@ -338,6 +356,8 @@ def factor_pass(
                     _store(res, st, w, gdiag)
                 elif hmat is not None:
                     _store(res, st, *rule.param_diag_full(m, c, hmat))
+                elif v is None:  # collapsed to the diagonal
+                    _store(res, st, *rule.param_diag(m, c, dres))
                 else:
                     w, b = rule.param_diag_cols(m, c, v, s)
                     if dres is not None:
@@ -360,7 +380,8 @@ def factor_pass(
                     if r is not None:
                         hmat.diagonal(dim1=1, dim2=2).add_(r.reshape(n, -1))
                 else:
-                    v = v * d1.unsqueeze(1)
+                    if v is not None:
+                        v = v * d1.unsqueeze(1)
                     if dres is not None:
                         dres = dres * d1 * d1
                     if r is not None:
@@ -370,6 +391,15 @@ def factor_pass(
             else:
                 if hmat is not None:
                     hmat = _full_vjp(rule, m, c, hmat, out_shape, in_shape)
+                elif i == collapse_at:
+                    # only the diagonal is needed below: diag(J^T H J) from the columns and
+                    # (J o J)^T for the diagonal residual, no columns materialised
+                    vin = rule.vjp_cols(m, c, v)
+                    sq = vin.square()
+                    diag = sq.sum(1) if s is None else torch.einsum("nk,nk...->n...", s, sq)
+                    if dres is not None:
+                        diag = diag + rule.vjp_sq(m, c, dres)
+                    v, s, dres = None, None, diag
                 else:
                     v = rule.vjp_cols(m, c, v)
                     if dres is not None:

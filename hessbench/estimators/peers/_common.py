@@ -19,6 +19,7 @@ __all__ = [
     "library_errors",
     "loss_module",
     "quiet_backward_hooks",
+    "quiet_jvp_import",
     "rng_restored",
     "run_steps",
     "seeded_global_rng",
@@ -119,6 +120,20 @@ def quiet_backward_hooks() -> Iterator[None]:
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
+
+
+@contextlib.contextmanager
+def quiet_jvp_import() -> Iterator[None]:
+    """Silence torch's own deprecation notice on the first ``torch.func.jvp`` of a process.
+
+    Forward-mode AD loads decompositions written with ``torch.jit.script``, which
+    torch 2.13 marks deprecated; the notice is torch's, not the caller's concern.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning
+        )
         yield
 
 

@@ -22,6 +22,7 @@ from hessbench.estimators._sequential import check_output
 from hessbench.estimators.peers._common import (
     library_errors,
     loss_module,
+    quiet_jvp_import,
     rng_restored,
     seeded_global_rng,
 )
@@ -110,7 +111,7 @@ class CurvlinopsHutchinson(Estimator):
                 check_deterministic=False,
                 num_data=inputs.shape[0],
             )
-            with seeded_global_rng(generator, inputs.device):
+            with seeded_global_rng(generator, inputs.device), quiet_jvp_import():
                 total = torch.zeros(dim, dtype=op.dtype, device=op.device)
                 left = self.num_samples
                 while left:
