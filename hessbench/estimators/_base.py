@@ -41,6 +41,7 @@ __all__ = [
     "fresh_generator",
     "get_estimator",
     "has_active_dropout",
+    "preserve_state",
     "register",
     "trainable_parameters",
 ]
@@ -167,7 +168,7 @@ def has_active_dropout(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _preserve_state(
+def preserve_state(
     model: nn.Module, device: torch.device, seed_from: torch.Generator | None
 ) -> Iterator[None]:
     """Restore the global RNG and the model's buffers afterwards.
@@ -254,7 +255,7 @@ class Estimator(abc.ABC):
         if generator is None and (self.stochastic or dropout):
             generator = fresh_generator(inputs.device)
         if self.uses_model_forward or dropout:
-            with _preserve_state(model, inputs.device, generator if dropout else None):
+            with preserve_state(model, inputs.device, generator if dropout else None):
                 return self._estimate(model, loss, inputs, targets, generator)
         return self._estimate(model, loss, inputs, targets, generator)
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from hessbench.errors import UnsupportedError
-from hessbench.estimators._base import Estimator
+from hessbench.estimators._base import Estimator, preserve_state
 from hessbench.estimators._losses import LossSpec
 from hessbench.estimators._sequential import Plan, build_plan
 
@@ -43,6 +43,7 @@ class DualPathEstimator(Estimator):
     """
 
     method: str
+    uses_model_forward: ClassVar[bool] = False  # only the generic path does: guarded there
 
     def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
         """Also refuse models the layer-by-layer pass cannot run when it is forced."""
@@ -65,7 +66,8 @@ class DualPathEstimator(Estimator):
             except UnsupportedError:
                 if self.method == "structured":
                     raise
-        return self._generic(model, loss, inputs, targets, generator)
+        with preserve_state(model, inputs.device, None):
+            return self._generic(model, loss, inputs, targets, generator)
 
     @abc.abstractmethod
     def _structured(

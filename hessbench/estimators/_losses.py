@@ -32,19 +32,27 @@ __all__ = ["LossSpec", "LossState"]
 
 @dataclass(frozen=True, slots=True)
 class LossState:
-    """The loss evaluated at a batch of outputs (no autograd involved).
+    """The loss at a batch of outputs, in closed form (no autograd involved).
 
     Attributes:
-        value: the loss ``L``.
         grad: ``dL/dz``, shaped like the output.
         scale: the reduction factor ``c``.
         probs: softmax probabilities for cross-entropy, ``None`` for MSE.
+        out: the outputs, and ``targets`` the targets (for :meth:`value`).
     """
 
-    value: Tensor
     grad: Tensor
     scale: float
     probs: Tensor | None
+    out: Tensor
+    targets: Tensor
+
+    def value(self) -> Tensor:
+        """The loss ``L`` (computed on demand: the estimators never need it)."""
+        if self.probs is not None:
+            logp = torch.log_softmax(self.out, dim=1)
+            return -logp.gather(1, self.targets.long().unsqueeze(1)).sum() * self.scale
+        return (self.out - self.targets).square().sum() * self.scale
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,17 +121,23 @@ class LossSpec:
 
     # ------------------------------------------------------------------ value
     def evaluate(self, out: Tensor, targets: Tensor) -> LossState:
-        """Loss value and output gradient in closed form."""
+        """Output gradient (and probabilities) in closed form."""
         c = self.scale(out)
         if self.kind == "ce":
-            logp = torch.log_softmax(out, dim=1)
-            p = logp.exp()
-            nll = -logp.gather(1, targets.long().unsqueeze(1))
-            grad = p.clone()
-            grad.scatter_add_(1, targets.long().unsqueeze(1), torch.full_like(nll, -1.0))
-            return LossState(nll.sum() * c, grad.mul_(c), c, p)
-        diff = out - targets
-        return LossState(diff.square().sum() * c, diff.mul(2.0 * c), c, None)
+            p = torch.softmax(out, dim=1)
+            grad = p.scatter_add(
+                1, targets.long().unsqueeze(1), p.new_full((out.shape[0], 1), -1.0)
+            )
+            return LossState(grad if c == 1.0 else grad.mul_(c), c, p, out, targets)
+        return LossState((out - targets).mul_(2.0 * c), c, None, out, targets)
+
+    def grad_at(self, state: LossState, targets: Tensor) -> Tensor:
+        """``dL/dz`` at other targets, reusing the state's probabilities."""
+        if state.probs is None:
+            return (state.out - targets).mul_(2.0 * state.scale)
+        p = state.probs
+        grad = p.scatter_add(1, targets.long().unsqueeze(1), p.new_full((p.shape[0], 1), -1.0))
+        return grad if state.scale == 1.0 else grad.mul_(state.scale)
 
     def loss(self, out: Tensor, targets: Tensor) -> Tensor:
         """The loss through differentiable torch operations (for autograd paths)."""
@@ -196,9 +210,10 @@ class LossSpec:
             p = state.probs
             assert p is not None
             labels = self.sample_labels_ce(p, k, generator)  # (N, k)
-            cols = p.unsqueeze(1).repeat(1, k, 1)
-            cols.scatter_add_(2, labels.unsqueeze(2), torch.full_like(cols[..., :1], -1.0))
-            return cols.mul_((state.scale / k) ** 0.5)
+            minus = p.new_full((p.shape[0], k, 1), -1.0)
+            cols = p.unsqueeze(1).expand(-1, k, -1).scatter_add(2, labels.unsqueeze(2), minus)
+            factor = (state.scale / k) ** 0.5
+            return cols if factor == 1.0 else cols.mul_(factor)
         noise = _randn((out.shape[0], k, *out.shape[1:]), out, generator)
         # gradient of (z - y)^2 at y = z + eps / sqrt(2) is -sqrt(2) eps
         return noise.mul_(-((2.0 * state.scale / k) ** 0.5))
@@ -212,10 +227,15 @@ class LossSpec:
 
     @staticmethod
     def sample_labels_ce(p: Tensor, k: int, generator: torch.Generator) -> Tensor:
-        """``k`` categorical draws per row of ``p``: shape ``(N, k)``."""
-        gen_p = p.detach().to(device=generator.device, dtype=torch.float64)
-        labels = torch.multinomial(gen_p, k, replacement=True, generator=generator)
-        return labels.to(p.device)
+        """``k`` categorical draws per row of ``p``: shape ``(N, k)``.
+
+        Inverse-CDF sampling from one uniform draw per label (``torch.multinomial``
+        costs several times a small layer's forward pass at batch size 1).
+        """
+        u = torch.rand((p.shape[0], k), generator=generator, device=generator.device)
+        cdf = p.detach().to(device=generator.device, dtype=torch.float64).cumsum(1)
+        labels = torch.searchsorted(cdf, u.to(torch.float64) * cdf[:, -1:], right=True)
+        return labels.clamp_(max=p.shape[1] - 1).to(p.device)
 
 
 def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:

@@ -232,7 +232,7 @@ def sampled_grad_pass(
     """
     with torch.no_grad():
         out, caches, _, state = run_start(plan, model, loss, x, targets, generator)
-        g = loss.evaluate(out, loss.sample_targets(out, state, generator)).grad
+        g = loss.grad_at(state, loss.sample_targets(out, state, generator))
         grads: dict[str, Tensor] = {}
         steps = plan.steps
         for i in range(len(steps) - 1, plan.first_param - 1, -1):

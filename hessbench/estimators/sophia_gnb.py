@@ -68,6 +68,8 @@ class SophiaGNB(DualPathEstimator):
     ) -> dict[str, Tensor]:
         assert generator is not None
         grads, state = sampled_grad_pass(plan, model, loss, inputs, targets, generator)
+        if state.scale == 1.0:
+            return {n: g.square_() for n, g in grads.items()}
         return {n: g.square_().div_(state.scale) for n, g in grads.items()}
 
     def _generic(

@@ -14,7 +14,9 @@ is included in the timings.
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -37,6 +39,26 @@ from hessbench.estimators.peers._common import (
 )
 
 __all__ = ["BackpackEstimator"]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Make ``dtype`` torch's default for the duration (restored afterwards).
+
+    BackPACK 1.7.1 builds the transposed convolution that applies an average
+    pooling layer's Jacobian in the default dtype, so AvgPool layers fail on
+    float64 models ("expected scalar type Double but found Float") unless the
+    default matches the model's.
+    """
+    old = torch.get_default_dtype()
+    if dtype not in (torch.float32, torch.float64) or dtype == old:
+        yield
+        return
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def _supported_types(ext: BackpropExtension) -> set[type]:
@@ -114,15 +136,15 @@ class BackpackEstimator(LayerwiseEstimator):
     ) -> dict[str, object]:
         """What BackPACK stores on each trainable parameter of an extended copy."""
         twin = copy.deepcopy(model)
-        loss_fn = extend(loss_module(loss))
         n_handles = len(CTX.hook_handles)
         try:
+            loss_fn = extend(loss_module(loss))
             extend(twin)
             with library_errors(f"BackPACK's {type(ext).__name__}"):
                 out = run_steps(plan, twin, inputs)
                 loss.check_targets(out, targets)
                 value = loss_fn(out, targets)
-                with quiet_backward_hooks(), backpack(ext):
+                with quiet_backward_hooks(), backpack(ext), _default_dtype(out.dtype):
                     value.backward()
             return {
                 n: getattr(p, ext.savefield) for n, p in twin.named_parameters() if p.requires_grad

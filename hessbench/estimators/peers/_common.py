@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from hessbench.errors import HessbenchError, UnsupportedError
+from hessbench.estimators._layers import RULES
 from hessbench.estimators._losses import LossSpec
 from hessbench.estimators._sequential import Plan, check_output
 
@@ -79,7 +80,7 @@ def check_layer_types(
     for step in plan.steps:
         m = step.module
         if type(m) not in allowed:
-            names = ", ".join(sorted(t.__name__ for t in allowed))
+            names = ", ".join(sorted(t.__name__ for t in allowed & set(RULES)))
             raise UnsupportedError(
                 f"layer '{step.path}' ({type(m).__name__}) is not supported by {library}; "
                 f"supported layers: {names}"
