@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from hessbench.estimators._autograd import hvp_samples
-from hessbench.estimators._base import Count, Flag, estimator_dataclass, register
-from hessbench.estimators._hvp_pass import structured_hutchinson
-from hessbench.estimators._layerwise import DualPathEstimator
+from hessbench.estimators._base import Flag, estimator_dataclass, register
 from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import Plan
+from hessbench.estimators.hutchinson import Hutchinson
 
 __all__ = ["AdaHessian"]
 
 
 @register
 @estimator_dataclass
-class AdaHessian(DualPathEstimator):
+class AdaHessian(Hutchinson):
     r"""``mean_k |z_k o (H z_k)|``, kernels of convolutions averaged over space.
 
     As AdaHessian's optimizer uses it: the absolute value of one Hutchinson
@@ -30,8 +27,12 @@ class AdaHessian(DualPathEstimator):
     divided a single sample's estimate by 50 for "AdaHessian-50"; hessbench
     averages 50 samples.)
 
+    The same Hessian-vector products as :class:`Hutchinson` (same probes for
+    equal generators), combined as ``|z o Hz|``.
+
     Args:
         num_samples: number of probe vectors ``k``.
+        method: as :class:`Hutchinson`.
         spatial_averaging: average conv kernels over their spatial dimensions.
 
     Cost: ``k`` Hessian-vector products.
@@ -48,41 +49,11 @@ class AdaHessian(DualPathEstimator):
     """
 
     name: ClassVar[str] = "adahessian"
-    cost: ClassVar[str] = "k HVPs"
-    stochastic: ClassVar[bool] = True
-    impl_fields: ClassVar[tuple[str, ...]] = ("method",)
-    num_samples: Count = 1
-    method: Literal["auto", "structured", "autograd"] = "auto"
     spatial_averaging: Flag = True
 
     @staticmethod
     def _combine(z: Tensor, hz: Tensor) -> Tensor:
         return (z * hz).abs()
-
-    def _structured(
-        self,
-        plan: Plan,
-        model: nn.Module,
-        loss: LossSpec,
-        inputs: Tensor,
-        targets: Tensor,
-        generator: torch.Generator | None,
-    ) -> dict[str, Tensor]:
-        assert generator is not None
-        return structured_hutchinson(
-            plan, model, loss, inputs, targets, self.num_samples, generator, self._combine
-        )
-
-    def _generic(
-        self,
-        model: nn.Module,
-        loss: LossSpec,
-        inputs: Tensor,
-        targets: Tensor,
-        generator: torch.Generator | None,
-    ) -> dict[str, Tensor]:
-        assert generator is not None
-        return hvp_samples(model, loss, inputs, targets, self.num_samples, generator, self._combine)
 
     def _estimate(
         self,
