@@ -501,6 +501,8 @@ def test_flagship_suites_cover_every_estimator(name):
         name
         for name in available_estimators()  # tests may register extra estimators
         if estimator_class(name).__module__.startswith("hessbench.estimators.")
+        # the optional peers (installed or not) are not part of the flagship suites
+        and not estimator_class(name).__module__.startswith("hessbench.estimators.peers.")
     }
     assert {e.name for e in s.estimator_list()} == builtin
 

@@ -24,12 +24,23 @@ from hessbench.errors import (
     TooLargeError,
     UnsupportedError,
 )
-from hessbench.estimators import available_estimators, get_estimator
+from hessbench.estimators import available_estimators, estimator_class, get_estimator
+from hessbench.estimators._layerwise import LayerwiseEstimator
 
+# Every registered estimator: the optional peers (hessbench.estimators.peers) too, when
+# their libraries are installed.
 ALL = available_estimators()
 
-# Estimators built on the layer-by-layer pass only (nn.Sequential of supported layers).
-LAYERWISE_ONLY = {"hesscale", "hesscale_gn", "bl89", "kfac"}
+# Estimators that need an nn.Sequential of supported layers (the layer-by-layer pass,
+# and the peer wrappers built on its plan).
+LAYERWISE_ONLY = {n for n in ALL if issubclass(estimator_class(n), LayerwiseEstimator)}
+
+# Estimators that refuse training-mode dropout although they take no per-sample path.
+REFUSES_TRAIN_DROPOUT = {"curvlinops.hutchinson"}
+
+
+def _refuses_train_dropout(est) -> bool:
+    return est.name in REFUSES_TRAIN_DROPOUT or getattr(est, "method", None) in ("jacobian", "vmap")
 
 
 def _valid(name: str, params: dict) -> bool:
@@ -61,6 +72,11 @@ _VARIANT_CANDIDATES = [
     ("bl89", {"output_curvature": "zero"}),
     ("hutchinson", {"num_samples": 3}),
     ("adahessian", {"num_samples": 2, "spatial_averaging": False}),
+    # optional peers (left out when their library is not installed)
+    ("backpack.kfac", {"backward": "exact"}),
+    ("backpack.diag_ggn_mc", {"num_samples": 3}),
+    ("curvlinops.kfac", {"backward": "exact"}),
+    ("curvlinops.hutchinson", {"num_samples": 3}),
 ]
 VARIANTS = [(n, p) for n, p in _VARIANT_CANDIDATES if _valid(n, p)]
 CONFIGS = [(n, {}) for n in ALL] + VARIANTS
@@ -80,14 +96,12 @@ NAME_PARAMS = _params([(n, {}) for n in ALL])
 
 # Configurations that need the layer-by-layer pass: the layer-wise estimators and
 # every estimator forced onto its structured path.
-LAYERWISE = [
-    ("hesscale", {}),
-    ("hesscale_gn", {}),
-    ("bl89", {}),
-    ("bl89", {"output_curvature": "zero"}),
-    ("kfac", {}),
-    ("kfac", {"backward": "exact"}),
-] + [(n, p) for n, p in VARIANTS if p.get("method") == "structured"]
+LAYERWISE = (
+    [(n, {}) for n in sorted(LAYERWISE_ONLY)]
+    + [("bl89", {"output_curvature": "zero"})]
+    + [(n, p) for n, p in VARIANTS if n in LAYERWISE_ONLY and p.get("backward") == "exact"]
+    + [(n, p) for n, p in VARIANTS if p.get("method") == "structured"]
+)
 LAYERWISE_PARAMS = _params(LAYERWISE)
 # Configurations that must work on any differentiable nn.Module: the defaults of the
 # autograd-capable estimators and their non-structured methods.
@@ -376,7 +390,7 @@ def test_dropout_model(cfg, loss, train):
     model, loss_fn, x, y = make_problem("dropout_mlp", loss)
     model.train(train)
     before = snapshot(model)
-    if train and getattr(est, "method", None) in ("jacobian", "vmap"):
+    if train and _refuses_train_dropout(est):
         # per-sample evaluation cannot reproduce a batch's dropout masks: refused
         with pytest.raises(UnsupportedError, match=r"layer '2' \(Dropout\)"):
             est(model, loss_fn, x, y, generator=gen(3))
@@ -455,7 +469,7 @@ def test_no_generator_with_training_dropout(cfg):
     model, loss_fn, x, y = make_problem("dropout_mlp", "ce")
     model.train()
     before = snapshot(model)
-    if getattr(est, "method", None) in ("jacobian", "vmap"):
+    if _refuses_train_dropout(est):
         with pytest.raises(UnsupportedError, match=r"layer '2' \(Dropout\)"):
             est(model, loss_fn, x, y)
         assert_unchanged(model, before)

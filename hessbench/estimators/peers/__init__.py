@@ -11,10 +11,12 @@ keeps your torch):
 - curvlinops (``curvlinops-for-pytorch``): ``curvlinops.hutchinson``,
   ``curvlinops.kfac``.
 
-A library that is missing, or fails to import, registers nothing. A wrapper
-that fails to import against an installed library (say, a release that renamed
-an extension) is left out and named by :func:`skipped_peers`, so that core
-hessbench still imports; ``tests/test_peers.py`` checks that none is skipped.
+The wrapper modules import without their library (they import it inside their
+methods), so they can be collected and documented anywhere. A library that is
+missing, or fails to import, registers nothing. A wrapper whose library imports
+but lacks a name it uses (its ``requires``; say, a release that renamed an
+extension) is not registered and is named by :func:`skipped_peers`;
+``tests/test_peers.py`` checks that none is skipped.
 """
 
 from __future__ import annotations
@@ -22,17 +24,22 @@ from __future__ import annotations
 import importlib
 import warnings
 
+from hessbench.estimators._base import register
+
 __all__ = ["PEERS", "available_peers", "skipped_peers"]
 
-# library -> the modules of this package that wrap it
-PEERS: dict[str, tuple[str, ...]] = {
-    "backpack": (
-        "backpack_diag_hessian",
-        "backpack_diag_ggn_exact",
-        "backpack_diag_ggn_mc",
-        "backpack_kfac",
-    ),
-    "curvlinops": ("curvlinops_hutchinson", "curvlinops_kfac"),
+# library -> {module of this package: the estimator class it defines}
+PEERS: dict[str, dict[str, str]] = {
+    "backpack": {
+        "backpack_diag_hessian": "BackpackDiagHessian",
+        "backpack_diag_ggn_exact": "BackpackDiagGGNExact",
+        "backpack_diag_ggn_mc": "BackpackDiagGGNMC",
+        "backpack_kfac": "BackpackKFAC",
+    },
+    "curvlinops": {
+        "curvlinops_hutchinson": "CurvlinopsHutchinson",
+        "curvlinops_kfac": "CurvlinopsKFAC",
+    },
 }
 
 
@@ -49,21 +56,34 @@ def _imports(library: str) -> bool:
     return True
 
 
+def _missing(requires: tuple[str, ...]) -> str | None:
+    """The first ``module:name`` of ``requires`` that does not import, or None."""
+    for item in requires:
+        module, _, name = item.partition(":")
+        try:
+            getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return item
+    return None
+
+
 _LOADED = [lib for lib in PEERS if _imports(lib)]
 _SKIPPED: dict[str, str] = {}
 for _lib in _LOADED:
-    for _module in PEERS[_lib]:
-        try:
-            importlib.import_module(f"{__name__}.{_module}")
-        except ImportError as _exc:
-            _SKIPPED[_module] = f"{type(_exc).__name__}: {_exc}"
+    for _module, _class in PEERS[_lib].items():
+        _cls = getattr(importlib.import_module(f"{__name__}.{_module}"), _class)
+        _lacking = _missing(_cls.requires)
+        if _lacking is None:
+            register(_cls)
+        else:
+            _SKIPPED[_cls.name] = f"{_lib} has no {_lacking}"
 
 
 def available_peers() -> list[str]:
-    """The peer libraries that imported in this process (their wrappers are registered)."""
+    """The peer libraries that imported in this process."""
     return list(_LOADED)
 
 
 def skipped_peers() -> dict[str, str]:
-    """Wrapper modules left out although their library imported, with the reason."""
+    """Estimators left unregistered although their library imported, with the reason."""
     return dict(_SKIPPED)

@@ -9,6 +9,11 @@ model, extended and discarded afterwards, and removes the hooks it installed
 from BackPACK's global handle list; the caller's model, its ``.grad`` and its
 hooks stay as they were. The copy costs one ``copy.deepcopy`` per call, which
 is included in the timings.
+
+BackPACK 1.7.1 builds the transposed convolution that applies an average
+pooling layer's Jacobian in torch's default dtype, so on a float64 model it
+fails ("expected scalar type Double but found Float"); the backward pass runs
+with the default dtype set to the model's (restored afterwards).
 """
 
 from __future__ import annotations
@@ -17,12 +22,9 @@ import abc
 import contextlib
 import copy
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from backpack import backpack, extend
-from backpack.context import CTX
-from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor, nn
 
 from hessbench.estimators._base import finalize, has_active_dropout, trainable_parameters
@@ -38,7 +40,10 @@ from hessbench.estimators.peers._common import (
     seeded_global_rng,
 )
 
-__all__ = ["BackpackEstimator"]
+if TYPE_CHECKING:
+    from backpack.extensions.backprop_extension import BackpropExtension
+
+__all__ = ["BackpackEstimator", "kronecker_diagonal"]
 
 
 @contextlib.contextmanager
@@ -61,14 +66,22 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def _supported_types(ext: BackpropExtension) -> set[type]:
-    # BackPACK keeps its layer table private; the name is mangled.
-    table = getattr(ext, "_BackpropExtension__module_extensions", {})
-    return {t for t in table if issubclass(t, nn.Module)}
+def _supported_types(ext: BackpropExtension) -> set[type] | None:
+    """The layer types ``ext`` handles; None where BackPACK no longer exposes them."""
+    # BackPACK keeps its layer table private (a name-mangled attribute); should a
+    # release rename it, BackPACK's own NotImplementedError refuses unknown layers.
+    table = getattr(ext, "_BackpropExtension__module_extensions", None)
+    if not isinstance(table, dict):
+        return None
+    return {t for t in table if isinstance(t, type) and issubclass(t, nn.Module)}
 
 
 class BackpackEstimator(LayerwiseEstimator):
     """A BackPACK extension run on a deep copy of an ``nn.Sequential`` model.
+
+    The module imports without BackPACK (so that it can be collected and
+    documented anywhere); :mod:`hessbench.estimators.peers` registers the
+    subclasses only when BackPACK imports, after checking :attr:`requires`.
 
     Subclasses set :attr:`extension_name` and implement :meth:`_extension` and,
     when BackPACK's stored quantity is not already the diagonal, :meth:`_diagonal`.
@@ -78,6 +91,11 @@ class BackpackEstimator(LayerwiseEstimator):
     """
 
     uses_model_forward: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = (
+        "backpack:backpack",
+        "backpack:extend",
+        "backpack.context:CTX",
+    )
     extension_name: ClassVar[str]
     groups_supported: ClassVar[bool] = True
 
@@ -91,9 +109,10 @@ class BackpackEstimator(LayerwiseEstimator):
         return value
 
     def _check_plan(self, plan: Plan, ext: BackpropExtension) -> None:
+        supported = _supported_types(ext)
         check_layer_types(
             plan,
-            _supported_types(ext),
+            {type(st.module) for st in plan.steps} if supported is None else supported,
             f"BackPACK's {self.extension_name}",
             groups=self.groups_supported,
         )
@@ -135,6 +154,9 @@ class BackpackEstimator(LayerwiseEstimator):
         ext: BackpropExtension,
     ) -> dict[str, object]:
         """What BackPACK stores on each trainable parameter of an extended copy."""
+        from backpack import backpack, extend
+        from backpack.context import CTX
+
         twin = copy.deepcopy(model)
         n_handles = len(CTX.hook_handles)
         try:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from backpack.extensions import DiagGGNExact
-
-from hessbench.estimators._base import estimator_dataclass, register
+from hessbench.estimators._base import estimator_dataclass
 from hessbench.estimators.peers._backpack import BackpackEstimator
+
+if TYPE_CHECKING:
+    from backpack.extensions.backprop_extension import BackpropExtension
 
 __all__ = ["BackpackDiagGGNExact"]
 
 
-@register
 @estimator_dataclass
 class BackpackDiagGGNExact(BackpackEstimator):
     r"""BackPACK's ``DiagGGNExact``: the exact GGN diagonal, hessbench's ``ggn_exact``.
@@ -31,6 +31,12 @@ class BackpackDiagGGNExact(BackpackEstimator):
     name: ClassVar[str] = "backpack.diag_ggn_exact"
     cost: ClassVar[str] = "O(C) backprops (BackPACK)"
     extension_name: ClassVar[str] = "DiagGGNExact"
+    requires: ClassVar[tuple[str, ...]] = (
+        *BackpackEstimator.requires,
+        "backpack.extensions:DiagGGNExact",
+    )
 
-    def _extension(self) -> DiagGGNExact:
+    def _extension(self) -> BackpropExtension:
+        from backpack.extensions import DiagGGNExact
+
         return DiagGGNExact()

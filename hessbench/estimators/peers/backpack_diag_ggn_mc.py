@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from backpack.extensions import DiagGGNMC
-
-from hessbench.estimators._base import Count, estimator_dataclass, register
+from hessbench.estimators._base import Count, estimator_dataclass
 from hessbench.estimators.peers._backpack import BackpackEstimator
+
+if TYPE_CHECKING:
+    from backpack.extensions.backprop_extension import BackpropExtension
 
 __all__ = ["BackpackDiagGGNMC"]
 
 
-@register
 @estimator_dataclass
 class BackpackDiagGGNMC(BackpackEstimator):
     r"""BackPACK's ``DiagGGNMC``: the Monte-Carlo GGN diagonal, hessbench's ``ggn_mc``.
@@ -43,7 +43,13 @@ class BackpackDiagGGNMC(BackpackEstimator):
     cost: ClassVar[str] = "k backprops (BackPACK)"
     stochastic: ClassVar[bool] = True
     extension_name: ClassVar[str] = "DiagGGNMC"
+    requires: ClassVar[tuple[str, ...]] = (
+        *BackpackEstimator.requires,
+        "backpack.extensions:DiagGGNMC",
+    )
     num_samples: Count = 1
 
-    def _extension(self) -> DiagGGNMC:
+    def _extension(self) -> BackpropExtension:
+        from backpack.extensions import DiagGGNMC
+
         return DiagGGNMC(mc_samples=self.num_samples)

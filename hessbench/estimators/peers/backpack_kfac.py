@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-from backpack.extensions import KFAC, KFLR
-from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor
 
-from hessbench.estimators._base import Count, estimator_dataclass, register
+from hessbench.estimators._base import Count, estimator_dataclass
 from hessbench.estimators.peers._backpack import BackpackEstimator, kronecker_diagonal
+
+if TYPE_CHECKING:
+    from backpack.extensions.backprop_extension import BackpropExtension
 
 __all__ = ["BackpackKFAC"]
 
 
-@register
 @estimator_dataclass
 class BackpackKFAC(BackpackEstimator):
     r"""The diagonal of BackPACK's Kronecker factors: ``KFAC`` (MC) or ``KFLR`` (exact).
@@ -54,6 +54,11 @@ class BackpackKFAC(BackpackEstimator):
     name: ClassVar[str] = "backpack.kfac"
     cost: ClassVar[str] = "~1 backprop + k (or C) columns (BackPACK)"
     groups_supported: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = (
+        *BackpackEstimator.requires,
+        "backpack.extensions:KFAC",
+        "backpack.extensions:KFLR",
+    )
     backward: Literal["mc", "exact"] = "mc"
     num_samples: Count = 1
 
@@ -68,6 +73,8 @@ class BackpackKFAC(BackpackEstimator):
         return "KFAC" if self.backward == "mc" else "KFLR"
 
     def _extension(self) -> BackpropExtension:
+        from backpack.extensions import KFAC, KFLR
+
         return KFAC(mc_samples=self.num_samples) if self.backward == "mc" else KFLR()
 
     def _diagonal(self, value: object, param: Tensor) -> Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from curvlinops import HessianLinearOperator, hutchinson_diag
 from torch import Tensor, nn
 
 from hessbench.errors import UnsupportedError
@@ -14,7 +13,6 @@ from hessbench.estimators._base import (
     Estimator,
     estimator_dataclass,
     finalize,
-    register,
     trainable_parameters,
 )
 from hessbench.estimators._losses import LossSpec
@@ -46,7 +44,6 @@ def _refuse_training_mode_batch_layers(model: nn.Module) -> None:
             )
 
 
-@register
 @estimator_dataclass
 class CurvlinopsHutchinson(Estimator):
     r"""curvlinops' ``hutchinson_diag`` of its ``HessianLinearOperator``: hessbench's ``hutchinson``.
@@ -80,6 +77,10 @@ class CurvlinopsHutchinson(Estimator):
     name: ClassVar[str] = "curvlinops.hutchinson"
     cost: ClassVar[str] = "k HVPs (curvlinops, torch.func)"
     stochastic: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = (
+        "curvlinops:HessianLinearOperator",
+        "curvlinops:hutchinson_diag",
+    )
     num_samples: Count = 1
 
     def _estimate(
@@ -90,6 +91,8 @@ class CurvlinopsHutchinson(Estimator):
         targets: Tensor,
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
+        from curvlinops import HessianLinearOperator, hutchinson_diag
+
         assert generator is not None
         _refuse_training_mode_batch_layers(model)
         params = trainable_parameters(model)

@@ -6,14 +6,12 @@ import copy
 from typing import ClassVar, Literal
 
 import torch
-from curvlinops import KFACLinearOperator
 from torch import Tensor, nn
 
 from hessbench.estimators._base import (
     Count,
     estimator_dataclass,
     finalize,
-    register,
     trainable_parameters,
 )
 from hessbench.estimators._layers import RULES
@@ -36,7 +34,6 @@ __all__ = ["CurvlinopsKFAC"]
 _SUPPORTED = {t for t in RULES if t is not nn.Conv1d}
 
 
-@register
 @estimator_dataclass
 class CurvlinopsKFAC(LayerwiseEstimator):
     r"""The diagonal of curvlinops' ``KFACLinearOperator``: hessbench's ``kfac``.
@@ -73,6 +70,7 @@ class CurvlinopsKFAC(LayerwiseEstimator):
     name: ClassVar[str] = "curvlinops.kfac"
     cost: ClassVar[str] = "~1 backprop + k (or C) backprops (curvlinops)"
     uses_model_forward: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = ("curvlinops:KFACLinearOperator",)
     backward: Literal["mc", "exact"] = "mc"
     num_samples: Count = 1
 
@@ -98,6 +96,8 @@ class CurvlinopsKFAC(LayerwiseEstimator):
         targets: Tensor,
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
+        from curvlinops import KFACLinearOperator
+
         plan = build_plan(model)
         self._check_plan(plan)
         params = trainable_parameters(model)
