@@ -250,5 +250,107 @@ def show(
     _stdout().print(summary_table(df, str(run_dir)))
 
 
+def _read_metadata(run_dir: Path) -> dict:
+    import json
+
+    path = run_dir / "metadata.json"
+    if not run_dir.is_dir():
+        raise HessbenchError(f"{run_dir}: no such run folder")
+    if not path.exists():
+        raise HessbenchError(f"{run_dir}: not a run folder (no metadata.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise HessbenchError(f"{path}: not valid JSON: {exc}") from None
+
+
+@app.command("report")
+@_one_line_errors
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/small_mlp/<hash>."),
+    output: Path = typer.Option(
+        None, "-o", "--output", help="Report folder (default: reports/<suite>)."
+    ),
+) -> None:
+    """Write a run's tables, figures, report.md and index.html (deterministic)."""
+    import shlex
+
+    from hessbench.report.page import OUTPUTS, default_output, render_report
+    from hessbench.results import load, load_parts
+
+    meta = _read_metadata(run_dir)
+    df = load(run_dir)
+    if df.empty:
+        raise HessbenchError(f"{run_dir}: no finished cells to report")
+    out = output if output is not None else default_output(meta)
+    command = f"hessbench report {shlex.quote(str(run_dir))} -o {shlex.quote(str(out))}"
+    rendered = render_report(df, load_parts(run_dir), meta, command)
+    for name in OUTPUTS:  # a figure that no longer applies must not linger
+        if name not in rendered.files and (out / name).exists():
+            (out / name).unlink()
+    for name, data in rendered.files.items():
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    skipped = [f for f in rendered.figures if f.figure is None]
+    for f in skipped:
+        print(f"skipped figure {f.name}: {f.skipped}", file=sys.stderr)
+    drawn = len(rendered.figures) - len(skipped)
+    counts = f"{len(rendered.tables)} tables, {drawn} figures"
+    print(f"report: {out / 'report.md'} and {out / 'index.html'} ({counts})")
+
+
+@app.command("compare")
+@_one_line_errors
+def compare(
+    run_a: Path = typer.Argument(..., help="The reference run folder."),
+    run_b: Path = typer.Argument(..., help="The run folder compared with it."),
+    factor: float = typer.Option(
+        1.2, "--factor", help="Flag ratios B/A above this (worse) or below its inverse (better)."
+    ),
+) -> None:
+    """Per cell, B/A of relative L1, time and memory ratios; exit 1 if something got worse."""
+    from hessbench.report.compare import compare as compare_runs
+    from hessbench.results import load
+
+    if not factor > 1:
+        raise HessbenchError(f"--factor must be above 1, got {factor}")
+    res = compare_runs(load(run_a), load(run_b), factor)
+    table = Table(title=f"changes beyond a factor {factor:g} (B = {run_b}, A = {run_a})")
+    for col in ("cell", "what", "A", "B", "B / A", "verdict"):
+        table.add_column(
+            col, overflow="fold", justify="left" if col in ("cell", "what") else "right"
+        )
+    colour = {"worse": "red", "better": "green", "changed": "yellow"}
+
+    def show(v: object) -> str:
+        return escape(v) if isinstance(v, str) else _fmt(v)
+
+    for c in res.changes:
+        table.add_row(
+            escape(c.cell_id), c.what, show(c.a), show(c.b), _fmt(c.ratio),
+            f"[{colour[c.verdict]}]{c.verdict}[/]",
+        )  # fmt: skip
+    out = _stdout()
+    if res.changes:
+        out.print(table)
+    for which, ids in (("A", res.only_a), ("B", res.only_b)):
+        if ids:
+            print(f"only in {which} ({len(ids)} cells):")
+            for cid in ids:
+                print(f"  {cid}")
+    worse = len(res.worse)
+    print(
+        f"{res.compared} cells in both runs: {worse} worse, "
+        f"{sum(c.verdict == 'better' for c in res.changes)} better, "
+        f"{sum(c.verdict == 'changed' for c in res.changes)} changed status; "
+        f"{len(res.only_a)} only in A, {len(res.only_b)} only in B"
+    )
+    if worse:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

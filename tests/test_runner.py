@@ -121,7 +121,7 @@ def test_failures_are_isolated_per_cell(tmp_path):
 - name: test_nan
 - name: zero
 """
-    suite = write_suite(tmp_path, estimators, timeout=2)
+    suite = write_suite(tmp_path, estimators, timeout=8)
     out = tmp_path / "run"
     env = {
         **os.environ,

@@ -1,0 +1,254 @@
+"""Figures of a run, as matplotlib ``Figure`` objects (nothing is written here).
+
+:func:`make_figures` returns every figure in a fixed order, each a
+:class:`FigureResult` holding the figure or the reason it does not apply to
+the run. Figures are made with fixed settings
+(:func:`hessbench.report.style.figure_context`) and no pyplot state;
+:func:`figure_bytes` renders one to PNG or PDF without timestamps or software
+versions, so the same results give the same files.
+
+Bars are horizontal and start at a reference value drawn as a dashed line
+(1: HesScale's error, a gradient's memory, the zero estimator's relative
+error), so each bar shows the ratio to it, to the left below and to the right
+above; a bar ends at its value, ``patch.get_x() + patch.get_width()``. Bars
+carry their estimator label as the patch's ``gid`` (in the
+before/after-training figure ``"<state>|<label>"``, e.g. ``"init|hesscale"``),
+so tests and users can read the plotted values back.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from hessbench.report import figures_lines as lines
+from hessbench.report._plot import (
+    FigureResult,
+    grid,
+    log_axis,
+    needs_log,
+    note,
+    ok_cells,
+    set_log,
+    tasks_of,
+)
+from hessbench.report.style import figure_context, label_infos, natural_key
+
+__all__ = [
+    "FigureResult",
+    "before_after_figure",
+    "figure_bytes",
+    "headline_figure",
+    "make_figures",
+    "memory_figure",
+]
+
+_METADATA = {
+    "png": {"Software": None},
+    "pdf": {"Creator": None, "Producer": None, "CreationDate": None, "ModDate": None},
+}
+_STATE = re.compile(r"^(?P<base>.+)@(?P<state>init|trained(?P<steps>\d+))$")
+
+
+def figure_bytes(fig: Figure, fmt: str) -> bytes:
+    """The figure as ``png`` or ``pdf`` bytes: tight bounding box, no metadata that varies."""
+    buf = io.BytesIO()
+    with figure_context():
+        fig.savefig(buf, format=fmt, metadata=_METADATA[fmt], bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _status_text(cells: pd.DataFrame) -> str:
+    if cells.empty:
+        return "not run"
+    return ", ".join(sorted(set(cells["status"]) - {"ok"})) or "no value"
+
+
+def _bar_panels(
+    df: pd.DataFrame, column: str, how: str, xlabel: str, ref: float, ref_label: str
+) -> Figure:
+    """Per task a panel, per label a horizontal bar (``how`` over seeds) and a dot per seed."""
+    infos = label_infos(df)
+    labels = list(infos)
+    tasks = tasks_of(df)
+    fig, axes = grid(len(tasks), 3.2, 0.6 + 0.24 * len(labels), sharey=True)
+    ok = ok_cells(df, column)
+    for ax, task in zip(axes, tasks, strict=True):
+        values = ok[ok["task"] == task]
+        log = needs_log([ref, *values[column]])
+        for i, label in enumerate(labels):
+            v = values.loc[values["label"] == label, column].astype(float).sort_values()
+            if v.empty:
+                note(ax, i, _status_text(df[(df["task"] == task) & (df["label"] == label)]))
+                continue
+            height = float(v.mean() if how == "mean" else v.median())
+            info = infos[label]
+            (bar,) = ax.barh(
+                i,
+                height - ref,
+                left=ref,
+                height=0.7,
+                color=info.style.colour,
+                hatch=info.hatch,
+                edgecolor="white" if not info.hatch else "#333333",
+                linewidth=0.4,
+            )
+            bar.set_gid(label)
+            bar.sticky_edges.x.clear()  # else autoscaling may clip a bar that goes left of ref
+            ax.plot(v, np.full(len(v), i), "o", ms=2.5, color="black", alpha=0.7, zorder=3)
+            if log and height <= 0:
+                note(ax, i, "= 0")
+        if log:
+            log_axis(ax, "x", [ref, *values[column]])
+        ax.axvline(ref, color="black", linestyle="--", linewidth=0.8)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_ylim(len(labels) - 0.5, -0.5)
+        ax.set_title(task)
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="y", visible=False)
+    fig.legend(
+        handles=[
+            Line2D([], [], color="black", linestyle="--", linewidth=0.8, label=ref_label),
+            Line2D([], [], color="black", marker="o", ms=3, linestyle="none", label="a seed"),
+            Patch(facecolor="#999999", label=f"bar: {how} over seeds"),
+        ],
+        loc="outside lower center",
+        ncols=3,
+        frameon=False,
+    )
+    return fig
+
+
+def headline_figure(df: pd.DataFrame) -> FigureResult:
+    """1. The papers' headline: L1 error divided by HesScale's, per task and estimator."""
+    r = FigureResult(
+        "l1_over_hesscale",
+        "L1 error relative to HesScale",
+        "Per task, each estimator's L1 error (sum over parameters of |estimate - exact|) "
+        "divided by HesScale's on the same task and seed: bars are the mean over seeds, "
+        "dots the seeds. Bars start at 1 (HesScale): to the left, more accurate than HesScale.",
+    )
+    if ok_cells(df, "l1_over_hesscale").empty:
+        r.skipped = "no cell has an L1 / HesScale value (no ok hesscale cell in the run)"
+        return r
+    with figure_context():
+        r.figure = _bar_panels(
+            df, "l1_over_hesscale", "mean", "L1 error / HesScale's L1 error", 1.0, "HesScale (= 1)"
+        )
+    return r
+
+
+def memory_figure(df: pd.DataFrame) -> FigureResult:
+    """6. Peak memory of a call relative to a gradient's, per task and estimator."""
+    r = FigureResult(
+        "memory",
+        "Peak memory relative to a gradient",
+        "Peak bytes allocated during one estimator call divided by those of one gradient "
+        "(forward and backward) on the same batch: bars are the median over seeds, dots "
+        "the seeds. Bars start at 1 (a gradient's peak).",
+    )
+    if ok_cells(df, "memory_ratio").empty:
+        r.skipped = "memory was not measured (the suite's defaults.memory.enabled is false)"
+        return r
+    with figure_context():
+        r.figure = _bar_panels(
+            df, "memory_ratio", "median", "peak memory / a gradient's", 1.0, "one gradient (= 1)"
+        )
+    return r
+
+
+def _state_pairs(df: pd.DataFrame) -> dict[str, list[str]]:
+    """Base task -> its variants (``@init`` first, then by steps) where both kinds exist."""
+    groups: dict[str, list[str]] = {}
+    for task in tasks_of(df):
+        m = _STATE.match(task)
+        if m:
+            groups.setdefault(m["base"], []).append(task)
+    return {
+        base: sorted(v, key=natural_key)
+        for base, v in groups.items()
+        if any(t.endswith("@init") for t in v) and any("@trained" in t for t in v)
+    }
+
+
+def before_after_figure(df: pd.DataFrame) -> FigureResult:
+    """7. Accuracy before and after training: paired bars per estimator."""
+    r = FigureResult(
+        "before_after_training",
+        "Accuracy before and after training",
+        "Median over seeds of the relative L1 error at initialization (light) and after "
+        "training (full colour), per estimator; dots are the seeds. Bars start at 1, the "
+        "error of the all-zero estimate.",
+    )
+    pairs = _state_pairs(df)
+    if not pairs:
+        r.skipped = "the suite evaluates no task both at init and after training"
+        return r
+    infos = label_infos(df)
+    labels = list(infos)
+    ok = ok_cells(df, "rel_l1")
+    with figure_context():
+        fig, axes = grid(len(pairs), 3.6, 0.6 + 0.3 * len(labels), sharey=True)
+        for ax, (base, variants) in zip(axes, pairs.items(), strict=True):
+            width = 0.8 / len(variants)
+            for i, label in enumerate(labels):
+                cells = df[df["task"].isin(variants) & (df["label"] == label)]
+                if ok[ok["task"].isin(variants) & (ok["label"] == label)].empty:
+                    note(ax, i, _status_text(cells))
+            for j, task in enumerate(variants):
+                alpha = 0.35 if task.endswith("@init") else 1.0
+                for i, label in enumerate(labels):
+                    y = i - 0.4 + width * (j + 0.5)
+                    v = ok.loc[(ok["task"] == task) & (ok["label"] == label), "rel_l1"]
+                    if v.empty:
+                        continue
+                    info = infos[label]
+                    (bar,) = ax.barh(
+                        y, float(v.median()) - 1.0, left=1.0, height=width * 0.9,
+                        color=info.style.colour,
+                        alpha=alpha, hatch=info.hatch, edgecolor="#333333", linewidth=0.3,
+                    )  # fmt: skip
+                    bar.set_gid(f"{task.split('@')[1]}|{label}")
+                    bar.sticky_edges.x.clear()
+                    ax.plot(v, np.full(len(v), y), "o", ms=2, color="black", alpha=0.7, zorder=3)
+            set_log(ax, "x", [1.0, *ok.loc[ok["task"].isin(variants), "rel_l1"]])
+            ax.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
+            ax.set_yticks(range(len(labels)), labels)
+            ax.set_ylim(len(labels) - 0.5, -0.5)
+            ax.set_title(base)
+            ax.set_xlabel("relative L1 error")
+            ax.grid(axis="y", visible=False)
+        states = sorted({t.split("@")[1] for v in pairs.values() for t in v}, key=natural_key)
+        handles = [
+            Patch(facecolor="#777777", alpha=0.35 if s == "init" else 1.0, label=_state_name(s))
+            for s in states
+        ]
+        handles.append(
+            Line2D([], [], color="black", linestyle="--", lw=0.8, label="zero estimator (= 1)")
+        )
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+        r.figure = fig
+    return r
+
+
+def _state_name(state: str) -> str:
+    return "at initialization" if state == "init" else f"after {state[7:]} training steps"
+
+
+def make_figures(df: pd.DataFrame, parts: pd.DataFrame) -> list[FigureResult]:
+    """Every figure of the report, in order (skipped ones carry the reason)."""
+    return [
+        headline_figure(df),
+        lines.layer_figure(df, parts),
+        lines.accuracy_cost_figure(df),
+        lines.samples_figure(df),
+        lines.scaling_figure(df),
+        memory_figure(df),
+        before_after_figure(df),
+    ]

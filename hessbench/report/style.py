@@ -1,0 +1,201 @@
+"""A stable look for every estimator, and the orderings every table and figure share.
+
+Each registered estimator has a fixed colour and marker (:data:`ESTIMATOR_STYLES`),
+the same in every figure of every run; any other name (a plugin, a peer
+implementation) gets one derived from a CRC-32 of its name, so it is stable
+too. Labels of one estimator that differ in more than ``num_samples`` (such as
+``bl89[output_curvature=zero]``) are told apart by a *variant* index: hatch
+pattern on bars, hollow markers and dashed lines.
+
+Matplotlib settings are fixed (:data:`RC`, applied over matplotlib's defaults,
+ignoring any ``matplotlibrc``), so figures do not depend on the machine's
+configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pandas as pd
+
+__all__ = [
+    "ESTIMATOR_STYLES",
+    "RC",
+    "LabelInfo",
+    "Style",
+    "estimator_style",
+    "figure_context",
+    "label_infos",
+    "natural_key",
+    "sweeps",
+]
+
+
+@dataclass(frozen=True)
+class Style:
+    """A colour (hex) and a matplotlib marker."""
+
+    colour: str
+    marker: str
+
+
+# The 13 registered estimators, in the order tables and figures list them.
+ESTIMATOR_STYLES: dict[str, Style] = {
+    "exact": Style("#222222", "*"),
+    "hesscale": Style("#1f77b4", "o"),
+    "hesscale_gn": Style("#17becf", "s"),
+    "bl89": Style("#2ca02c", "^"),
+    "ggn_exact": Style("#9467bd", "D"),
+    "ggn_mc": Style("#8c564b", "d"),
+    "kfac": Style("#e377c2", "P"),
+    "hutchinson": Style("#d62728", "v"),
+    "adahessian": Style("#ff7f0e", "<"),
+    "sophia_gnb": Style("#393b79", ">"),
+    "efisher": Style("#637939", "h"),
+    "grad_sq": Style("#bcbd22", "X"),
+    "zero": Style("#9a9a9a", "p"),
+}
+_FALLBACK_COLOURS = (
+    "#843c39", "#7b4173", "#5254a3", "#8ca252", "#bd9e39", "#ad494a", "#a55194",
+    "#6b6ecf", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363", "#ce6dbd",
+)  # fmt: skip
+_FALLBACK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "<", ">", "d", "p", "H", "8")
+HATCHES = ("", "//", "..", "xx", "\\\\", "++")
+LINESTYLES = ("-", "--", ":", "-.")
+
+RC = {
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "font.family": "DejaVu Sans",
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.axisbelow": True,
+    "hatch.linewidth": 0.6,
+    "svg.hashsalt": "hessbench",
+    "pdf.fonttype": 42,
+    "path.simplify": False,
+}
+
+
+@contextlib.contextmanager
+def figure_context() -> Iterator[None]:
+    """Matplotlib's defaults plus :data:`RC`, whatever the local configuration says."""
+    import matplotlib as mpl
+    import matplotlib.style
+
+    with mpl.rc_context(), matplotlib.style.context("default"):
+        mpl.rcParams.update(RC)
+        yield
+
+
+def estimator_style(name: str) -> Style:
+    """The fixed style of a registered estimator, or a stable one derived from the name."""
+    if name in ESTIMATOR_STYLES:
+        return ESTIMATOR_STYLES[name]
+    h = zlib.crc32(name.encode())
+    return Style(
+        _FALLBACK_COLOURS[h % len(_FALLBACK_COLOURS)],
+        _FALLBACK_MARKERS[(h // len(_FALLBACK_COLOURS)) % len(_FALLBACK_MARKERS)],
+    )
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key with digit runs compared as numbers: ``L2`` before ``L16``."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text))
+
+
+def _order(name: str) -> tuple:
+    names = list(ESTIMATOR_STYLES)
+    return (names.index(name), "") if name in names else (len(names), name)
+
+
+def _is_default(estimator: str, params: dict) -> bool:
+    """Whether ``params`` are the registered estimator's defaults (False if unknown)."""
+    from hessbench.errors import ConfigError
+    from hessbench.estimators import estimator_class
+
+    try:
+        est = estimator_class(estimator)()
+    except ConfigError:  # an estimator this process does not know (e.g. a plugin)
+        return False
+    return all(getattr(est, k, object()) == v for k, v in params.items())
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    """What the figures need to know about one estimator label."""
+
+    label: str
+    estimator: str
+    variant: int  # index among the estimator's variants (parameters other than num_samples)
+    num_samples: int | None
+    sweep: str  # estimator plus its parameters other than num_samples
+    style: Style
+
+    @property
+    def hatch(self) -> str:
+        """Bar hatch for the variant."""
+        return HATCHES[self.variant % len(HATCHES)]
+
+    @property
+    def linestyle(self) -> str:
+        """Line style for the variant."""
+        return LINESTYLES[self.variant % len(LINESTYLES)]
+
+    @property
+    def facecolour(self) -> str:
+        """Marker face: filled for the first variant, hollow for the others."""
+        return self.style.colour if self.variant == 0 else "white"
+
+
+def label_infos(df: pd.DataFrame) -> dict[str, LabelInfo]:
+    """Every label of the cell table, in display order (estimator order, then naturally)."""
+    first = df.drop_duplicates("label")[["label", "estimator", "params"]]
+    rows = []
+    for label, est, params in first.itertuples(index=False):
+        p = json.loads(params) if params else {}
+        k = p.pop("num_samples", None)
+        rows.append((str(label), str(est), k if isinstance(k, int) else None, p))
+    variants: dict[str, list[str]] = {}
+    for _, est, _, p in rows:
+        key = json.dumps(p, sort_keys=True)
+        variants.setdefault(est, [])
+        if key not in variants[est]:
+            variants[est].append(key)
+    for est, keys in variants.items():
+        keys.sort(key=lambda key, est=est: (not _is_default(est, json.loads(key)), key))
+    out = {}
+    for label, est, k, p in sorted(rows, key=lambda r: (_order(r[1]), natural_key(r[0]))):
+        key = json.dumps(p, sort_keys=True)
+        sweep = est if not p else f"{est}[{','.join(f'{a}={b}' for a, b in sorted(p.items()))}]"
+        out[label] = LabelInfo(label, est, variants[est].index(key), k, sweep, estimator_style(est))
+    return out
+
+
+def sweeps(infos: dict[str, LabelInfo]) -> dict[str, list[LabelInfo]]:
+    """Monte-Carlo sample-size sweeps: labels that differ only in ``num_samples``.
+
+    Keyed by the sweep's name (estimator and its other parameters), each sorted by
+    ``num_samples``; only sweeps with at least two sizes. K-FAC with exact backward
+    factors ignores ``num_samples`` and is no sweep.
+    """
+    groups: dict[str, list[LabelInfo]] = {}
+    for info in infos.values():
+        if info.num_samples is not None and "backward=exact" not in info.sweep:
+            groups.setdefault(info.sweep, []).append(info)
+    return {
+        name: sorted(g, key=lambda i: i.num_samples or 0)
+        for name, g in groups.items()
+        if len({i.num_samples for i in g}) >= 2
+    }
