@@ -91,10 +91,10 @@ def plan_run(path: str | Path, opts: RunOptions) -> tuple[Suite, str, Path, list
     return suite, text, run_dir, cells
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             cwd=Path(hessbench.__file__).parent,
             capture_output=True,
             text=True,
@@ -103,7 +103,17 @@ def _git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    return _git("rev-parse", "HEAD") or None
+
+
+def _git_dirty() -> bool | None:
+    """Whether the hessbench checkout has uncommitted changes (None outside git)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def _cpu_name() -> str:
@@ -130,6 +140,7 @@ def _metadata(suite: Suite, text: str, path: Path, opts: RunOptions) -> dict:
         "quick": opts.quick,
         "hessbench_version": hessbench.__version__,
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,

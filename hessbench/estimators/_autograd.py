@@ -121,8 +121,8 @@ def exact_diag_hvp(
     if total > max_params:
         raise TooLargeError(
             f"exact Hessian diagonal by Hessian-vector products needs {total} backward passes "
-            f"(model has {total} trainable entries, max_params={max_params}); use an "
-            "nn.Sequential of supported layers for the fast path, or raise max_params"
+            f"(model has {total} trainable entries, max_params={max_params}); raise max_params, "
+            "or use method='auto' on an nn.Sequential of supported layers (the layer pass)"
         )
     for p in params.values():
         p.requires_grad_(True)
