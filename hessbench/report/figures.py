@@ -77,7 +77,8 @@ def _bar_panels(
     infos = label_infos(df)
     labels = list(infos)
     tasks = tasks_of(df)
-    fig, axes = grid(len(tasks), 3.2, 0.6 + 0.24 * len(labels), sharey=True)
+    label_width = 0.07 * max(len(str(label)) for label in labels)  # inches of tick labels
+    fig, axes = grid(len(tasks), 3.2 + label_width, 0.6 + 0.24 * len(labels), sharey=True)
     ok = ok_cells(df, column)
     for ax, task in zip(axes, tasks, strict=True):
         values = ok[ok["task"] == task]
