@@ -1,0 +1,127 @@
+"""asv benchmarks: every registered estimator's time, accuracy and peak memory.
+
+For each (problem, estimator) pair of :data:`PROBLEMS` x ``available_estimators()``
+(default hyper-parameters; ``exact`` with ``compute_dtype="model"`` so it runs in
+float32 like the others):
+
+- ``time_estimate``: CPU time of one call (``time.process_time``, one torch
+  thread; asv batches calls into samples of at least ``sample_time``);
+- ``track_rel_l1``: relative L1 error ``sum|est - truth| / sum|truth|`` against
+  the float64 exact diagonal, at a fixed seed, so that an accuracy change is
+  tracked across commits like a slowdown;
+- ``track_peak_memory``: peak bytes torch allocates during one call, above the
+  baseline (:mod:`benchmarks._memory`).
+
+``Gradient`` gives the same figures for one forward and backward pass of the
+loss (``torch.autograd.grad``), the unit estimator costs are quoted in.
+
+A pair the estimator does not support raises ``NotImplementedError`` in
+``setup``, which asv (and ``.ci/bench_gate.py``) report as skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from hessbench.estimators import available_estimators, get_estimator
+
+from ._memory import peak_memory
+from ._problems import PROBLEMS, build_problem
+
+try:
+    from hessbench.errors import TooLargeError, UnsupportedError
+
+    _UNSUPPORTED: tuple[type[Exception], ...] = (UnsupportedError, TooLargeError)
+except ImportError:  # an older hessbench
+    _UNSUPPORTED = ()
+
+ESTIMATORS = available_estimators()
+
+
+def make_estimator(name: str):
+    """The benchmarked configuration: default hyper-parameters, float32 ``exact``."""
+    if name == "exact":
+        return get_estimator("exact", compute_dtype="model")
+    return get_estimator(name)
+
+
+def relative_l1(est: dict, truth: dict) -> float:
+    """``sum |est - truth| / sum |truth|`` over every parameter, in float64."""
+    num = sum(float((est[k].double() - truth[k]).abs().sum()) for k in truth)
+    den = sum(float(truth[k].abs().sum()) for k in truth)
+    return num / den
+
+
+class _Timing:
+    """asv settings shared by the classes below."""
+
+    timer = time.process_time  # CPU time: steady on a shared machine
+    warmup_time = 0.1
+    sample_time = 0.02  # each sample times >= 20 ms of calls
+    repeat = (5, 20, 1.0)  # 5 to 20 samples, stop after 1 s
+    min_run_count = 2
+    rounds = 2  # asv interleaves rounds in fresh processes
+    timeout = 300
+
+
+class Estimators(_Timing):
+    """One estimator on one problem."""
+
+    params = (list(PROBLEMS), ESTIMATORS)
+    param_names = ("problem", "estimator")
+
+    def setup(self, problem: str, estimator: str) -> None:
+        torch.set_num_threads(1)
+        self.model, self.loss_fn, self.x, self.y = build_problem(problem)
+        self.est = make_estimator(estimator)
+        self.gen = torch.Generator().manual_seed(0)
+        try:  # checks support, and warms up
+            self.est(self.model, self.loss_fn, self.x, self.y, generator=self.gen)
+        except _UNSUPPORTED as exc:
+            raise NotImplementedError(f"{estimator} on {problem}: {exc}") from exc
+
+    def _call(self, generator: torch.Generator) -> dict:
+        return self.est(self.model, self.loss_fn, self.x, self.y, generator=generator)
+
+    def time_estimate(self, problem: str, estimator: str) -> None:
+        self._call(self.gen)
+
+    def track_rel_l1(self, problem: str, estimator: str) -> float:
+        model64 = copy.deepcopy(self.model).double()
+        y64 = self.y.double() if self.y.is_floating_point() else self.y
+        truth = get_estimator("exact")(model64, self.loss_fn, self.x.double(), y64)
+        return relative_l1(self._call(torch.Generator().manual_seed(0)), truth)
+
+    track_rel_l1.unit = "relative L1"
+
+    def track_peak_memory(self, problem: str, estimator: str) -> int:
+        return peak_memory(lambda: self._call(torch.Generator().manual_seed(0)))
+
+    track_peak_memory.unit = "bytes"
+
+
+class Gradient(_Timing):
+    """The reference: one forward and backward pass of the loss."""
+
+    params = (list(PROBLEMS),)
+    param_names = ("problem",)
+
+    def setup(self, problem: str) -> None:
+        torch.set_num_threads(1)
+        self.model, self.loss_fn, self.x, self.y = build_problem(problem)
+        self.params_ = [p for p in self.model.parameters() if p.requires_grad]
+        self._grad()
+
+    def _grad(self):
+        return torch.autograd.grad(self.loss_fn(self.model(self.x), self.y), self.params_)
+
+    def time_gradient(self, problem: str) -> None:
+        self._grad()
+
+    def track_peak_memory(self, problem: str) -> int:
+        return peak_memory(self._grad)
+
+    track_peak_memory.unit = "bytes"
