@@ -71,7 +71,7 @@ def handle(info: LabelInfo, line: bool = True) -> Line2D:
     return Line2D(
         [],
         [],
-        color=info.style.colour,
+        color=info.colour,
         marker=info.style.marker,
         markerfacecolor=info.facecolour,
         linestyle=info.linestyle if line else "none",
@@ -79,13 +79,29 @@ def handle(info: LabelInfo, line: bool = True) -> Line2D:
     )
 
 
+CHAR_INCHES = 0.07  # rough width of one 8-point character
+
+
+def text_inches(texts: Iterable[object]) -> float:
+    """Rough width in inches of the longest of ``texts`` (for sizing figures)."""
+    return CHAR_INCHES * max((len(str(t)) for t in texts), default=0)
+
+
 def legend(fig: Figure, handles: list, title: str | None = None) -> None:
-    """A legend to the right of every panel, one column per 24 entries."""
+    """A legend to the right of every panel, one column per 24 entries.
+
+    The figure is widened by the legend's width (and made tall enough for its
+    rows), so constrained layout never squeezes the panels to nothing.
+    """
     if handles:
+        ncols = math.ceil(len(handles) / 24)
+        rows = math.ceil(len(handles) / ncols)
+        width = ncols * (0.6 + text_inches(h.get_label() for h in handles))
+        fig.set_size_inches(fig.get_figwidth() + width, max(fig.get_figheight(), 0.6 + 0.2 * rows))
         fig.legend(
             handles=handles,
             loc="outside right upper",
-            ncols=math.ceil(len(handles) / 24),
+            ncols=ncols,
             title=title,
             frameon=False,
         )

@@ -37,6 +37,7 @@ from hessbench.report._plot import (
     ok_cells,
     set_log,
     tasks_of,
+    text_inches,
 )
 from hessbench.report.style import figure_context, label_infos, natural_key
 
@@ -77,8 +78,7 @@ def _bar_panels(
     infos = label_infos(df)
     labels = list(infos)
     tasks = tasks_of(df)
-    label_width = 0.07 * max(len(str(label)) for label in labels)  # inches of tick labels
-    fig, axes = grid(len(tasks), 3.2 + label_width, 0.6 + 0.24 * len(labels), sharey=True)
+    fig, axes = grid(len(tasks), 3.2 + text_inches(labels), 0.6 + 0.24 * len(labels), sharey=True)
     ok = ok_cells(df, column)
     for ax, task in zip(axes, tasks, strict=True):
         values = ok[ok["task"] == task]
@@ -95,7 +95,7 @@ def _bar_panels(
                 height - ref,
                 left=ref,
                 height=0.7,
-                color=info.style.colour,
+                color=info.colour,
                 hatch=info.hatch,
                 edgecolor="white" if not info.hatch else "#333333",
                 linewidth=0.4,
@@ -195,7 +195,9 @@ def before_after_figure(df: pd.DataFrame) -> FigureResult:
     labels = list(infos)
     ok = ok_cells(df, "rel_l1")
     with figure_context():
-        fig, axes = grid(len(pairs), 3.6, 0.6 + 0.3 * len(labels), sharey=True)
+        fig, axes = grid(
+            len(pairs), 3.2 + text_inches(labels), 0.6 + 0.3 * len(labels), sharey=True
+        )
         for ax, (base, variants) in zip(axes, pairs.items(), strict=True):
             width = 0.8 / len(variants)
             for i, label in enumerate(labels):
@@ -212,7 +214,7 @@ def before_after_figure(df: pd.DataFrame) -> FigureResult:
                     info = infos[label]
                     (bar,) = ax.barh(
                         y, float(v.median()) - 1.0, left=1.0, height=width * 0.9,
-                        color=info.style.colour,
+                        color=info.colour,
                         alpha=alpha, hatch=info.hatch, edgecolor="#333333", linewidth=0.3,
                     )  # fmt: skip
                     bar.set_gid(f"{task.split('@')[1]}|{label}")

@@ -60,7 +60,7 @@ def layer_figure(df: pd.DataFrame, parts: pd.DataFrame) -> FigureResult:
                     continue
                 shown.add(label)
                 ax.plot(
-                    range(len(names)), ys, color=info.style.colour, marker=info.style.marker,
+                    range(len(names)), ys, color=info.colour, marker=info.style.marker,
                     markerfacecolor=info.facecolour, linestyle=info.linestyle, ms=4, lw=1,
                 )  # fmt: skip
             ax.set_xticks(range(len(names)), names)
@@ -106,7 +106,7 @@ def accuracy_cost_figure(df: pd.DataFrame) -> FigureResult:
                 points[label] = (qx[1], qy[1])
                 shown.add(label)
                 ax.errorbar(
-                    qx[1], qy[1], xerr=_bars(qx), yerr=_bars(qy), color=info.style.colour,
+                    qx[1], qy[1], xerr=_bars(qx), yerr=_bars(qy), color=info.colour,
                     marker=info.style.marker, markerfacecolor=info.facecolour, ms=5,
                     elinewidth=0.8, capsize=0, linestyle="none",
                 )  # fmt: skip
@@ -157,7 +157,7 @@ def samples_figure(df: pd.DataFrame) -> FigureResult:
                 if len(v):
                     pts.append((m.num_samples, quartiles(v)))
             if len({k for k, _ in pts}) >= 2:
-                curves[name] = (members[0], pts)
+                curves[name] = (members[-1], pts)  # the full-colour member
         if curves:
             panels.append((task, curves))
     if not panels:

@@ -5,7 +5,9 @@ the same in every figure of every run; any other name (a plugin, a peer
 implementation) gets one derived from a CRC-32 of its name, so it is stable
 too. Labels of one estimator that differ in more than ``num_samples`` (such as
 ``bl89[output_curvature=zero]``) are told apart by a *variant* index: hatch
-pattern on bars, hollow markers and dashed lines.
+pattern on bars, hollow markers and dashed lines. Labels that differ only in
+``num_samples`` (a Monte-Carlo sweep) are told apart by shade: the fewest
+samples lightest, the most in full colour.
 
 Matplotlib settings are fixed (:data:`RC`, applied over matplotlib's defaults,
 ignoring any ``matplotlibrc``), so figures do not depend on the machine's
@@ -15,6 +17,7 @@ configuration.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import zlib
@@ -67,6 +70,7 @@ _FALLBACK_COLOURS = (
 _FALLBACK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "<", ">", "d", "p", "H", "8")
 HATCHES = ("", "//", "..", "xx", "\\\\", "++")
 LINESTYLES = ("-", "--", ":", "-.")
+MAX_SHADE = 0.55  # the smallest sample size of a sweep: 55 % of the way to white
 
 RC = {
     "figure.dpi": 100,
@@ -142,6 +146,13 @@ class LabelInfo:
     num_samples: int | None
     sweep: str  # estimator plus its parameters other than num_samples
     style: Style
+    shade: float = 0.0  # blend towards white: smaller sample sizes of a sweep are lighter
+
+    @property
+    def colour(self) -> str:
+        """The estimator's colour, lightened by :attr:`shade` (sweeps' smaller sizes)."""
+        rgb = [int(self.style.colour[i : i + 2], 16) for i in (1, 3, 5)]
+        return "#" + "".join(f"{round(c + (255 - c) * self.shade):02x}" for c in rgb)
 
     @property
     def hatch(self) -> str:
@@ -156,7 +167,7 @@ class LabelInfo:
     @property
     def facecolour(self) -> str:
         """Marker face: filled for the first variant, hollow for the others."""
-        return self.style.colour if self.variant == 0 else "white"
+        return self.colour if self.variant == 0 else "white"
 
 
 def label_infos(df: pd.DataFrame) -> dict[str, LabelInfo]:
@@ -180,6 +191,12 @@ def label_infos(df: pd.DataFrame) -> dict[str, LabelInfo]:
         key = json.dumps(p, sort_keys=True)
         sweep = est if not p else f"{est}[{','.join(f'{a}={b}' for a, b in sorted(p.items()))}]"
         out[label] = LabelInfo(label, est, variants[est].index(key), k, sweep, estimator_style(est))
+    for group in sweeps(out).values():  # lighter for fewer samples, full colour for the most
+        sizes = sorted({i.num_samples or 0 for i in group})
+        for info in group:
+            rank = sizes.index(info.num_samples or 0)
+            shade = MAX_SHADE * (1 - rank / (len(sizes) - 1))
+            out[info.label] = dataclasses.replace(info, shade=shade)
     return out
 
 
