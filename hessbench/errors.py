@@ -28,3 +28,15 @@ class InputError(HessbenchError, ValueError):
 
 class TooLargeError(HessbenchError):
     """A computation refused by a size guard because it would take too long."""
+
+
+class DivergenceError(HessbenchError):
+    """An optimizer step met a non-finite loss, gradient, curvature or update.
+
+    Raised before any parameter or optimizer state is changed. ``step`` is the
+    1-based number of the step that failed.
+    """
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step

@@ -71,12 +71,20 @@ def hvp_samples(
     num_samples: int,
     generator: torch.Generator,
     combine: Callable[[Tensor, Tensor], Tensor],
+    extras: dict[str, object] | None = None,
 ) -> dict[str, Tensor]:
-    """``mean_k combine(z_k, H z_k)`` with Rademacher ``z_k``, by double backprop."""
+    """``mean_k combine(z_k, H z_k)`` with Rademacher ``z_k``, by double backprop.
+
+    With ``extras``, the gradient (``extras["grad"]``, detached) and the loss
+    (``extras["loss"]``) computed on the way are stored there.
+    """
     params = trainable_parameters(model)
     plist = list(params.values())
     _, value = forward_loss(model, loss, x, y)
     gs = torch.autograd.grad(value, plist, create_graph=True)
+    if extras is not None:
+        extras["grad"] = {n: g.detach() for n, g in zip(params, gs, strict=True)}
+        extras["loss"] = value.detach()
     acc: list[Tensor] = []
     for k in range(num_samples):
         zs = rademacher(plist, generator)

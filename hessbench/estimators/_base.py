@@ -12,6 +12,13 @@ only, in that order), each detached, with its parameter's shape, dtype and
 device. Estimators leave parameters, ``.grad``, hooks and the global RNG as they
 found them; randomness comes only from the ``generator`` (a fresh,
 non-deterministically seeded one when none is given).
+
+:meth:`Estimator.estimate_with_grad` also hands back the gradient of the loss
+and the loss value, for optimizers. Estimators whose pass computes the gradient
+anyway (HesScale, HesScaleGN, BL89, ``grad_sq``, Hutchinson and AdaHessian)
+return it at no extra cost; the others pay one extra autograd gradient::
+
+    diag, grad, loss = est.estimate_with_grad(model, loss_fn, inputs, targets, generator=g)
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ __all__ = [
     "fresh_generator",
     "get_estimator",
     "has_active_dropout",
+    "loss_and_grad",
     "preserve_state",
     "register",
     "trainable_parameters",
@@ -145,6 +153,36 @@ def finalize(params: dict[str, nn.Parameter], result: dict[str, Tensor]) -> dict
             r = r.to(p.dtype)
         out[name] = r.detach() if r.requires_grad else r
     return out
+
+
+def loss_and_grad(
+    model: nn.Module, loss: LossSpec, inputs: Tensor, targets: Tensor
+) -> tuple[dict[str, Tensor], Tensor]:
+    """``dL/dtheta`` (trainable parameters, detached) and the detached loss, by autograd.
+
+    Uses ``torch.autograd.grad``: ``.grad`` is not touched. The model output and
+    the targets are validated like an estimator validates them.
+    """
+    from hessbench.estimators._sequential import check_output  # import cycle
+
+    params = trainable_parameters(model)
+    out = model(inputs)
+    check_output(model, out.detach())
+    loss.check_targets(out, targets)
+    value = loss.loss(out, targets)
+    grads = torch.autograd.grad(value, list(params.values()))
+    return finalize(params, dict(zip(params, grads, strict=True))), value.detach()
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _buffers(model: nn.Module) -> list[Tensor]:
@@ -258,6 +296,59 @@ class Estimator(abc.ABC):
             with preserve_state(model, inputs.device, generator if dropout else None):
                 return self._estimate(model, loss, inputs, targets, generator)
         return self._estimate(model, loss, inputs, targets, generator)
+
+    def estimate_with_grad(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """The diagonal estimate, the gradient of the loss and the loss, for one optimizer step.
+
+        The diagonal is the one :meth:`__call__` returns for the same generator
+        state (same draws, same dropout masks). The gradient ``dL/dtheta`` is keyed
+        and ordered like the diagonal (trainable parameters, detached, each with
+        its parameter's dtype); the loss is a detached 0-dim tensor. Both are
+        evaluated at the true targets, with the dropout masks the estimate used.
+
+        Estimators whose pass computes the gradient on the way return it at no
+        extra cost; the default pays one autograd gradient (``torch.autograd.grad``,
+        ``.grad`` is not touched). The same guarantees as :meth:`__call__` hold:
+        parameters, ``.grad``, buffers, hooks and the global RNG are left as found.
+
+        Returns:
+            ``(diag, grad, loss)``.
+        """
+        loss = LossSpec.of(loss_fn)
+        if not all_finite(inputs):
+            raise InputError("the inputs contain NaN or infinity")
+        dropout = has_active_dropout(model)
+        if generator is None and (self.stochastic or dropout):
+            generator = fresh_generator(inputs.device)
+        with preserve_state(model, inputs.device, generator if dropout else None):
+            return self._estimate_with_grad(model, loss, inputs, targets, generator)
+
+    def _estimate_with_grad(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """:meth:`_estimate`, then one autograd gradient with the same dropout masks.
+
+        Runs inside :func:`preserve_state`. Override where the estimate's pass
+        yields the gradient anyway.
+        """
+        rng = _rng_state(inputs.device)
+        diag = self._estimate(model, loss, inputs, targets, generator)
+        _set_rng_state(inputs.device, rng)  # replay the estimate's dropout masks
+        grad, value = loss_and_grad(model, loss, inputs, targets)
+        return diag, grad, value
 
     @abc.abstractmethod
     def _estimate(

@@ -33,10 +33,13 @@ def hvp_products(
     targets: Tensor,
     vectors: Iterator[dict[str, Tensor]],
     generator: torch.Generator | None = None,
+    extras: dict[str, object] | None = None,
 ) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
     """Yield ``(v, Hv)`` for each direction ``v`` (keyed like the plan's parameters).
 
     The forward pass and the gradient pass run once, before the first product.
+    With ``extras``, the gradient pass also stores the parameter gradients
+    (``extras["grad"]``) and the loss value (``extras["loss"]``) there.
     """
     steps = plan.steps
     first = plan.first_param
@@ -49,6 +52,18 @@ def hvp_products(
             grads[i] = g
             if i > first:
                 g = steps[i].rule.vjp(steps[i].module, caches[i], g)
+        if extras is not None:
+            pgrads: dict[str, Tensor] = {}
+            for i in range(len(steps) - 1, first - 1, -1):
+                st = steps[i]
+                if st.rule.parametric:
+                    gw, gb = st.rule.param_grad(st.module, caches[i], grads[i])
+                    if st.weight_key:
+                        pgrads[st.weight_key] = gw
+                    if st.bias_key and gb is not None:
+                        pgrads[st.bias_key] = gb
+            extras["grad"] = ordered(plan, pgrads)
+            extras["loss"] = state.value()
     for v in vectors:
         with torch.no_grad():
             yield v, _one_product(plan, loss, state, caches, grads, v)
@@ -99,12 +114,14 @@ def structured_hutchinson(
     num_samples: int,
     generator: torch.Generator,
     combine: Callable[[Tensor, Tensor], Tensor],
+    extras: dict[str, object] | None = None,
 ) -> dict[str, Tensor]:
     """``mean_k combine(z_k, H z_k)`` over Rademacher probes ``z_k``, by the R-operator pass.
 
     The probes are drawn exactly as the autograd path draws them
     (:func:`~hessbench.estimators._autograd.rademacher` over the trainable
     parameters in order), so both paths agree to rounding for equal generators.
+    ``extras`` is passed to :func:`hvp_products` (gradient and loss).
     """
     params = trainable_parameters(model)
     plist = list(params.values())
@@ -114,7 +131,7 @@ def structured_hutchinson(
             yield dict(zip(params, rademacher(plist, generator), strict=True))
 
     acc: dict[str, Tensor] = {}
-    for v, hv in hvp_products(plan, model, loss, x, targets, probes(), generator):
+    for v, hv in hvp_products(plan, model, loss, x, targets, probes(), generator, extras):
         for name, z in v.items():
             term = combine(z, hv[name])
             acc[name] = term if name not in acc else acc[name].add_(term)

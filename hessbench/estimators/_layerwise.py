@@ -44,6 +44,9 @@ class DualPathEstimator(Estimator):
 
     method: str
     uses_model_forward: ClassVar[bool] = False  # only the generic path does: guarded there
+    passes_grad: ClassVar[bool] = False
+    """Whether ``_structured`` and ``_generic`` take ``extras=`` and store the gradient and
+    the loss there (``extras["grad"]``, ``extras["loss"]``) for :meth:`estimate_with_grad`."""
 
     def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
         """Also refuse models the layer-by-layer pass cannot run when it is forced."""
@@ -59,15 +62,41 @@ class DualPathEstimator(Estimator):
         targets: Tensor,
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
+        return self._dispatch(model, loss, inputs, targets, generator, None)
+
+    def _estimate_with_grad(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        if not self.passes_grad:
+            return super()._estimate_with_grad(model, loss, inputs, targets, generator)
+        extras: dict[str, object] = {}
+        diag = self._dispatch(model, loss, inputs, targets, generator, extras)
+        return diag, extras["grad"], extras["loss"]  # type: ignore[return-value]
+
+    def _dispatch(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+        extras: dict[str, object] | None,
+    ) -> dict[str, Tensor]:
+        kw = {} if extras is None else {"extras": extras}
         if self.method in ("auto", "structured"):
             try:
                 plan = build_plan(model)
-                return self._structured(plan, model, loss, inputs, targets, generator)
+                return self._structured(plan, model, loss, inputs, targets, generator, **kw)
             except UnsupportedError:
                 if self.method == "structured":
                     raise
         with preserve_state(model, inputs.device, None):
-            return self._generic(model, loss, inputs, targets, generator)
+            return self._generic(model, loss, inputs, targets, generator, **kw)
 
     @abc.abstractmethod
     def _structured(

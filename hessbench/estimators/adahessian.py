@@ -63,7 +63,20 @@ class AdaHessian(Hutchinson):
         targets: Tensor,
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
-        diag = super()._estimate(model, loss, inputs, targets, generator)
+        return self._average(super()._estimate(model, loss, inputs, targets, generator))
+
+    def _estimate_with_grad(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        diag, grad, value = super()._estimate_with_grad(model, loss, inputs, targets, generator)
+        return self._average(diag), grad, value
+
+    def _average(self, diag: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.spatial_averaging:
             for name, d in diag.items():
                 if d.dim() >= 3:

@@ -66,3 +66,26 @@ class BL89(LayerwiseEstimator):
             plan, model, loss, inputs, targets, output=output, residual=True, generator=generator
         )
         return diag
+
+    def _estimate_with_grad(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """The same pass, keeping the gradient it computes anyway (no extra backprop)."""
+        plan = build_plan(model)
+        diag, grad, state = diag_pass(
+            plan,
+            model,
+            loss,
+            inputs,
+            targets,
+            output="bl89" if self.output_curvature == "elementwise" else "zero",
+            residual=True,
+            generator=generator,
+            with_grad=True,
+        )
+        return diag, grad, state.value()

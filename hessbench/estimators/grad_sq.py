@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from hessbench.estimators._autograd import gradient
-from hessbench.estimators._base import Estimator, estimator_dataclass, register
+from hessbench.estimators._base import Estimator, estimator_dataclass, loss_and_grad, register
 from hessbench.estimators._losses import LossSpec
 
 __all__ = ["GradSq"]
@@ -48,3 +48,15 @@ class GradSq(Estimator):
     ) -> dict[str, Tensor]:
         grads, _ = gradient(model, loss, inputs, targets)
         return {n: g.square() for n, g in grads.items()}
+
+    def _estimate_with_grad(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """One gradient, squared for the estimate and handed back as it is."""
+        grads, value = loss_and_grad(model, loss, inputs, targets)
+        return {n: g.square() for n, g in grads.items()}, grads, value

@@ -29,7 +29,8 @@ class Hutchinson(DualPathEstimator):
     Args:
         num_samples: number of probe vectors ``k``.
 
-    Cost: ``k`` Hessian-vector products (about 2-3 backprops each).
+    Cost: ``k`` Hessian-vector products (about 2-3 backprops each). The gradient
+    the products start from is handed back by :meth:`estimate_with_grad`.
     Reference: Hutchinson (1989); Bekas, Kokiopoulou & Saad (2007).
 
     Example:
@@ -47,6 +48,7 @@ class Hutchinson(DualPathEstimator):
     name: ClassVar[str] = "hutchinson"
     cost: ClassVar[str] = "k HVPs"
     stochastic: ClassVar[bool] = True
+    passes_grad: ClassVar[bool] = True
     impl_fields: ClassVar[tuple[str, ...]] = ("method",)
     num_samples: Count = 1
     method: Literal["auto", "structured", "autograd"] = "auto"
@@ -63,10 +65,11 @@ class Hutchinson(DualPathEstimator):
         inputs: Tensor,
         targets: Tensor,
         generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
         assert generator is not None
         return structured_hutchinson(
-            plan, model, loss, inputs, targets, self.num_samples, generator, self._combine
+            plan, model, loss, inputs, targets, self.num_samples, generator, self._combine, extras
         )
 
     def _generic(
@@ -76,6 +79,9 @@ class Hutchinson(DualPathEstimator):
         inputs: Tensor,
         targets: Tensor,
         generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
         assert generator is not None
-        return hvp_samples(model, loss, inputs, targets, self.num_samples, generator, self._combine)
+        return hvp_samples(
+            model, loss, inputs, targets, self.num_samples, generator, self._combine, extras
+        )
