@@ -86,7 +86,8 @@ def _environment(meta: dict) -> list[tuple[str, str]]:
     sessions = meta.get("sessions") or [{}]
     return [
         ("suite file", f"{v('suite_file')} (SHA-256 {str(g('suite_hash') or '?')[:12]})"),
-        ("hessbench", f"{v('hessbench_version')}, git commit {str(g('git_commit') or '?')[:12]}"),
+        ("hessbench", f"{v('hessbench_version')}, git commit {str(g('git_commit') or '?')[:12]}"
+                      + (" with uncommitted changes" if g("git_dirty") else "")),
         ("Python, torch, numpy", f"{v('python')}, {v('torch')}, {v('numpy')}"),
         ("platform", v("platform")),
         ("CPU", f"{v('cpu')}, {v('cpu_count')} cores"),
