@@ -213,7 +213,7 @@ def final_table(runs: pd.DataFrame, classification: bool) -> Table:
         "(in brackets among the grid): the rate with the fewest seeds not ending ok, then "
         "the lowest median final held-out loss. Median and inter-quartile range over the "
         "seeds that ended ok; train loss: mean minibatch loss over the last evaluation "
-        "interval; ms / step: training wall-clock time per step (evaluation excluded)."
+        f"interval; ms / step: training {clock_name(runs)} per step (evaluation excluded)."
     )
     table = _table("final", "Final loss at the chosen learning rate", caption, df, header, rows)
     if any(m[1] for m in marks):
@@ -321,10 +321,16 @@ def _curve_figure(
             if value != "heldout_accuracy" and positive and max(positive) > 5 * min(positive):
                 log_axis(ax, "y", positive)
             ax.set_ylabel(ylabel)
-            ax.set_xlabel("optimizer steps" if x == "step" else "training wall-clock time (s)")
+            ax.set_xlabel("optimizer steps" if x == "step" else f"training {clock_name(runs)} (s)")
         legend(fig, _handles(runs, best), title="optimizer (chosen lr)")
     r.figure = fig
     return r
+
+
+def clock_name(runs: pd.DataFrame) -> str:
+    """What the runs' training times measure (``CPU time`` on CPU; see ``training_clock``)."""
+    names = sorted(set(runs["clock"].dropna())) if "clock" in runs else []
+    return " / ".join(names) if names else "wall-clock time"
 
 
 def _lr_figure(runs: pd.DataFrame, loss_label: str) -> FigureResult:
@@ -412,8 +418,10 @@ def make_train_figures(
             FigureResult(
                 "loss_vs_time",
                 "Held-out loss against training time",
-                "Held-out loss against cumulative training wall-clock time (evaluation "
-                f"excluded; x: median over seeds at each evaluation) at the chosen rates; {band}.",
+                f"Held-out loss against cumulative training {clock_name(runs)} (evaluation "
+                f"excluded; x: median over seeds at each evaluation) at the chosen rates; {band}. "
+                "On CPU the time is the worker process's CPU time with a fixed number of "
+                "threads, which other processes on the machine do not inflate.",
             ),
         ),
     ]
