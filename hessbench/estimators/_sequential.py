@@ -323,20 +323,23 @@ def factor_pass(
     """
     with torch.no_grad():
         out, caches, shapes, state = run_start(plan, model, loss, x, targets, generator)
+        s: Tensor | None = None  # column signs: S diag(s) S^T (None: all +1)
         if columns == "exact":
-            v = loss.sqrt_factor(out, state)
+            # the exact Hessian takes signed columns (negative per-sample loss weights)
+            v = loss.sqrt_factor(out, state, signed=residual)
+            signs = loss.factor_signs(out) if residual else None
+            s = None if signs is None else signs.expand(v.shape[:2]).contiguous()
         elif columns == "grad":
             v = state.grad.unsqueeze(1)
         else:
             assert generator is not None
             v = loss.mc_factor(out, state, num_samples, generator)
-        s: Tensor | None = None
         dres: Tensor | None = None
         hmat: Tensor | None = None
         n = out.shape[0]
         auto_full = representation == "auto" and not kfac
         if representation == "full" or (auto_full and v.shape[1] > out[0].numel()):
-            hmat, v = _to_full(v, None, None), None
+            hmat, v, s = _to_full(v, s, None), None, None
         g = state.grad
         res: dict[str, Tensor] = {}
         steps = plan.steps

@@ -161,7 +161,7 @@ class DiagonalOptimizer(torch.optim.Optimizer):
         self.estimator.check_supported(model, loss_fn)
         self.model = model
         self.loss_fn = loss_fn
-        self._loss = LossSpec.of(loss_fn)
+        LossSpec.of(loss_fn)  # refuse an unsupported loss now; re-read per step (weights)
         params = trainable_parameters(model)
         self.param_names: list[str] = list(params)
         self.curvature = curvature
@@ -261,7 +261,8 @@ class DiagonalOptimizer(torch.optim.Optimizer):
                 with preserve_state(
                     self.model, inputs.device, self._generator if dropout else None
                 ):
-                    grad, loss = loss_and_grad(self.model, self._loss, inputs, targets)
+                    spec = LossSpec.of(self.loss_fn)  # per-sample weights may change per batch
+                    grad, loss = loss_and_grad(self.model, spec, inputs, targets)
         except InputError as exc:
             with torch.no_grad(), preserve_state(self.model, inputs.device, None):
                 out = self.model(inputs)
