@@ -140,12 +140,31 @@ def summary_table(df, title: str) -> Table:
     return table
 
 
+def _suite_kind(path: Path) -> str:
+    """``train``, ``rl`` or ``accuracy`` (the default), from the suite's ``kind:`` field."""
+    from hessbench.rl.cli import is_rl_suite
+    from hessbench.train import is_train_suite
+
+    if is_train_suite(path):
+        return "train"
+    return "rl" if is_rl_suite(path) else "accuracy"
+
+
 @app.command("validate")
 @_one_line_errors
 def validate(suite: Path = typer.Argument(..., help="Suite YAML file.")) -> None:
     """Check a suite file and print what it would run (no computation)."""
     from hessbench.config import load_suite, plan_cells, task_variants
 
+    kind = _suite_kind(suite)
+    if kind == "train":
+        from hessbench.train import train_validate_command
+
+        raise typer.Exit(train_validate_command(suite))
+    if kind == "rl":
+        from hessbench.rl.cli import rl_validate_command
+
+        raise typer.Exit(rl_validate_command(suite))
     s = load_suite(suite)
     cells = plan_cells(s)
     labels = sorted({c.estimator.label for c in cells})
@@ -155,6 +174,11 @@ def validate(suite: Path = typer.Argument(..., help="Suite YAML file.")) -> None
     )
 
 
+def _cluster_overrides(**options: object) -> dict:
+    """The ``cluster:`` fields given on the command line."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 @app.command("run")
 @_one_line_errors
 def run(
@@ -162,7 +186,9 @@ def run(
     output: Path = typer.Option(
         None, "-o", "--output", help="Run folder (default: results/<suite>/<suite-hash>)."
     ),
-    jobs: int = typer.Option(1, "-j", "--jobs", min=1, help="Worker processes."),
+    jobs: int = typer.Option(
+        1, "-j", "--jobs", min=1, help="Worker processes (in each array task with slurm)."
+    ),
     estimator: list[str] = typer.Option(
         None, "--estimator", help="Only these estimators (names, labels or patterns); repeatable."
     ),
@@ -170,20 +196,88 @@ def run(
     seed: list[int] = typer.Option(None, "--seed", help="Only these seeds; repeatable."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
     retry_failed: bool = typer.Option(
-        False, "--retry-failed", help="Also re-run cells that ended in error, timeout or crash."
+        False,
+        "--retry-failed",
+        help="Also re-run cells that ended in error, timeout, crash or cancellation.",
     ),
     force: bool = typer.Option(False, "--force", help="Discard the folder's finished cells."),
     quick: bool = typer.Option(
         False, "--quick", help="First seed, at most 2 batches per task, no timing repeats."
     ),
+    device: str = typer.Option(
+        None, "--device", help="cpu or cuda (overrides the suite's defaults.device)."
+    ),
+    executor: str = typer.Option(
+        "local", "--executor", help="local (worker processes here) or slurm (a job array)."
+    ),
+    shard: str = typer.Option(
+        None, "--shard", help="i/n: run only share i of n of the cells (docs/cluster.md)."
+    ),
+    no_wait: bool = typer.Option(
+        False, "--no-wait", help="slurm: submit, print the job id and exit (then collect)."
+    ),
+    chunks: int = typer.Option(
+        None, "--chunks", min=1, help="slurm: array tasks (default: one per task and seed)."
+    ),
+    partition: str = typer.Option(None, "--partition", help="slurm: partition."),
+    time_min: float = typer.Option(
+        None, "--time", min=0, help="slurm: time limit per array task, minutes."
+    ),
+    cpus_per_task: int = typer.Option(
+        None, "--cpus-per-task", min=1, help="slurm: CPUs per array task (default: jobs x threads)."
+    ),
+    mem_gb: float = typer.Option(None, "--mem-gb", min=0, help="slurm: memory per array task."),
+    gpus: int = typer.Option(
+        None, "--gpus", min=0, help="slurm: GPUs per array task (default: 1 with device cuda)."
+    ),
 ) -> None:
-    """Run a suite (resuming its folder), then print where the results are and a summary."""
-    from hessbench.results import load
-    from hessbench.runner import RunOptions, plan_run, run_suite
+    """Run a suite (resuming its folder), then print where the results are and a summary.
 
+    ``kind: train`` (optimizer benchmark, docs/train.md) and ``kind: rl``
+    (docs/rl.md) suites are handed to their own runners.
+    """
+    from hessbench.results import FAILED, frame, load
+    from hessbench.runner import RunOptions, plan_run, run_suite
+    from hessbench.shards import parse_shard
+
+    kind = _suite_kind(suite)
+    if kind != "accuracy":
+        given = {
+            "--estimator": estimator, "--task": task, "--device": device, "--shard": shard,
+            "--executor": executor != "local", "--no-wait": no_wait, "--chunks": chunks,
+            "--partition": partition, "--time": time_min, "--cpus-per-task": cpus_per_task,
+            "--mem-gb": mem_gb, "--gpus": gpus,
+        }  # fmt: skip
+        if kind == "rl":
+            given.update({"--seed": seed, "--retry-failed": retry_failed, "--force": force,
+                          "--quick": quick, "--dry-run": dry_run})  # fmt: skip
+        for flag, value in given.items():
+            if value:
+                raise HessbenchError(f"{suite}: {flag} does not apply to kind: {kind} suites")
+        if kind == "train":
+            from hessbench.train import train_command
+
+            code = train_command(
+                suite, output, jobs, seeds=seed or None, retry_failed=retry_failed,
+                force=force, quick=quick, dry_run=dry_run,
+            )  # fmt: skip
+        else:
+            from hessbench.rl.cli import run_rl_command
+
+            code = run_rl_command(suite, output, jobs)
+        raise typer.Exit(code)
+
+    if device is not None and device not in ("cpu", "cuda"):
+        raise HessbenchError(f"--device {device!r}: expected cpu or cuda")
     opts = RunOptions(
-        output, jobs, task or None, estimator or None, seed or None, retry_failed, force, quick
-    )
+        output, jobs, task or None, estimator or None, seed or None, retry_failed, force, quick,
+        executor=executor, device=device, shard=parse_shard(shard) if shard else None,
+        wait=not no_wait,
+        cluster=_cluster_overrides(
+            chunks=chunks, partition=partition, time_min=time_min, cpus_per_task=cpus_per_task,
+            mem_gb=mem_gb, gpus=gpus,
+        ),
+    )  # fmt: skip
     err = Console(stderr=True)
     if dry_run:
         _, _, run_dir, cells = plan_run(suite, opts)
@@ -202,10 +296,12 @@ def run(
     bar = {}
 
     def on_plan(summary) -> None:
-        skipped = len(summary.planned) - len(summary.todo)
-        err.print(
-            f"{len(summary.planned)} cells, {skipped} already done; writing {summary.run_dir}"
-        )
+        skipped = len(summary.planned) - len(summary.todo) - len(summary.in_flight)
+        where = summary.shard_file or summary.run_dir
+        err.print(f"{len(summary.planned)} cells, {skipped} already done; writing {where}")
+        if summary.in_flight:
+            jobs_ = ", ".join(sorted(set(summary.in_flight.values())))
+            err.print(f"{len(summary.in_flight)} cells still running in earlier jobs ({jobs_})")
         bar["id"] = progress.add_task("cells", total=len(summary.todo), cell="")
 
     def on_record(rec: dict) -> None:
@@ -216,6 +312,15 @@ def run(
                 f"{escape(str(rec.get('message', '')))}"
             )
 
+    def on_submit(manifest: dict) -> None:
+        ids = manifest["job_id"] or ", ".join(t["job_id"] for t in manifest["tasks"])
+        n = len(manifest["tasks"])
+        progress.console.print(
+            f"submitted {n} array task{'s' * (n != 1)} ({manifest['executor']} job {ids}); "
+            + ("waiting (Ctrl-C stops waiting; the jobs keep running)" if not no_wait else "")
+        )
+        progress.update(bar["id"], cell=f"job {ids}")
+
     with progress:
         summary = run_suite(
             suite,
@@ -223,18 +328,59 @@ def run(
             on_plan=on_plan,
             on_start=lambda cid: progress.update(bar["id"], cell=cid),
             on_record=on_record,
+            on_submit=on_submit,
         )
-    df = load(summary.run_dir)
-    _stdout().print(summary_table(df, f"{summary.run_dir}"))
-    print(f"results: {summary.run_dir / 'results.csv'} ({len(df)} cells)")
+    collect_cmd = f"hessbench collect {summary.run_dir}"
+    if summary.manifest is not None and no_wait:
+        m = summary.manifest
+        print(m["job_id"] or " ".join(t["job_id"] for t in m["tasks"]))
+        err.print(f"when the jobs have ended: {collect_cmd}")
+        return
+    if summary.shard_file is not None:
+        from hessbench.results import iter_records
+
+        df = frame(iter_records(summary.shard_file)[0])
+        _stdout().print(summary_table(df, f"{summary.shard_file}"))
+        print(f"results: {summary.shard_file} ({len(df)} cells); merge them with: {collect_cmd}")
+    else:
+        df = load(summary.run_dir)
+        _stdout().print(summary_table(df, f"{summary.run_dir}"))
+        print(f"results: {summary.run_dir / 'results.csv'} ({len(df)} cells)")
     if summary.interrupted:
         err.print("interrupted: finished cells are on disk; run the same command to resume")
+        if summary.manifest is not None:
+            err.print(f"the submitted jobs keep running; later: {collect_cmd}")
         raise typer.Exit(130)
-    failed = df["status"].isin(["error", "timeout", "crashed"]).sum()
+    failed = df["status"].isin(FAILED).sum()
     if failed:
         err.print(
             f"{failed} cells failed; see 'message' in results.csv (--retry-failed re-runs them)"
         )
+        raise typer.Exit(1)
+
+
+@app.command("collect")
+@_one_line_errors
+def collect(
+    run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/smoke/<hash>."),
+    wait: bool = typer.Option(False, "--wait", help="First wait until the run's jobs end."),
+) -> None:
+    """Merge a run folder's shards (Slurm array tasks, --shard runs) into its results."""
+    from hessbench.results import FAILED, load
+    from hessbench.runner import collect as collect_run
+
+    err = Console(stderr=True)
+    new: list[dict] = []
+    collector = collect_run(run_dir, wait=wait, on_record=new.append)
+    df = load(run_dir)
+    _stdout().print(summary_table(df, str(run_dir)))
+    print(f"results: {run_dir / 'results.csv'} ({len(df)} cells, {len(new)} new)")
+    if collector.in_flight:
+        jobs = ", ".join(sorted(set(collector.in_flight.values())))
+        err.print(f"{len(collector.in_flight)} cells still running in jobs {jobs}; collect again")
+    if collector.unknown:
+        err.print(f"job state unknown (sacct?) for {', '.join(sorted(collector.unknown))}")
+    if df["status"].isin(FAILED).any():
         raise typer.Exit(1)
 
 
@@ -272,12 +418,26 @@ def report(
         None, "-o", "--output", help="Report folder (default: reports/<suite>)."
     ),
 ) -> None:
-    """Write a run's tables, figures, report.md and index.html (deterministic)."""
+    """Write a run's tables, figures, report.md and index.html (deterministic).
+
+    Run folders of ``kind: train`` and ``kind: rl`` suites get their own reports
+    (learning curves, chosen learning rates; docs/train.md, docs/rl.md).
+    """
     import shlex
 
     from hessbench.report.page import OUTPUTS, default_output, render_report
     from hessbench.results import load, load_parts
+    from hessbench.rl.runner import is_rl_run
+    from hessbench.train.runner import is_train_run
 
+    if is_train_run(run_dir):
+        from hessbench.train import train_report_command
+
+        raise typer.Exit(train_report_command(run_dir, output))
+    if is_rl_run(run_dir):
+        from hessbench.rl.cli import rl_report_command
+
+        raise typer.Exit(rl_report_command(run_dir, output))
     meta = _read_metadata(run_dir)
     df = load(run_dir)
     if df.empty:

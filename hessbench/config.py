@@ -74,6 +74,7 @@ __all__ = [
     "Activation",
     "CNNModel",
     "CellSpec",
+    "Cluster",
     "DataSpec",
     "Defaults",
     "DigitsData",
@@ -199,12 +200,32 @@ class Defaults(StrictModel):
         return seeds
 
 
+class Cluster(StrictModel):
+    """Slurm resources of ``hessbench run --executor slurm`` (command-line options override).
+
+    Each array task evaluates one chunk of whole (task variant, seed) groups.
+    """
+
+    partition: str | None = None
+    time_min: PositiveFloat = 60
+    cpus_per_task: PositiveInt | None = None
+    mem_gb: PositiveFloat | None = None
+    gpus: NonNegativeInt | None = None
+    chunks: PositiveInt | None = None
+    array_parallelism: PositiveInt = 256
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    setup: list[str] = Field(default_factory=list)
+
+
 class Suite(StrictModel):
     """A benchmark suite: tasks x estimators x seeds."""
 
     name: Name
     description: str = ""
     defaults: Defaults = Defaults()
+    cluster: Cluster = Cluster()
     tasks: list[TaskSpec] = Field(min_length=1)
     estimators: list[EstimatorSpec] = Field(min_length=1)
     include: list[str] = Field(default_factory=list)

@@ -8,7 +8,9 @@ A run folder holds
 - ``metadata.json``: the suite text and hash, versions, machine, start and end
   times, written to a temporary file and renamed;
 - ``results.csv``: the tidy cell table, written the same way at the end of a run;
-- ``.lock``: held (``fcntl.flock``) while a run writes the folder.
+- ``.lock``: held (``fcntl.flock``) while a run writes the folder;
+- ``shards/``: result shards of Slurm array tasks and ``--shard i/n`` runs, in the
+  same record format, merged into ``cells.jsonl`` by :mod:`hessbench.shards`.
 
 Every record carries ``schema_version``; :func:`load` refuses a newer one.
 """
@@ -20,7 +22,8 @@ import fcntl
 import json
 import math
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +34,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "CellStore",
     "atomic_write",
+    "frame",
+    "iter_records",
     "load",
     "load_parts",
     "read_records",
@@ -39,7 +44,9 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 CELLS = "cells.jsonl"
-FAILED = ("error", "timeout", "crashed")
+FAILED = ("error", "timeout", "crashed", "cancelled")
+"""Statuses of cells that did not finish; a resumed run skips them unless ``--retry-failed``."""
+DONE = ("ok", "unsupported")
 
 
 class ResultsError(HessbenchError):
@@ -57,16 +64,27 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold the run folder's lock, or fail at once naming the holder."""
+def run_lock(run_dir: Path, *, wait_s: float = 0, lock_file: Path | None = None) -> Iterator[None]:
+    """Hold the run folder's lock (or ``lock_file``), or fail naming the holder.
+
+    ``wait_s``: how long to retry a held lock before failing (default: fail at once).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+", encoding="utf-8") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise ResultsError(f"{run_dir} is being written by {holder}; wait or use -o") from None
+    path = lock_file or run_dir / ".lock"
+    deadline = time.monotonic() + wait_s
+    with open(path, "a+", encoding="utf-8") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                what = run_dir if lock_file is None else path
+                raise ResultsError(f"{what} is being written by {holder}; wait or use -o") from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
@@ -86,10 +104,15 @@ def _clean(value: object) -> object:
 
 
 class CellStore:
-    """Appends cell records to ``cells.jsonl`` in a run folder."""
+    """Appends cell records to ``cells.jsonl`` in a run folder (or to the file ``path``)."""
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / CELLS
+    def __init__(self, run_dir: Path | None = None, *, path: Path | None = None):
+        if path is None:
+            if run_dir is None:
+                raise TypeError("CellStore needs run_dir or path")
+            path = run_dir / CELLS
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair_tail()
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run
 
@@ -114,30 +137,42 @@ class CellStore:
         self._fh.close()
 
 
-def read_records(run_dir: Path) -> dict[str, dict]:
-    """The last record of every cell, keyed by cell id (a torn last line is ignored)."""
-    path = Path(run_dir) / CELLS
-    if not path.exists():
-        return {}
-    records: dict[str, dict] = {}
-    lines = path.read_text(encoding="utf-8").split("\n")
-    for i, line in enumerate(lines):
+def iter_records(path: Path, start: int = 0, stop: int = -1) -> tuple[list[dict], int]:
+    """The records of a JSONL file from byte ``start`` (to ``stop``), and the offset after the last.
+
+    Only complete lines count: a line still being written (no newline yet) is left
+    for a later call, so the returned offset never points into a record.
+    """
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            data = fh.read(stop - start if stop >= 0 else -1)
+    except FileNotFoundError:
+        return [], start
+    complete = data[: data.rfind(b"\n") + 1]
+    records = []
+    for i, line in enumerate(complete.decode("utf-8").split("\n")):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                continue  # torn write at the very end
-            raise ResultsError(f"{path}:{i + 1}: not a JSON record") from None
+            where = f"{path}:{i + 1}" if start == 0 else f"{path}: line {i + 1} after byte {start}"
+            raise ResultsError(f"{where}: not a JSON record") from None
         version = rec.get("schema_version", 0)
         if version > SCHEMA_VERSION:
             raise ResultsError(
                 f"{path}: written with results schema {version}, newer than this hessbench's "
                 f"{SCHEMA_VERSION}; upgrade hessbench to read it"
             )
-        records[rec["cell_id"]] = rec
-    return records
+        records.append(rec)
+    return records, start + len(complete)
+
+
+def read_records(run_dir: Path) -> dict[str, dict]:
+    """The last record of every cell, keyed by cell id (a torn last line is ignored)."""
+    records, _ = iter_records(Path(run_dir) / CELLS)
+    return {rec["cell_id"]: rec for rec in records}
 
 
 CELL_COLUMNS = [
@@ -185,9 +220,14 @@ def load(run_dir: str | Path) -> pd.DataFrame:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ResultsError(f"{run_dir}: no such run folder")
-    records = read_records(run_dir)
+    return frame(read_records(run_dir).values())
+
+
+def frame(records: Iterable[dict]) -> pd.DataFrame:
+    """The table of :func:`load` for the given records (the last one of a cell wins)."""
+    records = {rec["cell_id"]: rec for rec in records}.values()
     rows = []
-    for rec in records.values():
+    for rec in records:
         row = {k: rec.get(k) for k in CELL_COLUMNS if k not in ("params", "l1_over_hesscale")}
         row["params"] = json.dumps(rec.get("params", {}), sort_keys=True)
         rows.append(row)

@@ -41,6 +41,9 @@ class Group:
 
 def _worker_main(conn: Connection, defaults: Defaults, log_path: str | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    # Slurm (through submitit) warns every process of a job with SIGUSR2 before its time
+    # limit; that is the parent's business (hessbench.cluster), not a reason to die
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     if log_path:  # keep the terminal for the parent's progress; keep crash output
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(fd, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pydantic
@@ -24,7 +25,9 @@ from hessbench.config import (
 from hessbench.errors import ConfigError, HessbenchError
 from hessbench.estimators import available_estimators, estimator_class
 
-SUITES = sorted((Path(__file__).parent.parent / "suites").glob("*.yaml"))
+ALL_SUITES = sorted((Path(__file__).parent.parent / "suites").glob("*.yaml"))
+# accuracy suites; kind: train and kind: rl suites are tested in test_train.py / test_rl.py
+SUITES = [p for p in ALL_SUITES if not re.search(r"^kind: (train|rl)$", p.read_text(), re.M)]
 SRC = "suites/x.yaml"
 
 MLP_CE = {
@@ -542,3 +545,15 @@ def test_the_documented_example_is_valid():
     ids = {c.id for c in plan_cells(s)}
     assert len(ids) == 4 * 3 * 7 - 3 - 3
     assert "cnn_images/hutchinson[num_samples=10]/seed=0" not in ids
+
+
+@pytest.mark.parametrize("path", ALL_SUITES, ids=[p.stem for p in ALL_SUITES])
+def test_cli_validates_every_shipped_suite(path):
+    """``hessbench validate`` accepts every shipped suite, whatever its kind."""
+    from typer.testing import CliRunner
+
+    from hessbench.cli import app
+
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"{path}: ok:" in result.output

@@ -107,6 +107,21 @@ def run_rl_command(suite_path: str | Path, output: Path | None = None, jobs: int
     return 0
 
 
+def rl_validate_command(suite_path: str | Path) -> int:
+    """Check an rl suite and print how many runs it plans; return 0 (errors raise)."""
+    from hessbench.rl.schema import load_rl_suite, plan_rl_runs
+
+    suite = load_rl_suite(suite_path)
+    runs = plan_rl_runs(suite)
+    print(
+        f"{suite_path}: ok: {len(suite.optimizers)} optimizers, "
+        f"{sum(len(o.lrs) for o in suite.optimizers)} learning rates, "
+        f"{len(suite.seed_list)} seeds, "
+        f"{len(runs)} runs of {suite.total_steps} environment steps"
+    )
+    return 0
+
+
 def rl_report_command(run_dir: str | Path, output: Path | None = None) -> int:
     """Write the report of an rl run folder (default ``reports/<suite>``); return 0."""
     import json

@@ -59,3 +59,20 @@ class NaNs(Zero):
     def _estimate(self, model, loss, inputs, targets, generator):
         out = super()._estimate(model, loss, inputs, targets, generator)
         return {k: v + float("nan") for k, v in out.items()}
+
+
+@register
+@estimator_dataclass
+class HangWhenAsked(Zero):
+    """Never returns while ``HESSBENCH_TEST_HANG`` is set; otherwise the zero estimator.
+
+    The cluster tests set it for the first submission only (it reaches the array
+    tasks through their environment), so that a re-run can complete the cells.
+    """
+
+    name: ClassVar[str] = "test_hang_once"
+
+    def _estimate(self, model, loss, inputs, targets, generator):
+        if os.environ.get("HESSBENCH_TEST_HANG"):
+            time.sleep(3600)
+        return super()._estimate(model, loss, inputs, targets, generator)
