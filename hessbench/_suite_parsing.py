@@ -12,6 +12,7 @@ import functools
 import re
 import types
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import pydantic
@@ -33,6 +34,7 @@ __all__ = [
     "fail",
     "format_error",
     "glob",
+    "load_file",
     "read_yaml",
     "repeats",
     "validate",
@@ -245,6 +247,23 @@ def read_yaml(text: str, source: str) -> object:
         raise SuiteError(f"{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise SuiteError(f"{source}: {exc}") from None
+
+
+def load_file(path: str | Path, parse: Callable[[str, str], M]) -> M:
+    """``parse(text, str(path))`` of the file at ``path`` (a suite parser such as ``parse_suite``).
+
+    Raises:
+        SuiteError: ``PATH: no such file`` or ``PATH: cannot read: ...``; and what
+            ``parse`` raises.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SuiteError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SuiteError(f"{path}: cannot read: {exc}") from None
+    return parse(text, str(path))
 
 
 @functools.lru_cache(maxsize=256)

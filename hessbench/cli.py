@@ -18,10 +18,10 @@ from typing import TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from hessbench import __version__
+from hessbench._run_cli import progress_bar
 from hessbench.errors import HessbenchError
 
 app = typer.Typer(
@@ -285,14 +285,7 @@ def run(
             print(c.id)
         err.print(f"{len(cells)} cells; results would go to {run_dir}")
         return
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[cell]}", markup=False),
-        console=err,
-    )
+    progress = progress_bar(err, "cell")
     bar = {}
 
     def on_plan(summary) -> None:

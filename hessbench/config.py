@@ -48,6 +48,7 @@ from hessbench._suite_parsing import (
     custom_error,
     fail,
     format_error,
+    load_file,
     read_yaml,
     repeats,
     validate,
@@ -277,14 +278,7 @@ def parse_suite(text: str, source: str = "<suite>") -> Suite:
 
 def load_suite(path: str | Path) -> Suite:
     """Read and validate a suite file (see :func:`parse_suite`)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SuiteError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SuiteError(f"{path}: cannot read: {exc}") from None
-    return parse_suite(text, str(path))
+    return load_file(path, parse_suite)
 
 
 def suite_text_hash(text: str | bytes) -> str:

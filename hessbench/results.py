@@ -33,12 +33,15 @@ from hessbench.errors import HessbenchError
 __all__ = [
     "SCHEMA_VERSION",
     "CellStore",
+    "RecordStore",
     "atomic_write",
     "frame",
     "iter_records",
     "load",
     "load_parts",
+    "read_last_records",
     "read_records",
+    "run_kind",
     "run_lock",
 ]
 
@@ -103,15 +106,16 @@ def _clean(value: object) -> object:
     return value
 
 
-class CellStore:
-    """Appends cell records to ``cells.jsonl`` in a run folder (or to the file ``path``)."""
+class RecordStore:
+    """Appends records to a JSONL file, each flushed and fsynced.
 
-    def __init__(self, run_dir: Path | None = None, *, path: Path | None = None):
-        if path is None:
-            if run_dir is None:
-                raise TypeError("CellStore needs run_dir or path")
-            path = run_dir / CELLS
+    Every record gets ``schema_version``; non-finite floats become ``null``. A
+    half-written last line left by a killed run is dropped on opening.
+    """
+
+    def __init__(self, path: Path, *, schema_version: int = SCHEMA_VERSION):
         self.path = path
+        self.schema_version = schema_version
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair_tail()
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run
@@ -127,7 +131,7 @@ class CellStore:
 
     def append(self, record: dict) -> None:
         """Append one record, flushed and fsynced before returning."""
-        line = json.dumps(_clean({"schema_version": SCHEMA_VERSION, **record}), sort_keys=True)
+        line = json.dumps(_clean({"schema_version": self.schema_version, **record}), sort_keys=True)
         self._fh.write(line + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
@@ -135,6 +139,51 @@ class CellStore:
     def close(self) -> None:
         """Close the file."""
         self._fh.close()
+
+
+class CellStore(RecordStore):
+    """Appends cell records to ``cells.jsonl`` in a run folder (or to the file ``path``)."""
+
+    def __init__(self, run_dir: Path | None = None, *, path: Path | None = None):
+        if path is None:
+            if run_dir is None:
+                raise TypeError("CellStore needs run_dir or path")
+            path = run_dir / CELLS
+        super().__init__(path)
+
+
+def read_last_records(path: Path, *, newest: int | None = None) -> dict[str, dict]:
+    """The last record of every ``cell_id`` in the JSONL file ``path`` ({} if it is missing).
+
+    A malformed last line (torn by a killed run) is ignored, any other one raises.
+    ``newest``: refuse records with a higher ``schema_version``.
+    """
+    if not path.exists():
+        return {}
+    records: dict[str, dict] = {}
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue
+            raise HessbenchError(f"{path}:{i + 1}: not a JSON record") from None
+        if newest is not None and rec.get("schema_version", 0) > newest:
+            raise HessbenchError(f"{path}: written by a newer hessbench; upgrade to read it")
+        records[rec["cell_id"]] = rec
+    return records
+
+
+def run_kind(run_dir: str | Path) -> str | None:
+    """The ``kind`` in a run folder's ``metadata.json`` (None if it has none or cannot be read)."""
+    path = Path(run_dir) / "metadata.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def iter_records(path: Path, start: int = 0, stop: int = -1) -> tuple[list[dict], int]:

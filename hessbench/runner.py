@@ -15,12 +15,10 @@ deterministic share of the cells into its own shard file.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -29,10 +27,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
-import hessbench
+from hessbench._provenance import environment, now
 from hessbench._suite_parsing import validate
 from hessbench.config import CellSpec, Cluster, Suite, load_suite, plan_cells, suite_text_hash
 from hessbench.errors import ConfigError
@@ -158,50 +155,11 @@ def check_options(suite: Suite, opts: RunOptions) -> None:
         )
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args],
-            cwd=Path(hessbench.__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _git_commit() -> str | None:
-    return _git("rev-parse", "HEAD") or None
-
-
-def _git_dirty() -> bool | None:
-    """Whether the hessbench checkout has uncommitted changes (None outside git)."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return None if status is None else bool(status)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _gpu_name(device: str) -> str | None:
     """The GPU's name when the run uses CUDA here (None otherwise, e.g. a Slurm submission)."""
     if device != "cuda" or not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_name()
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _metadata(suite: Suite, text: str, path: Path, opts: RunOptions) -> dict:
@@ -212,15 +170,7 @@ def _metadata(suite: Suite, text: str, path: Path, opts: RunOptions) -> dict:
         "suite_hash": suite_text_hash(text),
         "suite_text": text,
         "quick": opts.quick,
-        "hessbench_version": hessbench.__version__,
-        "git_commit": _git_commit(),
-        "git_dirty": _git_dirty(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
+        **environment(),
         "threads": suite.defaults.threads,
         "device": suite.defaults.device,
         "gpu": _gpu_name(suite.defaults.device),
@@ -296,7 +246,7 @@ def run_suite(
         summary = RunSummary(run_dir, cells, todo, in_flight=dict(collector.in_flight))
         on_plan(summary)
         session = {
-            "started": _now(),
+            "started": now(),
             "executor": opts.executor,
             "jobs": opts.jobs,
             "command": sys.argv,
@@ -320,7 +270,7 @@ def run_suite(
             summary.interrupted = True
         finally:
             signal.signal(signal.SIGTERM, previous)
-            session["finished"] = _now()
+            session["finished"] = now()
             session["interrupted"] = summary.interrupted
             atomic_write(run_dir / "metadata.json", json.dumps(meta, indent=2))
             atomic_write(run_dir / "results.csv", load(run_dir).to_csv(index=False))
@@ -446,7 +396,7 @@ def _run_share(
         meta = _prepare(run_dir, suite, text, Path(path), opts)
         meta["sessions"].append(
             {
-                "started": _now(),
+                "started": now(),
                 "shard": str(opts.shard),
                 "command": sys.argv,
                 "host": platform.node(),

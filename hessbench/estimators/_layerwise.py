@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from hessbench.errors import UnsupportedError
 from hessbench.estimators._base import Estimator, preserve_state
-from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import Plan, build_plan
+from hessbench.estimators._losses import LossSpec, LossState
+from hessbench.estimators._sequential import Plan, build_plan, diag_pass
 
-__all__ = ["DualPathEstimator", "LayerwiseEstimator"]
+__all__ = ["DiagPassEstimator", "DualPathEstimator", "LayerwiseEstimator"]
 
 
 class LayerwiseEstimator(Estimator):
@@ -31,6 +31,63 @@ class LayerwiseEstimator(Estimator):
         """Also refuse any model the layer-by-layer pass cannot run."""
         super().check_supported(model, loss_fn)
         build_plan(model)
+
+
+class DiagPassEstimator(LayerwiseEstimator):
+    """A :class:`LayerwiseEstimator` computed by one :func:`diag_pass` (HesScale, BL89, ...).
+
+    Subclasses give the pass's options with :meth:`_diag_options`; the gradient
+    comes out of the same pass (no extra backprop).
+    """
+
+    @abc.abstractmethod
+    def _diag_options(self) -> tuple[Literal["exact", "bl89", "zero"], bool]:
+        """``diag_pass``'s ``output`` and ``residual`` options."""
+
+    def _diag_pass(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+        with_grad: bool,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], LossState]:
+        output, residual = self._diag_options()
+        return diag_pass(
+            build_plan(model),
+            model,
+            loss,
+            inputs,
+            targets,
+            output=output,
+            residual=residual,
+            generator=generator,
+            with_grad=with_grad,
+        )
+
+    def _estimate(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        diag, _, _ = self._diag_pass(model, loss, inputs, targets, generator, with_grad=False)
+        return diag
+
+    def _estimate_with_grad(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """The same pass, keeping the gradient it computes anyway (no extra backprop)."""
+        diag, grad, state = self._diag_pass(model, loss, inputs, targets, generator, with_grad=True)
+        return diag, grad, state.value()
 
 
 class DualPathEstimator(Estimator):

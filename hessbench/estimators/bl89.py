@@ -8,20 +8,15 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch
-from torch import Tensor, nn
-
 from hessbench.estimators._base import estimator_dataclass, register
-from hessbench.estimators._layerwise import LayerwiseEstimator
-from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import build_plan, diag_pass
+from hessbench.estimators._layerwise import DiagPassEstimator
 
 __all__ = ["BL89"]
 
 
 @register
 @estimator_dataclass
-class BL89(LayerwiseEstimator):
+class BL89(DiagPassEstimator):
     r"""BL89: HesScale's recursion with the output softmax treated element-wise.
 
     For cross-entropy the output curvature is ``c (p_y - p_y^2) e_y``, on the
@@ -52,40 +47,5 @@ class BL89(LayerwiseEstimator):
     cost: ClassVar[str] = "~1 backprop"
     output_curvature: Literal["elementwise", "zero"] = "elementwise"
 
-    def _estimate(
-        self,
-        model: nn.Module,
-        loss: LossSpec,
-        inputs: Tensor,
-        targets: Tensor,
-        generator: torch.Generator | None,
-    ) -> dict[str, Tensor]:
-        plan = build_plan(model)
-        output = "bl89" if self.output_curvature == "elementwise" else "zero"
-        diag, _, _ = diag_pass(
-            plan, model, loss, inputs, targets, output=output, residual=True, generator=generator
-        )
-        return diag
-
-    def _estimate_with_grad(
-        self,
-        model: nn.Module,
-        loss: LossSpec,
-        inputs: Tensor,
-        targets: Tensor,
-        generator: torch.Generator | None,
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-        """The same pass, keeping the gradient it computes anyway (no extra backprop)."""
-        plan = build_plan(model)
-        diag, grad, state = diag_pass(
-            plan,
-            model,
-            loss,
-            inputs,
-            targets,
-            output="bl89" if self.output_curvature == "elementwise" else "zero",
-            residual=True,
-            generator=generator,
-            with_grad=True,
-        )
-        return diag, grad, state.value()
+    def _diag_options(self) -> tuple[Literal["exact", "bl89", "zero"], bool]:
+        return ("bl89" if self.output_curvature == "elementwise" else "zero"), True

@@ -7,22 +7,17 @@ Approximations for Applications in Reinforcement Learning" (ICML 2024).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-import torch
-from torch import Tensor, nn
+from typing import ClassVar, Literal
 
 from hessbench.estimators._base import estimator_dataclass, register
-from hessbench.estimators._layerwise import LayerwiseEstimator
-from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import build_plan, diag_pass
+from hessbench.estimators._layerwise import DiagPassEstimator
 
 __all__ = ["HesScale"]
 
 
 @register
 @estimator_dataclass
-class HesScale(LayerwiseEstimator):
+class HesScale(DiagPassEstimator):
     r"""HesScale diagonal estimate, computed with the gradient in one pass.
 
     Each layer passes back, per sample, a diagonal estimate ``h_o`` of the
@@ -53,39 +48,5 @@ class HesScale(LayerwiseEstimator):
     name: ClassVar[str] = "hesscale"
     cost: ClassVar[str] = "~1 backprop"
 
-    def _estimate(
-        self,
-        model: nn.Module,
-        loss: LossSpec,
-        inputs: Tensor,
-        targets: Tensor,
-        generator: torch.Generator | None,
-    ) -> dict[str, Tensor]:
-        plan = build_plan(model)
-        diag, _, _ = diag_pass(
-            plan, model, loss, inputs, targets, output="exact", residual=True, generator=generator
-        )
-        return diag
-
-    def _estimate_with_grad(
-        self,
-        model: nn.Module,
-        loss: LossSpec,
-        inputs: Tensor,
-        targets: Tensor,
-        generator: torch.Generator | None,
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-        """The same pass, keeping the gradient it computes anyway (no extra backprop)."""
-        plan = build_plan(model)
-        diag, grad, state = diag_pass(
-            plan,
-            model,
-            loss,
-            inputs,
-            targets,
-            output="exact",
-            residual=True,
-            generator=generator,
-            with_grad=True,
-        )
-        return diag, grad, state.value()
+    def _diag_options(self) -> tuple[Literal["exact", "bl89", "zero"], bool]:
+        return "exact", True

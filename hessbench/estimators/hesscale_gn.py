@@ -5,22 +5,17 @@ Elsayed & Mahmood (2022), Elsayed et al. (ICML 2024).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-import torch
-from torch import Tensor, nn
+from typing import ClassVar, Literal
 
 from hessbench.estimators._base import estimator_dataclass, register
-from hessbench.estimators._layerwise import LayerwiseEstimator
-from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import build_plan, diag_pass
+from hessbench.estimators._layerwise import DiagPassEstimator
 
 __all__ = ["HesScaleGN"]
 
 
 @register
 @estimator_dataclass
-class HesScaleGN(LayerwiseEstimator):
+class HesScaleGN(DiagPassEstimator):
     r"""HesScale's recursion with ``h_u = f'(u)^2 h_a`` (no second-derivative term).
 
     It approximates the diagonal of the generalized Gauss-Newton matrix. For
@@ -45,39 +40,5 @@ class HesScaleGN(LayerwiseEstimator):
     name: ClassVar[str] = "hesscale_gn"
     cost: ClassVar[str] = "~1 backprop"
 
-    def _estimate(
-        self,
-        model: nn.Module,
-        loss: LossSpec,
-        inputs: Tensor,
-        targets: Tensor,
-        generator: torch.Generator | None,
-    ) -> dict[str, Tensor]:
-        plan = build_plan(model)
-        diag, _, _ = diag_pass(
-            plan, model, loss, inputs, targets, output="exact", residual=False, generator=generator
-        )
-        return diag
-
-    def _estimate_with_grad(
-        self,
-        model: nn.Module,
-        loss: LossSpec,
-        inputs: Tensor,
-        targets: Tensor,
-        generator: torch.Generator | None,
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-        """The same pass, keeping the gradient it computes anyway (no extra backprop)."""
-        plan = build_plan(model)
-        diag, grad, state = diag_pass(
-            plan,
-            model,
-            loss,
-            inputs,
-            targets,
-            output="exact",
-            residual=False,
-            generator=generator,
-            with_grad=True,
-        )
-        return diag, grad, state.value()
+    def _diag_options(self) -> tuple[Literal["exact", "bl89", "zero"], bool]:
+        return "exact", False

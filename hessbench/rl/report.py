@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
+from hessbench._provenance import session_commands
 from hessbench.errors import HessbenchError
 from hessbench.report._plot import FigureResult, grid, legend
 from hessbench.report._table import Table, fmt
@@ -222,7 +223,12 @@ def _markdown(meta: dict, command: str, runs: pd.DataFrame, table: Table, figure
         "the advantage-weighted cross-entropy; the critic by Adam in every run.",
         "",
         f"Environment: Python {meta.get('python')}, torch {meta.get('torch')}, gymnasium "
-        f"{meta.get('gymnasium')}, {meta.get('cpu_count')} CPU cores.",
+        f"{meta.get('gymnasium')}, {meta.get('cpu_count')} CPU cores; hessbench "
+        f"{meta.get('hessbench_version')}, git commit {str(meta.get('git_commit') or '?')[:12]}"
+        + (" with uncommitted changes" if meta.get("git_dirty") else "")
+        + ".",
+        "",
+        *(f"The run: `{cmd}`." for cmd in session_commands(meta)),
         "",
         "## Figures",
         "",

@@ -29,8 +29,8 @@ from hessbench._suite_parsing import (
     Name,
     Problems,
     StrictModel,
-    SuiteError,
     fail,
+    load_file,
     read_yaml,
     validate,
 )
@@ -133,11 +133,4 @@ def parse_rl_suite(text: str, source: str = "<suite>") -> RLSuite:
 
 def load_rl_suite(path: str | Path) -> RLSuite:
     """Read and validate the rl suite at ``path`` (see :func:`parse_rl_suite`)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SuiteError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SuiteError(f"{path}: cannot read: {exc}") from None
-    return parse_rl_suite(text, str(path))
+    return load_file(path, parse_rl_suite)

@@ -13,10 +13,16 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from hessbench._run_cli import (
+    chosen_lrs_table,
+    finish_runs,
+    print_plan,
+    run_metadata,
+    run_with_progress,
+    suite_kind,
+)
 from hessbench.errors import HessbenchError
 
 __all__ = [
@@ -34,36 +40,17 @@ def is_train_suite(path: str | Path) -> bool:
     Cheap and forgiving: an unreadable or malformed file is not a train suite (the
     accuracy-suite parser then reports its problems).
     """
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(data, dict) and data.get("kind") == "train"
+    return suite_kind(path) == "train"
 
 
 def _summary(run_dir: Path) -> Table:
-    from hessbench.report._table import fmt
-    from hessbench.train.report import lr_table
+    from hessbench.train.report import best_lrs, lr_table
     from hessbench.train.runner import load_runs
-    from hessbench.train.schema import format_lr
 
     runs, _ = load_runs(run_dir)
-    table = Table(title=str(run_dir))
-    for col in ("optimizer", "chosen lr", "ok/seeds", "final held-out loss (median)"):
-        table.add_column(col, justify="left" if col == "optimizer" else "right")
-    if runs.empty:
-        return table
-    from hessbench.train.report import best_lrs
-
-    per_lr = lr_table(runs)
-    for label, lr in best_lrs(runs).items():
-        r = per_lr[(per_lr["optimizer"] == label) & (per_lr["lr"] == lr)].iloc[0]
-        table.add_row(
-            label, format_lr(lr), f"{r['ok']}/{r['seeds']}", fmt(r["heldout_loss_median"], ".4g")
-        )
-    return table
+    return chosen_lrs_table(
+        run_dir, runs, lr_table, best_lrs, "heldout_loss_median", "final held-out loss (median)"
+    )
 
 
 def train_command(
@@ -94,51 +81,23 @@ def train_command(
             print(r.id)
         err.print(f"{len(runs)} runs; results would go to {run_dir}")
         return 0
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[run]}", markup=False),
-        console=err,
+    summary = run_with_progress(
+        err, lambda **callbacks: run_train_suite(suite_path, opts, **callbacks), _diverged_at
     )
-    bar: dict = {}
 
-    def on_plan(summary) -> None:
-        skipped = len(summary.planned) - len(summary.todo)
-        err.print(f"{len(summary.planned)} runs, {skipped} already done; writing {summary.run_dir}")
-        bar["id"] = progress.add_task("runs", total=len(summary.todo), run="")
+    def failed() -> int:
+        from hessbench.train.runner import load_runs
 
-    def on_record(rec: dict) -> None:
-        progress.update(bar["id"], advance=1)
-        if rec["status"] != "ok":
-            where = f" at step {rec['diverged_at']}" if rec.get("diverged_at") else ""
-            progress.console.print(
-                f"[yellow]{rec['status']}[/]{where}: {escape(rec['cell_id'])}: "
-                f"{escape(str(rec.get('message', '')))}"
-            )
+        runs, _ = load_runs(summary.run_dir)
+        return int(runs["status"].isin(["error", "crashed"]).sum())
 
-    with progress:
-        summary = run_train_suite(
-            suite_path,
-            opts,
-            on_plan=on_plan,
-            on_start=lambda rid: progress.update(bar["id"], run=rid),
-            on_record=on_record,
-        )
-    Console().print(_summary(summary.run_dir))
-    print(f"results: {summary.run_dir / 'runs.csv'} ({len(summary.planned)} runs)")
-    if summary.interrupted:
-        err.print("interrupted: finished runs are on disk; run the same command to resume")
-        return 130
-    from hessbench.train.runner import load_runs
+    return finish_runs(
+        err, summary, _summary(summary.run_dir), failed, "--retry-failed re-runs them"
+    )
 
-    runs, _ = load_runs(summary.run_dir)
-    failed = int(runs["status"].isin(["error", "crashed"]).sum())
-    if failed:
-        err.print(f"{failed} runs failed; see 'message' in runs.csv (--retry-failed re-runs them)")
-        return 1
-    return 0
+
+def _diverged_at(rec: dict) -> str:
+    return f" at step {rec['diverged_at']}" if rec.get("diverged_at") else ""
 
 
 def train_validate_command(suite_path: str | Path) -> int:
@@ -147,25 +106,16 @@ def train_validate_command(suite_path: str | Path) -> int:
 
     suite = load_train_suite(suite_path)
     runs = plan_runs(suite)
-    print(
-        f"{suite_path}: ok: {len(suite.optimizers)} optimizers, "
-        f"{sum(len(o.lrs) for o in suite.optimizers)} learning rates, "
-        f"{len(suite.seed_list)} seeds, {len(runs)} runs of {suite.steps} steps"
-    )
+    print_plan(suite_path, suite, runs, f"{suite.steps} steps")
     return 0
 
 
 def train_report_command(run_dir: str | Path, output: Path | None = None) -> int:
     """Write the report of a train run folder (default ``reports/<suite>``); return 0."""
-    import json
-
     from hessbench.train.report import render_train_report
 
     run_dir = Path(run_dir)
-    meta_path = run_dir / "metadata.json"
-    if not meta_path.exists():
-        raise HessbenchError(f"{run_dir}: not a run folder (no metadata.json)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = run_metadata(run_dir)
     out = output or Path("reports") / (
         str(meta.get("suite", "run")) + ("-quick" if meta.get("quick") else "")
     )

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
+from hessbench._provenance import session_commands
 from hessbench.errors import HessbenchError
 from hessbench.report._plot import FigureResult, grid, legend, log_axis, needs_log
 from hessbench.report._table import Table, fmt
@@ -461,20 +462,6 @@ def _description(meta: dict) -> str:
     return " ".join(str(suite.get("description", "")).split()) if isinstance(suite, dict) else ""
 
 
-def _commands(meta: dict) -> list[str]:
-    out = []
-    for s in meta.get("sessions", []):
-        argv = list(s.get("command") or [])
-        if argv:
-            argv[0] = Path(argv[0]).name
-            if argv[0] in ("__main__.py", "-m"):
-                argv[0] = "hessbench"
-            cmd = shlex.join(argv)
-            if cmd not in out:
-                out.append(cmd)
-    return out
-
-
 def _markdown(meta, command, runs, tables, figures) -> str:
     suite = meta.get("suite", "?")
     counts = runs["status"].value_counts()
@@ -484,7 +471,7 @@ def _markdown(meta, command, runs, tables, figures) -> str:
     if desc := _description(meta):
         out += [f"> {desc}", ""]
     out += [f"Made by `{command}`. {len(runs)} runs: {status}.", ""]
-    if cmds := _commands(meta):
+    if cmds := session_commands(meta):
         out += ["The run: " + "; ".join(f"`{c}`" for c in cmds) + ".", ""]
     sessions = meta.get("sessions") or [{}]
     env = [

@@ -41,9 +41,9 @@ from hessbench._suite_parsing import (
     Name,
     Problems,
     StrictModel,
-    SuiteError,
     custom_error,
     fail,
+    load_file,
     read_yaml,
     repeats,
     validate,
@@ -335,11 +335,4 @@ def parse_train_suite(text: str, source: str = "<suite>") -> TrainSuite:
 
 def load_train_suite(path: str | Path) -> TrainSuite:
     """Read and validate a train suite file (see :func:`parse_train_suite`)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SuiteError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SuiteError(f"{path}: cannot read: {exc}") from None
-    return parse_train_suite(text, str(path))
+    return load_file(path, parse_train_suite)

@@ -1,0 +1,213 @@
+"""The run folders of train and rl suites: running their runs, recording them, their tables.
+
+A run is a picklable spec with an ``id``, a ``suite`` (with ``optimizers``), an
+``optimizer`` entry, an ``lr`` and a ``seed``. Runs go one after the other in this
+process or to spawned worker processes (:func:`run_all`); each finished run is
+appended to ``runs.jsonl`` (:func:`run_session`).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from hessbench._provenance import now
+from hessbench.errors import HessbenchError
+from hessbench.results import RecordStore, atomic_write
+
+__all__ = ["RUNS", "RUN_FIELDS", "crashed_record", "run_all", "run_frames", "run_session"]
+
+RUNS = "runs.jsonl"
+RUN_FIELDS = [
+    "optimizer",
+    "label",
+    "order",
+    "params",
+    "lr",
+    "seed",
+    "status",
+    "message",
+    "diverged_at",
+    "steps_done",
+]
+"""Columns of every kind's run table after ``run_id`` and the task (or environment)."""
+
+
+def run_session(
+    run_dir: Path,
+    meta: dict,
+    summary: Any,
+    jobs: int,
+    threads: int,
+    fn: Callable[[Any], dict],
+    crashed: Callable[[Any, str], dict],
+    *,
+    schema_version: int,
+    table: Callable[[Path], pd.DataFrame],
+    on_start: Callable[[str], None],
+    on_record: Callable[[dict], None],
+) -> None:
+    """Run ``summary.todo`` (see :func:`run_all`) as a session of the run folder ``run_dir``.
+
+    The session (start and end time, jobs, command, number of runs) goes into
+    ``meta["sessions"]`` and ``metadata.json``; every record is appended to
+    ``runs.jsonl`` (flushed and fsynced) before ``summary.statuses`` counts it
+    and ``on_record`` sees it. Ctrl-C sets ``summary.interrupted``. At the end
+    ``runs.csv`` is rewritten from ``table(run_dir)``.
+    """
+    meta_path = run_dir / "metadata.json"
+    session = {"started": now(), "jobs": jobs, "command": sys.argv, "runs": len(summary.todo)}
+    meta["sessions"].append(session)
+    atomic_write(meta_path, json.dumps(meta, indent=2))
+    store = RecordStore(run_dir / RUNS, schema_version=schema_version)
+
+    def record(rec: dict) -> None:
+        store.append(rec)
+        summary.statuses[rec["status"]] += 1
+        on_record(rec)
+
+    try:
+        run_all(summary.todo, jobs, threads, fn, on_start, record, crashed)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        store.close()
+        session["finished"] = now()
+        session["interrupted"] = summary.interrupted
+        atomic_write(meta_path, json.dumps(meta, indent=2))
+        atomic_write(run_dir / "runs.csv", table(run_dir).to_csv(index=False))
+
+
+def crashed_record(run: Any, message: str, **fields: object) -> dict:
+    """The record of a run whose worker died: ``status: crashed``, ``message`` and ``fields``."""
+    return {
+        "cell_id": run.id,
+        **fields,
+        "optimizer": run.optimizer.name,
+        "label": run.optimizer.display,
+        "order": run.suite.optimizers.index(run.optimizer),
+        "params": dict(run.optimizer.params),
+        "lr": run.lr,
+        "seed": run.seed,
+        "status": "crashed",
+        "message": message,
+    }
+
+
+def run_all(
+    todo: Sequence[Any],
+    jobs: int,
+    threads: int,
+    fn: Callable[[Any], dict],
+    on_start: Callable[[str], None],
+    record: Callable[[dict], None],
+    crashed: Callable[[Any, str], dict],
+) -> None:
+    """Record ``fn(run)`` for every run of ``todo`` with ``threads`` torch threads, in plan order.
+
+    With one job (or one run) the runs go one after the other in this process;
+    else to ``jobs`` spawned processes, where Ctrl-C is left to this one: it
+    kills the workers. ``crashed(run, message)`` is the record of a run whose
+    worker died; the runs in progress then are recorded so and HessbenchError
+    is raised.
+    """
+    if jobs <= 1 or len(todo) <= 1:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for run in todo:
+                on_start(run.id)
+                record(fn(run))
+        finally:
+            torch.set_num_threads(before)
+        return
+    ctx = mp.get_context("spawn")
+    pending: dict[Future, Any] = {}
+    queue = list(reversed(todo))
+    with ProcessPoolExecutor(
+        jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
+    ) as pool:
+        try:
+            while queue or pending:
+                while queue and len(pending) < jobs:
+                    run = queue.pop()
+                    on_start(run.id)
+                    pending[pool.submit(fn, run)] = run
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in sorted(finished, key=lambda f: todo.index(pending[f])):
+                    run = pending.pop(fut)
+                    try:
+                        record(fut.result())
+                    except BrokenProcessPool:
+                        record(crashed(run, "its worker process died"))
+                        raise
+        except BrokenProcessPool:  # a worker died: the runs in progress are recorded
+            for run in pending.values():
+                record(crashed(run, "the worker pool broke while this run was in progress"))
+            pending.clear()
+            raise HessbenchError(
+                "a worker process died; finished runs are on disk, re-run to resume"
+            ) from None
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.kill()
+            raise
+
+
+def _worker_init(threads: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    torch.set_num_threads(threads)
+
+
+def run_frames(
+    run_dir: str | Path,
+    read: Callable[[Path], dict[str, dict]],
+    run_columns: list[str],
+    curve_columns: list[str],
+    point_keys: tuple[str, ...],
+    run_numeric: list[str],
+    curve_numeric: list[str],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tidy tables of a run folder: one row per run, and one per curve point.
+
+    ``read(run_dir)`` gives the last record of every run. Run rows have
+    ``run_columns`` (``params`` as sorted JSON); curve rows ``run_id``,
+    ``point_keys`` of their run and ``curve_columns``. The ``*_numeric`` columns
+    become floats (NaN where missing).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise HessbenchError(f"{run_dir}: no such run folder")
+    rows, points = [], []
+    for run_id, rec in read(run_dir).items():
+        row = {k: rec.get(k) for k in run_columns}
+        row["run_id"] = run_id
+        row["params"] = json.dumps(rec.get("params", {}), sort_keys=True)
+        rows.append(row)
+        curve = rec.get("curve") or {}
+        for i in range(len(curve.get("step", []))):
+            point = {k: rec.get(k) for k in point_keys}
+            point["run_id"] = run_id
+            point.update({k: curve[k][i] for k in curve_columns})
+            points.append(point)
+    runs = pd.DataFrame(rows, columns=run_columns)
+    curves = pd.DataFrame(points, columns=["run_id", *point_keys, *curve_columns])
+    for c in run_numeric:
+        runs[c] = pd.to_numeric(runs[c], errors="coerce").astype(float)
+    for c in curve_numeric:
+        curves[c] = pd.to_numeric(curves[c], errors="coerce").astype(float)
+    return runs, curves
