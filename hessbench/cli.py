@@ -142,12 +142,10 @@ def summary_table(df, title: str) -> Table:
 
 def _suite_kind(path: Path) -> str:
     """``train``, ``rl`` or ``accuracy`` (the default), from the suite's ``kind:`` field."""
-    from hessbench.rl.cli import is_rl_suite
-    from hessbench.train import is_train_suite
+    from hessbench._run_cli import suite_kind
 
-    if is_train_suite(path):
-        return "train"
-    return "rl" if is_rl_suite(path) else "accuracy"
+    kind = suite_kind(path)
+    return kind if kind in ("train", "rl") else "accuracy"
 
 
 @app.command("validate")
@@ -418,7 +416,7 @@ def report(
     """
     import shlex
 
-    from hessbench.report.page import OUTPUTS, default_output, render_report
+    from hessbench.report.page import OUTPUTS, default_output, render_report, write_files
     from hessbench.results import load, load_parts
     from hessbench.rl.runner import is_rl_run
     from hessbench.train.runner import is_train_run
@@ -438,15 +436,7 @@ def report(
     out = output if output is not None else default_output(meta)
     command = f"hessbench report {shlex.quote(str(run_dir))} -o {shlex.quote(str(out))}"
     rendered = render_report(df, load_parts(run_dir), meta, command)
-    for name in OUTPUTS:  # a figure that no longer applies must not linger
-        if name not in rendered.files and (out / name).exists():
-            (out / name).unlink()
-    for name, data in rendered.files.items():
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+    write_files(out, rendered.files, OUTPUTS)
     skipped = [f for f in rendered.figures if f.figure is None]
     for f in skipped:
         print(f"skipped figure {f.name}: {f.skipped}", file=sys.stderr)

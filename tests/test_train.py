@@ -276,6 +276,16 @@ def test_report_writes_every_file_and_the_table_holds_the_medians(finished, tmp_
     assert again.files == report.files
 
 
+def test_report_names_the_clock_the_runs_were_timed_with(finished, tmp_path):
+    _, run = finished
+    runs, _ = load_runs(run)
+    assert set(runs["clock"]) == {"CPU time"}  # on CPU: process CPU time (training_clock)
+    render_train_report(run, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "cumulative training CPU time" in md
+    assert "wall-clock" not in md
+
+
 def test_commands(finished, tmp_path, capsys):
     from hessbench.train import train_command, train_report_command, train_validate_command
 

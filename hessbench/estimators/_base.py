@@ -276,6 +276,22 @@ class Estimator(abc.ABC):
         LossSpec.of(loss_fn)
         trainable_parameters(model)
 
+    def _prepare(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        inputs: Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[LossSpec, bool, torch.Generator | None]:
+        """The loss spec, whether dropout is active, and the generator to use (checks inputs)."""
+        loss = LossSpec.of(loss_fn)
+        if not all_finite(inputs):
+            raise InputError("the inputs contain NaN or infinity")
+        dropout = has_active_dropout(model)
+        if generator is None and (self.stochastic or dropout):
+            generator = fresh_generator(inputs.device)
+        return loss, dropout, generator
+
     def __call__(
         self,
         model: nn.Module,
@@ -286,12 +302,7 @@ class Estimator(abc.ABC):
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """Estimate the diagonal of the Hessian of ``loss_fn(model(inputs), targets)``."""
-        loss = LossSpec.of(loss_fn)
-        if not all_finite(inputs):
-            raise InputError("the inputs contain NaN or infinity")
-        dropout = has_active_dropout(model)
-        if generator is None and (self.stochastic or dropout):
-            generator = fresh_generator(inputs.device)
+        loss, dropout, generator = self._prepare(model, loss_fn, inputs, generator)
         if self.uses_model_forward or dropout:
             with preserve_state(model, inputs.device, generator if dropout else None):
                 return self._estimate(model, loss, inputs, targets, generator)
@@ -322,12 +333,7 @@ class Estimator(abc.ABC):
         Returns:
             ``(diag, grad, loss)``.
         """
-        loss = LossSpec.of(loss_fn)
-        if not all_finite(inputs):
-            raise InputError("the inputs contain NaN or infinity")
-        dropout = has_active_dropout(model)
-        if generator is None and (self.stochastic or dropout):
-            generator = fresh_generator(inputs.device)
+        loss, dropout, generator = self._prepare(model, loss_fn, inputs, generator)
         with preserve_state(model, inputs.device, generator if dropout else None):
             return self._estimate_with_grad(model, loss, inputs, targets, generator)
 

@@ -18,7 +18,15 @@ import pandas as pd
 from hessbench.report.figures import FigureResult, figure_bytes, make_figures
 from hessbench.report.tables import Table, accuracy_table, cost_table, layer_table
 
-__all__ = ["OUTPUTS", "Report", "default_output", "render_report"]
+__all__ = [
+    "OUTPUTS",
+    "Report",
+    "default_output",
+    "figure_sections",
+    "render_report",
+    "table_links",
+    "write_files",
+]
 
 TABLE_FORMATS = ("md", "csv", "tex")
 FIGURE_FORMATS = ("png", "pdf")
@@ -125,7 +133,18 @@ def _markdown(df, meta, command, tables, figures) -> str:
         out += ["The run: " + "; ".join(f"`{c}`" for c in runs) + ".", ""]
     out += ["## Environment", "", "| | |", "|---|---|"]
     out += [f"| {k} | {val.replace('|', '/')} |" for k, val in _environment(meta)] + [""]
-    out += ["## Figures", ""]
+    out += ["## Figures", "", *figure_sections(figures), "## Tables", ""]
+    for t in tables:
+        out += [f"### {_TABLE_TITLES[t.name]}", "", t.markdown(), table_links(t.name), ""]
+    return "\n".join(out)
+
+
+def figure_sections(figures: list[FigureResult]) -> list[str]:
+    """Markdown lines: per figure a numbered heading, the caption, the PNG and links.
+
+    A figure that was not drawn gets its reason instead.
+    """
+    out: list[str] = []
     for i, f in enumerate(figures, 1):
         out += [f"### {i}. {f.title}", ""]
         if f.figure is None:
@@ -133,11 +152,29 @@ def _markdown(df, meta, command, tables, figures) -> str:
             continue
         out += [f.caption, "", f"![{f.title}](figures/{f.name}.png)", ""]
         out += [f"[PDF](figures/{f.name}.pdf) · [PNG](figures/{f.name}.png)", ""]
-    out += ["## Tables", ""]
-    for t in tables:
-        links = " · ".join(f"[{f.upper()}](tables/{t.name}.{f})" for f in ("csv", "tex", "md"))
-        out += [f"### {_TABLE_TITLES[t.name]}", "", t.markdown(), links, ""]
-    return "\n".join(out)
+    return out
+
+
+def table_links(name: str) -> str:
+    """Markdown links to a table's CSV, LaTeX and Markdown files."""
+    return " · ".join(f"[{x.upper()}](tables/{name}.{x})" for x in ("csv", "tex", "md"))
+
+
+def write_files(out: Path, files: dict[str, bytes], known: tuple[str, ...] = ()) -> None:
+    """Write ``files`` (relative path -> bytes) under ``out``, each through a rename.
+
+    Paths in ``known`` that ``files`` no longer holds are deleted (a figure that
+    no longer applies must not linger); other files in ``out`` are left alone.
+    """
+    for name in known:
+        if name not in files and (out / name).exists():
+            (out / name).unlink()
+    for name, data in files.items():
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;

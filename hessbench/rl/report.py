@@ -34,6 +34,7 @@ from hessbench.errors import HessbenchError
 from hessbench.report._plot import FigureResult, grid, legend
 from hessbench.report._table import Table, fmt
 from hessbench.report.figures import figure_bytes
+from hessbench.report.page import figure_sections, table_links, write_files
 from hessbench.report.style import figure_context
 from hessbench.rl.a2c import FINAL_FRACTION
 from hessbench.rl.runner import load_rl_runs
@@ -232,11 +233,9 @@ def _markdown(meta: dict, command: str, runs: pd.DataFrame, table: Table, figure
         "",
         "## Figures",
         "",
+        *figure_sections(figures),
     ]
-    for i, f in enumerate(figures, 1):
-        out += [f"### {i}. {f.title}", "", f.caption, "", f"![{f.title}](figures/{f.name}.png)", ""]
-        out += [f"[PDF](figures/{f.name}.pdf) · [PNG](figures/{f.name}.png)", ""]
-    links = " · ".join(f"[{x.upper()}](tables/final.{x})" for x in ("csv", "tex", "md"))
+    links = table_links("final")
     out += [
         "## Table",
         "",
@@ -280,10 +279,5 @@ def render_rl_report(
         for ext in ("png", "pdf"):
             files[f"figures/{f.name}.{ext}"] = figure_bytes(f.figure, ext)
     files["report.md"] = _markdown(meta, command, runs, table, figures).encode()
-    for name, data in files.items():
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+    write_files(out, files)
     return files

@@ -41,6 +41,7 @@ from hessbench.errors import HessbenchError
 from hessbench.report._plot import FigureResult, grid, legend, log_axis, needs_log
 from hessbench.report._table import Table, fmt
 from hessbench.report.figures import figure_bytes
+from hessbench.report.page import figure_sections, table_links, write_files
 from hessbench.report.style import Style, estimator_style, figure_context
 from hessbench.train.runner import load_runs
 from hessbench.train.schema import format_lr
@@ -486,23 +487,22 @@ def _markdown(meta, command, runs, tables, figures) -> str:
     out += ["## Environment", "", "| | |", "|---|---|"]
     out += [f"| {k} | {v.replace('|', '/')} |" for k, v in env] + [""]
     out += [
-        "Wall-clock times were measured on this machine, possibly with other work on it "
-        "(and `-j` runs sharing its cores): compare them within one run only.",
+        f"Training times are {clock_name(runs)}"
+        + (
+            " of the worker process (fixed threads), which other work on the machine does "
+            "not inflate; still, compare them within one run."
+            if clock_name(runs) == "CPU time"
+            else ", measured on this machine: compare them within one run only."
+        ),
         "",
         "## Figures",
         "",
+        *figure_sections(figures),
+        "## Tables",
+        "",
     ]
-    for i, f in enumerate(figures, 1):
-        out += [f"### {i}. {f.title}", ""]
-        if f.figure is None:
-            out += [f"*Not drawn: {f.skipped}.*", ""]
-            continue
-        out += [f.caption, "", f"![{f.title}](figures/{f.name}.png)", ""]
-        out += [f"[PDF](figures/{f.name}.pdf) · [PNG](figures/{f.name}.png)", ""]
-    out += ["## Tables", ""]
     for t in tables:
-        links = " · ".join(f"[{x.upper()}](tables/{t.name}.{x})" for x in ("csv", "tex", "md"))
-        out += [f"### {t.title}", "", t.markdown(), links, ""]
+        out += [f"### {t.title}", "", t.markdown(), table_links(t.name), ""]
     return "\n".join(out)
 
 
@@ -555,13 +555,5 @@ def render_train_report(
     if command is None:
         command = f"hessbench report {shlex.quote(str(run_dir))} -o {shlex.quote(str(out))}"
     report = render_train_files(run_dir, command)
-    for name in TRAIN_OUTPUTS:
-        if name not in report.files and (out / name).exists():
-            (out / name).unlink()
-    for name, data in report.files.items():
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+    write_files(out, report.files, TRAIN_OUTPUTS)
     return report

@@ -127,6 +127,7 @@ RUN_COLUMNS = [
     "final_heldout_accuracy",
     "train_time_s",
     "eval_time_s",
+    "clock",
     "num_params",
 ]
 CURVE_COLUMNS = ["step", "time_s", "train_loss", "heldout_loss", "heldout_accuracy"]
@@ -143,7 +144,8 @@ def load_runs(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         RUN_COLUMNS,
         CURVE_COLUMNS,
         ("label", "lr", "seed", "status"),
-        [*RUN_COLUMNS[RUN_COLUMNS.index("diverged_at") :], "lr", "order"],
+        [c for c in RUN_COLUMNS[RUN_COLUMNS.index("diverged_at") :] if c != "clock"]
+        + ["lr", "order"],
         CURVE_COLUMNS[1:],
     )
 
