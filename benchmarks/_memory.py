@@ -10,7 +10,7 @@ that outlive the call, such as the returned estimate, count in the peak).
 
 Run it in an untimed pass: profiling slows the call down.
 
-``hessbench.measure.peak_memory`` implements the same method for
+``hessbench.bench.measure.peak_memory`` implements the same method for
 ``hessbench run``; :func:`peak_memory` uses it where the hessbench under test
 has it, and the copy here otherwise (older versions, benchmarked by the CI gate
 with these same definitions).
@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 try:
-    from hessbench.measure import peak_memory as _hessbench_peak_memory
+    from hessbench.bench.measure import peak_memory as _hessbench_peak_memory
 except ImportError:
     _hessbench_peak_memory = None
 

@@ -21,8 +21,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from hessbench import __version__
-from hessbench._run_cli import progress_bar
 from hessbench.errors import HessbenchError
+from hessbench.run.console import progress_bar
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -142,7 +142,7 @@ def summary_table(df, title: str) -> Table:
 
 def _suite_kind(path: Path) -> str:
     """``train``, ``rl`` or ``accuracy`` (the default), from the suite's ``kind:`` field."""
-    from hessbench._run_cli import suite_kind
+    from hessbench.run.console import suite_kind
 
     kind = suite_kind(path)
     return kind if kind in ("train", "rl") else "accuracy"
@@ -152,7 +152,7 @@ def _suite_kind(path: Path) -> str:
 @_one_line_errors
 def validate(suite: Path = typer.Argument(..., help="Suite YAML file.")) -> None:
     """Check a suite file and print what it would run (no computation)."""
-    from hessbench.config import load_suite, plan_cells, task_variants
+    from hessbench.suite.schema import load_suite, plan_cells, task_variants
 
     kind = _suite_kind(suite)
     if kind == "train":
@@ -234,9 +234,9 @@ def run(
     ``kind: train`` (optimizer benchmark, docs/train.md) and ``kind: rl``
     (docs/rl.md) suites are handed to their own runners.
     """
-    from hessbench.results import FAILED, frame, load
-    from hessbench.runner import RunOptions, plan_run, run_suite
-    from hessbench.shards import parse_shard
+    from hessbench.run.runner import RunOptions, plan_run, run_suite
+    from hessbench.store.records import FAILED, frame, load
+    from hessbench.store.shards import parse_shard
 
     kind = _suite_kind(suite)
     if kind != "accuracy":
@@ -328,7 +328,7 @@ def run(
         err.print(f"when the jobs have ended: {collect_cmd}")
         return
     if summary.shard_file is not None:
-        from hessbench.results import iter_records
+        from hessbench.store.records import iter_records
 
         df = frame(iter_records(summary.shard_file)[0])
         _stdout().print(summary_table(df, f"{summary.shard_file}"))
@@ -357,8 +357,8 @@ def collect(
     wait: bool = typer.Option(False, "--wait", help="First wait until the run's jobs end."),
 ) -> None:
     """Merge a run folder's shards (Slurm array tasks, --shard runs) into its results."""
-    from hessbench.results import FAILED, load
-    from hessbench.runner import collect as collect_run
+    from hessbench.run.runner import collect as collect_run
+    from hessbench.store.records import FAILED, load
 
     err = Console(stderr=True)
     new: list[dict] = []
@@ -381,7 +381,7 @@ def show(
     run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/smoke/<hash>."),
 ) -> None:
     """Print a run's summary table."""
-    from hessbench.results import load
+    from hessbench.store.records import load
 
     df = load(run_dir)
     _stdout().print(summary_table(df, str(run_dir)))
@@ -417,8 +417,8 @@ def report(
     import shlex
 
     from hessbench.report.page import OUTPUTS, default_output, render_report, write_files
-    from hessbench.results import load, load_parts
     from hessbench.rl.runner import is_rl_run
+    from hessbench.store.records import load, load_parts
     from hessbench.train.runner import is_train_run
 
     if is_train_run(run_dir):
@@ -456,7 +456,7 @@ def compare(
 ) -> None:
     """Per cell, B/A of relative L1, time and memory ratios; exit 1 if something got worse."""
     from hessbench.report.compare import compare as compare_runs
-    from hessbench.results import load
+    from hessbench.store.records import load
 
     if not factor > 1:
         raise HessbenchError(f"--factor must be above 1, got {factor}")

@@ -21,9 +21,9 @@ import torch
 from test_runner import TESTS, accuracy, cli, write_suite
 
 from hessbench.errors import HessbenchError
-from hessbench.results import CellStore, load, read_records
-from hessbench.runner import RunOptions, collect, run_suite
-from hessbench.shards import Collector, Shard, parse_shard
+from hessbench.run.runner import RunOptions, collect, run_suite
+from hessbench.store.records import CellStore, load, read_records
+from hessbench.store.shards import Collector, Shard, parse_shard
 
 pytest.importorskip("submitit", reason="submitit is in the dev extra: pip install -e '.[dev]'")
 

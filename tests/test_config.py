@@ -10,7 +10,9 @@ import pydantic
 import pytest
 import yaml
 
-from hessbench.config import (
+from hessbench.errors import ConfigError, HessbenchError
+from hessbench.estimators import available_estimators, estimator_class
+from hessbench.suite.schema import (
     CellSpec,
     Suite,
     SuiteError,
@@ -22,8 +24,6 @@ from hessbench.config import (
     suite_text_hash,
     task_variants,
 )
-from hessbench.errors import ConfigError, HessbenchError
-from hessbench.estimators import available_estimators, estimator_class
 
 ALL_SUITES = sorted((Path(__file__).parent.parent / "suites").glob("*.yaml"))
 # accuracy suites; kind: train and kind: rl suites are tested in test_train.py / test_rl.py

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hessbench.measure import memory_ratio, peak_memory, time_interleaved
+from hessbench.bench.measure import memory_ratio, peak_memory, time_interleaved
 
 CPU = torch.device("cpu")
 

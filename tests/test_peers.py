@@ -40,10 +40,10 @@ pytest.importorskip("backpack")
 
 from backpack.context import CTX
 
-from hessbench.config import parse_suite, plan_cells
 from hessbench.errors import UnsupportedError
 from hessbench.estimators import available_estimators, estimator_class, get_estimator
 from hessbench.estimators.peers import PEERS, available_peers, skipped_peers
+from hessbench.suite.schema import parse_suite, plan_cells
 
 HAS_CURVLINOPS = "curvlinops" in available_peers()
 needs_curvlinops = pytest.mark.skipif(not HAS_CURVLINOPS, reason="curvlinops not installed")

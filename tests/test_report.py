@@ -18,8 +18,8 @@ from hessbench.cli import app
 from hessbench.report import accuracy_table, compare, cost_table, make_figures
 from hessbench.report.page import OUTPUTS, render_report
 from hessbench.report.style import ESTIMATOR_STYLES, estimator_style, label_infos, sweeps
-from hessbench.results import load, load_parts
-from hessbench.runner import RunOptions, run_suite
+from hessbench.run.runner import RunOptions, run_suite
+from hessbench.store.records import load, load_parts
 
 # tiny: 4 parameters, so `exact` with max_params 5 runs; mlp (43 parameters) makes it
 # unsupported. mlp is evaluated at init and after 20 steps (the before/after figure);

@@ -11,13 +11,13 @@ import torch
 
 pytest.importorskip("gymnasium")
 
-from hessbench.config import SuiteError
 from hessbench.errors import DivergenceError
 from hessbench.rl import a2c
 from hessbench.rl.cli import is_rl_suite, run_rl_command
 from hessbench.rl.report import RL_OUTPUTS, render_rl_report
 from hessbench.rl.runner import read_rl_runs, run_rl_suite
 from hessbench.rl.schema import parse_rl_suite, plan_rl_runs
+from hessbench.suite.schema import SuiteError
 
 TINY = """\
 kind: rl

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from hessbench.errors import HessbenchError
-from hessbench.results import SCHEMA_VERSION, load, load_parts, read_records
-from hessbench.runner import RunOptions, run_suite
+from hessbench.run.runner import RunOptions, run_suite
+from hessbench.store.records import SCHEMA_VERSION, load, load_parts, read_records
 
 TESTS = Path(__file__).parent
 ACCURACY = ["l1", "abs_truth", "rel_l1", "cosine", "spearman", "sign_agreement"]
@@ -224,7 +224,7 @@ def test_sigterm_leaves_a_resumable_folder(tmp_path):
 
 
 def test_a_locked_folder_is_refused(tmp_path):
-    from hessbench.results import run_lock
+    from hessbench.store.records import run_lock
 
     suite = write_suite(tmp_path)
     out = tmp_path / "run"

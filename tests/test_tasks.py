@@ -6,9 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from hessbench.config import SuiteError, parse_suite, task_variants
+from hessbench.bench.problem import (
+    build_model,
+    build_problem,
+    check_model,
+    load_digits,
+    training_data,
+)
 from hessbench.errors import ConfigError
-from hessbench.tasks import build_model, build_problem, check_model, load_digits, training_data
+from hessbench.suite.schema import SuiteError, parse_suite, task_variants
 
 SUITE = """
 name: t

@@ -16,7 +16,7 @@ from torch import nn
 from hessbench.errors import InputError, UnsupportedError
 from hessbench.estimators import get_estimator
 from hessbench.estimators._autograd import rademacher
-from hessbench.losses import WeightedCrossEntropyLoss
+from hessbench.estimators.losses import WeightedCrossEntropyLoss
 from hessbench.optim import make_stepper
 
 MIXED = (1.5, -0.7, 0.3, -2.0)  # mixed-sign weights (advantages)

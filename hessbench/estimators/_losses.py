@@ -10,7 +10,7 @@ directly, without autograd:
   ``d2L/dz2 = c (diag p - p p^T)`` with symmetric factor ``sqrt(c) (diag sqrt(p) - p sqrt(p)^T)``;
 - MSE: ``dL/dz = 2c (z - y)``, ``d2L/dz2 = 2c I`` with factor ``sqrt(2c) I``.
 
-Per-sample weights (:class:`hessbench.losses.WeightedCrossEntropyLoss`) make the loss
+Per-sample weights (:class:`hessbench.estimators.losses.WeightedCrossEntropyLoss`) make the loss
 ``L = c * sum_n w_n l(z_n, y_n)``: every closed form below is scaled by ``w_n`` per
 sample, and the square-root and Monte-Carlo factors by ``sqrt(w_n)``, which needs
 ``w_n >= 0``.
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hessbench.errors import InputError, UnsupportedError
-from hessbench.losses import WeightedCrossEntropyLoss
+from hessbench.estimators.losses import WeightedCrossEntropyLoss
 
 __all__ = ["LossSpec", "LossState"]
 

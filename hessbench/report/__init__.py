@@ -1,7 +1,7 @@
 """Reports of a run: tables, figures and a browsable page (``hessbench report``).
 
-The functions here take the cell table of :func:`hessbench.results.load` (and
-the per-layer rows of :func:`hessbench.results.load_parts`) and return tables,
+The functions here take the cell table of :func:`hessbench.store.records.load` (and
+the per-layer rows of :func:`hessbench.store.records.load_parts`) and return tables,
 figures and page text; the command line writes them to files.
 """
 

@@ -227,7 +227,7 @@ def render_report(
 ) -> Report:
     """Every file of the report of a run, by path relative to the report folder.
 
-    ``df`` and ``parts`` are :func:`hessbench.results.load` and ``load_parts`` of the
+    ``df`` and ``parts`` are :func:`hessbench.store.records.load` and ``load_parts`` of the
     run, ``meta`` its ``metadata.json``, ``command`` the command shown as the maker;
     figures are rendered in ``formats`` (the page links PNG and PDF regardless).
     """

@@ -9,7 +9,7 @@ time limit bootstraps from the critic's value of its last observation). Then
 - the **actor** takes one step of the optimizer under test on the loss
   ``(1/N) sum_i A_i CE(logits_i, a_i)`` = ``-(1/N) sum_i A_i log pi(a_i | s_i)``, with
   advantages ``A_i = R_i - V(s_i)`` held fixed: a
-  :class:`~hessbench.losses.WeightedCrossEntropyLoss`, so every estimator sees the
+  :class:`~hessbench.estimators.losses.WeightedCrossEntropyLoss`, so every estimator sees the
   true policy loss (no entropy bonus, which is not a weighted cross-entropy);
 - the **critic** takes one ``torch.optim.Adam`` step (``critic_lr``) on the MSE
   to the returns, whatever the actor's optimizer, so only the actor's optimizer
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from hessbench.errors import DivergenceError, HessbenchError
-from hessbench.losses import WeightedCrossEntropyLoss
+from hessbench.estimators.losses import WeightedCrossEntropyLoss
 from hessbench.rl.schema import RLRunSpec
 
 __all__ = ["FINAL_FRACTION", "final_return", "require_gymnasium", "run_a2c"]

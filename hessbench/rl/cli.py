@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from hessbench._run_cli import (
+from hessbench.run.console import (
     chosen_lrs_table,
     finish_runs,
     print_plan,

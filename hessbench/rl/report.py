@@ -29,7 +29,6 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
-from hessbench._provenance import session_commands
 from hessbench.errors import HessbenchError
 from hessbench.report._plot import FigureResult, grid, legend
 from hessbench.report._table import Table, fmt
@@ -38,6 +37,7 @@ from hessbench.report.page import figure_sections, table_links, write_files
 from hessbench.report.style import figure_context
 from hessbench.rl.a2c import FINAL_FRACTION
 from hessbench.rl.runner import load_rl_runs
+from hessbench.store.provenance import session_commands
 from hessbench.train.report import optimizer_style
 from hessbench.train.schema import format_lr
 

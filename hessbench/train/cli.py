@@ -15,7 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hessbench._run_cli import (
+from hessbench.errors import HessbenchError
+from hessbench.run.console import (
     chosen_lrs_table,
     finish_runs,
     print_plan,
@@ -23,7 +24,6 @@ from hessbench._run_cli import (
     run_with_progress,
     suite_kind,
 )
-from hessbench.errors import HessbenchError
 
 __all__ = [
     "app",

@@ -36,13 +36,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
-from hessbench._provenance import session_commands
 from hessbench.errors import HessbenchError
 from hessbench.report._plot import FigureResult, grid, legend, log_axis, needs_log
 from hessbench.report._table import Table, fmt
 from hessbench.report.figures import figure_bytes
 from hessbench.report.page import figure_sections, table_links, write_files
 from hessbench.report.style import Style, estimator_style, figure_context
+from hessbench.store.provenance import session_commands
 from hessbench.train.runner import load_runs
 from hessbench.train.schema import format_lr
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from hessbench._provenance import environment
-from hessbench._runs import RUN_FIELDS, RUNS, crashed_record, run_frames, run_session
-from hessbench.config import suite_text_hash
 from hessbench.errors import ConfigError
-from hessbench.results import read_last_records, run_kind, run_lock
+from hessbench.run.sessions import RUN_FIELDS, RUNS, crashed_record, run_frames, run_session
+from hessbench.store.provenance import environment
+from hessbench.store.records import read_last_records, run_kind, run_lock
+from hessbench.suite.schema import suite_text_hash
 from hessbench.train.schema import RunSpec, TrainSuite, load_train_suite, plan_runs
 
 __all__ = [

@@ -4,7 +4,7 @@ A train suite names one task (a model, a loss and data, as in an accuracy suite,
 plus the ``teacher`` regression data that only training needs), optimizers each
 with a learning-rate grid, seeds, a step budget and an evaluation interval.
 Every model refuses unknown fields; a malformed file raises
-:class:`~hessbench.config.SuiteError` with one line per problem,
+:class:`~hessbench.suite.schema.SuiteError` with one line per problem,
 ``FILE: field.path: message``. Field reference: ``docs/train.md``.
 
 >>> suite = parse_train_suite('''
@@ -37,7 +37,8 @@ import pydantic
 import torch
 from pydantic import Discriminator, Field, NonNegativeFloat, PositiveInt, Tag, model_validator
 
-from hessbench._suite_parsing import (
+from hessbench.errors import HessbenchError
+from hessbench.suite.parsing import (
     Name,
     Problems,
     StrictModel,
@@ -48,7 +49,7 @@ from hessbench._suite_parsing import (
     repeats,
     validate,
 )
-from hessbench._task_schema import (
+from hessbench.suite.task import (
     DIGITS_EVAL,
     DIGITS_SAMPLES,
     Activation,
@@ -59,7 +60,6 @@ from hessbench._task_schema import (
     SyntheticData,
     TaskSpec,
 )
-from hessbench.errors import HessbenchError
 
 __all__ = [
     "OptimizerSpec",
@@ -119,7 +119,7 @@ class TrainTask(StrictModel):
         """The equivalent accuracy-suite task (teacher data become synthetic regression).
 
         Its ``eval`` holds ``heldout_size`` samples in one batch, so
-        :func:`hessbench.tasks.evaluation_data` gives the held-out set.
+        :func:`hessbench.bench.problem.evaluation_data` gives the held-out set.
         """
         data = self.data
         if isinstance(data, TeacherData):

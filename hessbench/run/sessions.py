@@ -20,9 +20,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from hessbench._provenance import now
 from hessbench.errors import HessbenchError
-from hessbench.results import RecordStore, atomic_write
+from hessbench.store.provenance import now
+from hessbench.store.records import RecordStore, atomic_write
 
 __all__ = ["RUNS", "RUN_FIELDS", "crashed_record", "run_all", "run_frames", "run_session"]
 

@@ -6,9 +6,9 @@ suite file's SHA-256, so running the same suite again resumes it, and an
 edited suite starts a new folder. ``--force`` discards a folder's cells.
 
 Executors (``RunOptions.executor``): ``local`` evaluates the pending cells here
-(:func:`~hessbench.scheduler.run_groups`); ``slurm`` submits them as a job array
-and waits for it (:mod:`hessbench.cluster`), merging the array tasks' result
-shards as they arrive (:mod:`hessbench.shards`). ``RunOptions.shard`` runs a
+(:func:`~hessbench.run.pool.run_groups`); ``slurm`` submits them as a job array
+and waits for it (:mod:`hessbench.run.slurm`), merging the array tasks' result
+shards as they arrive (:mod:`hessbench.store.shards`). ``RunOptions.shard`` runs a
 deterministic share of the cells into its own shard file.
 """
 
@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from hessbench._provenance import environment, now
-from hessbench._suite_parsing import validate
-from hessbench.config import CellSpec, Cluster, Suite, load_suite, plan_cells, suite_text_hash
 from hessbench.errors import ConfigError
-from hessbench.results import DONE, FAILED, CellStore, atomic_write, load, run_lock
-from hessbench.scheduler import Group, run_groups
-from hessbench.shards import SHARDS, Collector, Shard, merged_records, shard_path
+from hessbench.run.pool import Group, run_groups
+from hessbench.store.provenance import environment, now
+from hessbench.store.records import DONE, FAILED, CellStore, atomic_write, load, run_lock
+from hessbench.store.shards import SHARDS, Collector, Shard, merged_records, shard_path
+from hessbench.suite.parsing import validate
+from hessbench.suite.schema import CellSpec, Cluster, Suite, load_suite, plan_cells, suite_text_hash
 
 __all__ = [
     "RunOptions",
@@ -136,7 +136,7 @@ def plan_run(path: str | Path, opts: RunOptions) -> tuple[Suite, str, Path, list
 
 def check_options(suite: Suite, opts: RunOptions) -> None:
     """Refuse contradictory options and an unavailable device, before any work."""
-    from hessbench.cluster import EXECUTORS, require_submitit
+    from hessbench.run.slurm import EXECUTORS, require_submitit
 
     if opts.executor not in EXECUTORS:
         raise ConfigError(f"--executor {opts.executor!r}: expected local or slurm")
@@ -281,7 +281,7 @@ def _job_states(collector: Collector):
     """A job-state function when the folder has unsettled array tasks (None otherwise)."""
     if not collector.pending_tasks():
         return None
-    from hessbench.cluster import JobStates
+    from hessbench.run.slurm import JobStates
 
     return JobStates()
 
@@ -326,7 +326,7 @@ def _run_cluster(
     record: Callable[[dict], None],
 ) -> None:
     """Submit ``todo`` as a job array; unless ``--no-wait``, wait and merge the shards."""
-    from hessbench.cluster import JobStates, submit
+    from hessbench.run.slurm import JobStates, submit
 
     session["id"] = _session_id()
     manifest = submit(

@@ -2,7 +2,7 @@
 
 Slurm array tasks and ``hessbench run --shard i/n`` never write ``cells.jsonl``;
 each writes its own file under ``RUN_DIR/shards/`` in the record format of
-:mod:`hessbench.results` (appended, flushed and fsynced per cell):
+:mod:`hessbench.store.records` (appended, flushed and fsynced per cell):
 
 - ``<session>-<task>.jsonl``: array task ``<task>`` of a submission; the
   submission's manifest ``<session>.json`` names its executor, the job id of
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hessbench.errors import ConfigError
-from hessbench.results import DONE, CellStore, atomic_write, iter_records, read_records
+from hessbench.store.records import DONE, CellStore, atomic_write, iter_records, read_records
 
 __all__ = [
     "TERMINAL",

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from hessbench.cell import GroupEvaluator, base_record
-from hessbench.config import Defaults, TaskVariant
+from hessbench.bench.cell import GroupEvaluator, base_record
 from hessbench.estimators import Estimator
+from hessbench.suite.schema import Defaults, TaskVariant
 
 __all__ = ["Group", "run_groups"]
 
@@ -42,7 +42,7 @@ class Group:
 def _worker_main(conn: Connection, defaults: Defaults, log_path: str | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     # Slurm (through submitit) warns every process of a job with SIGUSR2 before its time
-    # limit; that is the parent's business (hessbench.cluster), not a reason to die
+    # limit; that is the parent's business (hessbench.run.slurm), not a reason to die
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     if log_path:  # keep the terminal for the parent's progress; keep crash output
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -10,7 +10,7 @@ A run folder holds
 - ``results.csv``: the tidy cell table, written the same way at the end of a run;
 - ``.lock``: held (``fcntl.flock``) while a run writes the folder;
 - ``shards/``: result shards of Slurm array tasks and ``--shard i/n`` runs, in the
-  same record format, merged into ``cells.jsonl`` by :mod:`hessbench.shards`.
+  same record format, merged into ``cells.jsonl`` by :mod:`hessbench.store.shards`.
 
 Every record carries ``schema_version``; :func:`load` refuses a newer one.
 """

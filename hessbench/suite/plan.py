@@ -1,7 +1,7 @@
 """The plan of a suite: task variants, cells with stable ids, and derived seeds.
 
 Pure and cheap: nothing here builds a model or touches data. The names are
-re-exported by :mod:`hessbench.config`.
+re-exported by :mod:`hessbench.suite.schema`.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from hessbench._suite_parsing import glob
 from hessbench.errors import ConfigError
 from hessbench.estimators import Estimator
+from hessbench.suite.parsing import glob
 
 if TYPE_CHECKING:
-    from hessbench.config import Suite, TaskSpec, TrainState
+    from hessbench.suite.schema import Suite, TaskSpec, TrainState
 
 __all__ = ["CellSpec", "TaskVariant", "derive_seed", "matches", "plan_cells", "task_variants"]
 

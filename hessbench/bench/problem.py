@@ -1,7 +1,7 @@
 """Build what a cell evaluates: a task's model, loss and evaluated batches, deterministically.
 
 Everything is a function of the task's name and the seed, through
-:func:`~hessbench.config.derive_seed` and local ``torch.Generator`` objects:
+:func:`~hessbench.suite.schema.derive_seed` and local ``torch.Generator`` objects:
 
 - weights: ``torch.nn``'s own initialization, drawn from the global RNG seeded with
   ``derive_seed(task, seed, "init")`` inside ``torch.random.fork_rng`` (so the
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hessbench._task_schema import DIGITS_EVAL
-from hessbench.config import (
+from hessbench.errors import ConfigError
+from hessbench.suite.schema import (
     CNNModel,
     DigitsData,
     MLPModel,
@@ -43,7 +43,7 @@ from hessbench.config import (
     TrainState,
     derive_seed,
 )
-from hessbench.errors import ConfigError
+from hessbench.suite.task import DIGITS_EVAL
 
 __all__ = ["ACTIVATIONS", "Problem", "build_model", "build_problem", "check_model", "load_digits"]
 

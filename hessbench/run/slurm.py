@@ -2,9 +2,9 @@
 
 The pending cells' groups (a task variant and a seed: they share the ground
 truth) are dealt round-robin into chunks, one array task per chunk. An array
-task runs :func:`run_chunk`: the local machinery (:func:`~hessbench.scheduler.run_groups`,
+task runs :func:`run_chunk`: the local machinery (:func:`~hessbench.run.pool.run_groups`,
 worker processes with crash and per-cell timeout isolation) writing to its own
-shard file (:mod:`hessbench.shards`). The submission's manifest
+shard file (:mod:`hessbench.store.shards`). The submission's manifest
 ``shards/<session>.json`` names every array task's job id and cells, so that a
 later ``hessbench collect`` can tell, from the job's state, which cells a
 cancelled or timed-out job left unfinished.
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from hessbench.cell import base_record
-from hessbench.config import Cluster, Defaults
+from hessbench.bench.cell import base_record
 from hessbench.errors import ConfigError
-from hessbench.results import CellStore, atomic_write
-from hessbench.scheduler import Group, run_groups
-from hessbench.shards import SHARDS
+from hessbench.run.pool import Group, run_groups
+from hessbench.store.records import CellStore, atomic_write
+from hessbench.store.shards import SHARDS
+from hessbench.suite.schema import Cluster, Defaults
 
 __all__ = [
     "EXECUTORS",
@@ -242,7 +242,7 @@ def _running(pid: int) -> bool:
 
 @dataclass
 class JobStates:
-    """Job states for :class:`hessbench.shards.Collector`.
+    """Job states for :class:`hessbench.store.shards.Collector`.
 
     Slurm's come through submitit (``sacct``, asked at most every
     ``min_interval_s`` growing to ``max_interval_s`` as the wait goes on); a

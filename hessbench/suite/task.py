@@ -1,6 +1,6 @@
 """The task part of the suite schema: model, loss, data and evaluation protocol.
 
-Re-exported by :mod:`hessbench.config`; the field reference is ``docs/suites.md``.
+Re-exported by :mod:`hessbench.suite.schema`; the field reference is ``docs/suites.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pydantic import (
 )
 from torch import nn
 
-from hessbench._suite_parsing import (
+from hessbench.errors import ConfigError, HessbenchError
+from hessbench.suite.parsing import (
     KwValue,
     Name,
     Number,
@@ -29,7 +30,6 @@ from hessbench._suite_parsing import (
     fail,
     repeats,
 )
-from hessbench.errors import ConfigError, HessbenchError
 
 DIGITS_SAMPLES, DIGITS_EVAL, DIGITS_CLASSES = 1797, 297, 10
 """scikit-learn's digits: samples, the fixed evaluation part, classes (training: the rest)."""
@@ -218,7 +218,7 @@ class TaskSpec(StrictModel):
             where = "layout" if isinstance(data, DigitsData) else "input_shape"
             problems["data", where] = "a cnn needs image inputs (channels, height, width)"
         if not problems:
-            from hessbench.tasks import check_model  # tasks imports this module
+            from hessbench.bench.problem import check_model  # tasks imports this module
 
             try:
                 check_model(self.model, self.input_shape, self.output_dim)

@@ -38,8 +38,9 @@ from pydantic import (
     model_validator,
 )
 
-from hessbench._plan import CellSpec, TaskVariant, derive_seed, matches, plan_cells, task_variants
-from hessbench._suite_parsing import (
+from hessbench.errors import ConfigError, HessbenchError
+from hessbench.estimators import Estimator, estimator_class, get_estimator
+from hessbench.suite.parsing import (
     Name,
     ParamValue,
     Problems,
@@ -53,7 +54,15 @@ from hessbench._suite_parsing import (
     repeats,
     validate,
 )
-from hessbench._task_schema import (
+from hessbench.suite.plan import (
+    CellSpec,
+    TaskVariant,
+    derive_seed,
+    matches,
+    plan_cells,
+    task_variants,
+)
+from hessbench.suite.task import (
     Activation,
     CNNModel,
     DataSpec,
@@ -68,8 +77,6 @@ from hessbench._task_schema import (
     TaskSpec,
     TrainState,
 )
-from hessbench.errors import ConfigError, HessbenchError
-from hessbench.estimators import Estimator, estimator_class, get_estimator
 
 __all__ = [
     "Activation",

@@ -2,7 +2,7 @@
 
 The problem (model, loss, evaluated batches) is built once per group and the
 float64 ground truth once per evaluated batch, then reused by every estimator
-of the group. Each cell yields one record (see :mod:`hessbench.results`).
+of the group. Each cell yields one record (see :mod:`hessbench.store.records`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import traceback
 
 import torch
 
-from hessbench.config import Defaults, TaskVariant, derive_seed
+from hessbench.bench.measure import memory_ratio, time_interleaved
+from hessbench.bench.metrics import aggregate, batch_metrics
+from hessbench.bench.problem import Problem, build_problem
 from hessbench.errors import TooLargeError, UnsupportedError
 from hessbench.estimators import Estimator, get_estimator
-from hessbench.measure import memory_ratio, time_interleaved
-from hessbench.metrics import aggregate, batch_metrics
-from hessbench.tasks import Problem, build_problem
+from hessbench.suite.schema import Defaults, TaskVariant, derive_seed
 
 __all__ = ["GroupEvaluator", "base_record"]
 
@@ -136,7 +136,7 @@ class GroupEvaluator:
         )
 
     def _timing(self, est: Estimator) -> dict:
-        """The measurement protocol of :mod:`hessbench.measure` on the first batch.
+        """The measurement protocol of :mod:`hessbench.bench.measure` on the first batch.
 
         It uses its own generator, so accuracy numbers never depend on timing.
         """

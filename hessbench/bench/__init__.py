@@ -1,0 +1,1 @@
+"""What one worker does for one cell: build the problem, measure, score."""

@@ -1,0 +1,1 @@
+"""Running suites: the runner, the worker pool, sessions and the Slurm executor."""

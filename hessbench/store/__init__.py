@@ -1,0 +1,1 @@
+"""Records on disk: the append-only record store, shards and provenance."""
