@@ -152,7 +152,7 @@ def _suite_kind(path: Path) -> str:
 @_one_line_errors
 def validate(suite: Path = typer.Argument(..., help="Suite YAML file.")) -> None:
     """Check a suite file and print what it would run (no computation)."""
-    from hessbench.suite.schema import load_suite, plan_cells, task_variants
+    from hessbench.suite import load_suite, plan_cells, task_variants
 
     kind = _suite_kind(suite)
     if kind == "train":

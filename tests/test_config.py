@@ -12,7 +12,7 @@ import yaml
 
 from hessbench.errors import ConfigError, HessbenchError
 from hessbench.estimators import available_estimators, estimator_class
-from hessbench.suite.schema import (
+from hessbench.suite import (
     CellSpec,
     Suite,
     SuiteError,

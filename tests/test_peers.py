@@ -43,7 +43,7 @@ from backpack.context import CTX
 from hessbench.errors import UnsupportedError
 from hessbench.estimators import available_estimators, estimator_class, get_estimator
 from hessbench.estimators.peers import PEERS, available_peers, skipped_peers
-from hessbench.suite.schema import parse_suite, plan_cells
+from hessbench.suite import parse_suite, plan_cells
 
 HAS_CURVLINOPS = "curvlinops" in available_peers()
 needs_curvlinops = pytest.mark.skipif(not HAS_CURVLINOPS, reason="curvlinops not installed")

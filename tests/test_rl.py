@@ -17,7 +17,7 @@ from hessbench.rl.cli import is_rl_suite, run_rl_command
 from hessbench.rl.report import RL_OUTPUTS, render_rl_report
 from hessbench.rl.runner import read_rl_runs, run_rl_suite
 from hessbench.rl.schema import parse_rl_suite, plan_rl_runs
-from hessbench.suite.schema import SuiteError
+from hessbench.suite import SuiteError
 
 TINY = """\
 kind: rl

@@ -6,15 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from hessbench.bench.problem import (
+from hessbench.bench.problem import build_problem
+from hessbench.errors import ConfigError
+from hessbench.suite import (
+    SuiteError,
     build_model,
-    build_problem,
     check_model,
     load_digits,
+    parse_suite,
+    task_variants,
     training_data,
 )
-from hessbench.errors import ConfigError
-from hessbench.suite.schema import SuiteError, parse_suite, task_variants
 
 SUITE = """
 name: t

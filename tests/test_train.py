@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hessbench.suite.schema import SuiteError
+from hessbench.suite import SuiteError
 from hessbench.train import is_train_suite
 from hessbench.train.loop import train_run
 from hessbench.train.report import TRAIN_OUTPUTS, best_lrs, render_train_report

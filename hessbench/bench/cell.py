@@ -18,7 +18,7 @@ from hessbench.bench.metrics import aggregate, batch_metrics
 from hessbench.bench.problem import Problem, build_problem
 from hessbench.errors import TooLargeError, UnsupportedError
 from hessbench.estimators import Estimator, get_estimator
-from hessbench.suite.schema import Defaults, TaskVariant, derive_seed
+from hessbench.suite import Defaults, TaskVariant, derive_seed
 
 __all__ = ["GroupEvaluator", "base_record"]
 

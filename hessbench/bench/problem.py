@@ -1,7 +1,7 @@
 """Build what a cell evaluates: a task's model, loss and evaluated batches, deterministically.
 
 Everything is a function of the task's name and the seed, through
-:func:`~hessbench.suite.schema.derive_seed` and local ``torch.Generator`` objects:
+:func:`~hessbench.suite.derive_seed` and local ``torch.Generator`` objects:
 
 - weights: ``torch.nn``'s own initialization, drawn from the global RNG seeded with
   ``derive_seed(task, seed, "init")`` inside ``torch.random.fork_rng`` (so the
@@ -23,40 +23,17 @@ if any, is active only during training).
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from hessbench.errors import ConfigError
-from hessbench.suite.schema import (
-    CNNModel,
-    DigitsData,
-    MLPModel,
-    ModelSpec,
-    SuiteError,
-    TaskSpec,
-    TaskVariant,
-    TrainState,
-    derive_seed,
-)
-from hessbench.suite.task import DIGITS_EVAL
+from hessbench.suite import SuiteError, TaskVariant, TrainState, derive_seed
+from hessbench.suite.data import evaluation_data, seeded_generator, training_data
+from hessbench.suite.models import build_model
 
-__all__ = ["ACTIVATIONS", "Problem", "build_model", "build_problem", "check_model", "load_digits"]
-
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-    "sigmoid": nn.Sigmoid,
-    "leaky_relu": nn.LeakyReLU,
-    "elu": nn.ELU,
-    "selu": nn.SELU,
-    "softplus": nn.Softplus,
-    "logsigmoid": nn.LogSigmoid,
-}
+__all__ = ["Problem", "build_problem"]
 
 
 @dataclass
@@ -77,137 +54,6 @@ class Problem:
     batches: list[tuple[Tensor, Tensor]]
     input_shape: tuple[int, ...]
     num_params: int
-
-
-def build_model(spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int) -> nn.Sequential:
-    """The model of ``spec`` for inputs of ``input_shape`` and ``output_dim`` outputs.
-
-    Initialized from the global RNG, like any ``torch.nn`` layer (:func:`build_problem`
-    seeds it). An MLP flattens multi-dimensional inputs first.
-
-    Raises:
-        ConfigError: a CNN whose feature maps shrink to nothing, or on non-image inputs.
-    """
-    if not isinstance(spec, (MLPModel, CNNModel)):
-        return nn.Sequential(*(layer.build() for layer in spec.layers))
-    layers: list[nn.Module] = []
-    act = ACTIVATIONS[spec.activation]
-    if isinstance(spec, MLPModel):
-        if len(input_shape) > 1:
-            layers.append(nn.Flatten())
-        width, hidden = math.prod(input_shape), spec.widths
-    else:
-        if len(input_shape) != 3:
-            raise ConfigError(f"a cnn needs (channels, height, width) inputs, got {input_shape}")
-        channels, h, w = input_shape
-        pool = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}.get(spec.pooling)
-        for i, c in enumerate(spec.channels):
-            layers += [
-                nn.Conv2d(channels, c, spec.kernel, spec.stride, spec.padding, bias=spec.bias),
-                act(),
-            ]
-            h, w = ((n + 2 * spec.padding - spec.kernel) // spec.stride + 1 for n in (h, w))
-            if pool is not None:
-                layers.append(pool(spec.pool_size))
-                h, w = h // spec.pool_size, w // spec.pool_size
-            if min(h, w) < 1:
-                raise ConfigError(f"cnn block {i}: the feature maps shrink to nothing")
-            channels = c
-        layers.append(nn.Flatten())
-        width, hidden = channels * h * w, spec.hidden
-    for n in hidden:
-        layers += [nn.Linear(width, n, bias=spec.bias), act()]
-        if isinstance(spec, MLPModel) and spec.dropout > 0:
-            layers.append(nn.Dropout(spec.dropout))
-        width = n
-    layers.append(nn.Linear(width, output_dim, bias=spec.bias))
-    return nn.Sequential(*layers)
-
-
-def check_model(spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int) -> None:
-    """Check that ``spec`` builds and maps one input sample to ``output_dim`` outputs.
-
-    Cheap: the layers are built on the meta device (no initialization, no RNG),
-    then given uninitialized CPU memory, zeroed, for one forward pass.
-
-    Raises:
-        ConfigError: naming what does not fit.
-    """
-    with torch.device("meta"):
-        model = build_model(spec, input_shape, output_dim)
-    model.to_empty(device="cpu")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError("the model has no trainable parameters")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        try:
-            out = model(torch.zeros(1, *input_shape))
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"does not fit inputs of shape {input_shape}: {first}") from None
-    if tuple(out.shape) != (1, output_dim):
-        raise ConfigError(
-            f"outputs of shape {tuple(out.shape[1:])} per sample; the data need ({output_dim},)"
-        )
-
-
-@functools.lru_cache(maxsize=1)
-def load_digits() -> tuple[Tensor, Tensor]:
-    """scikit-learn's digits: ``(1797, 64)`` float32 pixels in [0, 1] and int64 labels.
-
-    The data set ships inside scikit-learn (``sklearn.datasets.load_digits``),
-    so nothing is downloaded. Imported on first use (about a second), once per
-    worker process. The tensors are shared between calls: do not modify them.
-    """
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    bunch = sklearn_digits()
-    x = torch.from_numpy((bunch.data / 16).astype(np.float32))
-    return x, torch.from_numpy(bunch.target.astype(np.int64))
-
-
-def _generator(*parts: object) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))
-
-
-def _digits_part(task: TaskSpec, evaluation: bool) -> tuple[Tensor, Tensor]:
-    x, labels = load_digits()
-    perm = torch.randperm(len(x), generator=_generator("digits", "split"))
-    idx = perm[:DIGITS_EVAL] if evaluation else perm[DIGITS_EVAL:]
-    return x[idx].reshape(len(idx), *task.input_shape), labels[idx]
-
-
-def _targets(task: TaskSpec, labels: Tensor) -> Tensor:
-    if task.loss.kind == "cross_entropy":
-        return labels
-    return nn.functional.one_hot(labels, task.output_dim).float()  # digits with MSE
-
-
-def _synthetic(task: TaskSpec, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    x = torch.randn(n, *task.input_shape, generator=gen)
-    if task.loss.kind == "cross_entropy":
-        return x, torch.randint(task.output_dim, (n,), generator=gen)
-    return x, torch.randn(n, task.output_dim, generator=gen)
-
-
-def training_data(task: TaskSpec, seed: int) -> tuple[Tensor, Tensor]:
-    """The training part (float32 inputs, targets): digits' 1500, or ``size`` synthetic samples."""
-    if isinstance(task.data, DigitsData):
-        x, labels = _digits_part(task, evaluation=False)
-        return x, _targets(task, labels)
-    return _synthetic(task, task.data.size, _generator(task.name, seed, "data"))
-
-
-def evaluation_data(task: TaskSpec, seed: int) -> tuple[Tensor, Tensor]:
-    """The ``num_batches * batch_size`` evaluated samples (float32 inputs, targets), in order."""
-    n, gen = task.eval.num_batches * task.eval.batch_size, _generator(task.name, seed, "eval")
-    if not isinstance(task.data, DigitsData):
-        return _synthetic(task, n, gen)
-    x, labels = _digits_part(task, evaluation=True)
-    # Without replacement, cycling through fresh permutations when more are needed.
-    idx = torch.cat([torch.randperm(len(x), generator=gen) for _ in range(-(-n // len(x)))])[:n]
-    return x[idx], _targets(task, labels[idx])
 
 
 def _train(
@@ -265,7 +111,7 @@ def build_problem(
         x, y, gen = (
             _to(x, dtype, device),
             _to(y, dtype, device),
-            _generator(task.name, seed, "train"),
+            seeded_generator(task.name, seed, "train"),
         )
         dropout_seed = derive_seed(task.name, seed, "dropout")
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -30,7 +30,7 @@ from hessbench.rl.schema import RLRunSpec, RLSuite, load_rl_suite, plan_rl_runs
 from hessbench.run.sessions import RUN_FIELDS, RUNS, crashed_record, run_frames, run_session
 from hessbench.store.provenance import git_commit, git_dirty
 from hessbench.store.records import read_last_records, run_kind, run_lock
-from hessbench.suite.schema import suite_text_hash
+from hessbench.suite import suite_text_hash
 
 __all__ = [
     "RUNS",

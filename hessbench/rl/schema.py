@@ -1,7 +1,7 @@
 """The rl-suite schema: ``kind: rl`` YAML files parsed into frozen pydantic models.
 
 Unknown fields are refused; a malformed file raises
-:class:`~hessbench.suite.schema.SuiteError` with one line per problem,
+:class:`~hessbench.suite.SuiteError` with one line per problem,
 ``FILE: field.path: message``. Field reference: ``docs/rl.md``.
 
 >>> suite = parse_rl_suite('''

@@ -25,7 +25,7 @@ import torch
 
 from hessbench.bench.cell import GroupEvaluator, base_record
 from hessbench.estimators import Estimator
-from hessbench.suite.schema import Defaults, TaskVariant
+from hessbench.suite import Defaults, TaskVariant
 
 __all__ = ["Group", "run_groups"]
 

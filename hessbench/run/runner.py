@@ -34,8 +34,8 @@ from hessbench.run.pool import Group, run_groups
 from hessbench.store.provenance import environment, now
 from hessbench.store.records import DONE, FAILED, CellStore, atomic_write, load, run_lock
 from hessbench.store.shards import SHARDS, Collector, Shard, merged_records, shard_path
+from hessbench.suite import CellSpec, Cluster, Suite, load_suite, plan_cells, suite_text_hash
 from hessbench.suite.parsing import validate
-from hessbench.suite.schema import CellSpec, Cluster, Suite, load_suite, plan_cells, suite_text_hash
 
 __all__ = [
     "RunOptions",

@@ -31,7 +31,7 @@ from hessbench.errors import ConfigError
 from hessbench.run.pool import Group, run_groups
 from hessbench.store.records import CellStore, atomic_write
 from hessbench.store.shards import SHARDS
-from hessbench.suite.schema import Cluster, Defaults
+from hessbench.suite import Cluster, Defaults
 
 __all__ = [
     "EXECUTORS",

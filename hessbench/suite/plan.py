@@ -1,7 +1,7 @@
 """The plan of a suite: task variants, cells with stable ids, and derived seeds.
 
 Pure and cheap: nothing here builds a model or touches data. The names are
-re-exported by :mod:`hessbench.suite.schema`.
+exported by :mod:`hessbench.suite`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from hessbench.estimators import Estimator
 from hessbench.suite.parsing import glob
 
 if TYPE_CHECKING:
-    from hessbench.suite.schema import Suite, TaskSpec, TrainState
+    from hessbench.suite.schema import Suite
+    from hessbench.suite.task import TaskSpec, TrainState
 
 __all__ = ["CellSpec", "TaskVariant", "derive_seed", "matches", "plan_cells", "task_variants"]
 

@@ -1,107 +1,33 @@
-"""The task part of the suite schema: model, loss, data and evaluation protocol.
+"""The task part of the suite schema: loss, data, evaluation protocol, and the task itself.
 
-Re-exported by :mod:`hessbench.suite.schema`; the field reference is ``docs/suites.md``.
+Model specs live in :mod:`hessbench.suite.models`; the field reference is ``docs/suites.md``.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-import torch
 from pydantic import (
     Discriminator,
     Field,
-    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     Tag,
     model_validator,
 )
-from torch import nn
 
 from hessbench.errors import ConfigError, HessbenchError
+from hessbench.suite.models import CNNModel, ModelSpec, check_model
 from hessbench.suite.parsing import (
-    KwValue,
     Name,
-    Number,
     Problems,
     StrictModel,
-    custom_error,
     fail,
     repeats,
 )
 
 DIGITS_SAMPLES, DIGITS_EVAL, DIGITS_CLASSES = 1797, 297, 10
 """scikit-learn's digits: samples, the fixed evaluation part, classes (training: the rest)."""
-
-Activation = Literal[
-    "tanh", "relu", "sigmoid", "leaky_relu", "elu", "selu", "softplus", "logsigmoid"
-]
-LayerType = Literal[
-    "Linear", "Conv1d", "Conv2d", "Tanh", "Sigmoid", "ReLU", "LeakyReLU", "ELU", "SELU",
-    "Softplus", "LogSigmoid", "Flatten", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d",
-    "Dropout", "Identity",
-]  # fmt: skip
-
-
-class MLPModel(StrictModel):
-    """``Linear``/activation blocks; input and output sizes come from the data."""
-
-    kind: Literal["mlp"]
-    widths: list[PositiveInt]
-    activation: Activation = "tanh"
-    bias: bool = True
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-
-
-class CNNModel(StrictModel):
-    """``Conv2d``/activation/pool blocks, ``Flatten``, hidden ``Linear`` layers, output."""
-
-    kind: Literal["cnn"]
-    channels: list[PositiveInt] = Field(min_length=1)
-    kernel: PositiveInt = 3
-    stride: PositiveInt = 1
-    padding: NonNegativeInt = 1
-    pooling: Literal["max", "avg", "none"] = "max"
-    pool_size: PositiveInt = 2
-    activation: Activation = "relu"
-    hidden: list[PositiveInt] = Field(default_factory=list)
-    bias: bool = True
-
-
-class LayerSpec(StrictModel):
-    """One ``torch.nn`` layer from the allow-list, built as ``nn.<type>(*args, **kwargs)``."""
-
-    type: LayerType
-    args: list[Number] = Field(default_factory=list)
-    kwargs: dict[str, KwValue] = Field(default_factory=dict)
-
-    def build(self) -> nn.Module:
-        """The layer (initialized from the global RNG, like any ``torch.nn`` layer)."""
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in self.kwargs.items()}
-        return getattr(nn, self.type)(*self.args, **kwargs)
-
-    @model_validator(mode="after")
-    def _builds(self) -> LayerSpec:
-        fixed = sorted(set(self.kwargs) & {"device", "dtype"})
-        if fixed:
-            fail([(("kwargs", fixed[0]), "set by the harness (defaults.device, dtype)")])
-        try:
-            with torch.device("meta"):  # checks the arguments without allocating
-                self.build()
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise custom_error(f"cannot build {self.type}: {exc}") from None
-        return self
-
-
-class SequentialModel(StrictModel):
-    """Any ``nn.Sequential`` of allow-listed layers."""
-
-    kind: Literal["sequential"]
-    layers: list[LayerSpec] = Field(min_length=1)
-
-
-ModelSpec = Annotated[MLPModel | CNNModel | SequentialModel, Field(discriminator="kind")]
 
 
 class LossConfig(StrictModel):
@@ -218,8 +144,6 @@ class TaskSpec(StrictModel):
             where = "layout" if isinstance(data, DigitsData) else "input_shape"
             problems["data", where] = "a cnn needs image inputs (channels, height, width)"
         if not problems:
-            from hessbench.bench.problem import check_model  # tasks imports this module
-
             try:
                 check_model(self.model, self.input_shape, self.output_dim)
             except HessbenchError as exc:

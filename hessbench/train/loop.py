@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from hessbench.bench.problem import build_model, evaluation_data, training_data
+from hessbench.suite import build_model, evaluation_data, training_data
 from hessbench.suite.plan import derive_seed
 from hessbench.train.schema import RunSpec, TeacherData, TrainSuite
 
@@ -48,7 +48,7 @@ def _generator(*parts: object) -> torch.Generator:
 
 def _teacher(suite: TrainSuite) -> tuple[nn.Module, float]:
     """The teacher MLP and the scale that gives its outputs unit variance."""
-    from hessbench.suite.schema import MLPModel
+    from hessbench.suite import MLPModel
 
     data, task = suite.task.data, suite.task
     assert isinstance(data, TeacherData)

@@ -22,7 +22,7 @@ from hessbench.errors import ConfigError
 from hessbench.run.sessions import RUN_FIELDS, RUNS, crashed_record, run_frames, run_session
 from hessbench.store.provenance import environment
 from hessbench.store.records import read_last_records, run_kind, run_lock
-from hessbench.suite.schema import suite_text_hash
+from hessbench.suite import suite_text_hash
 from hessbench.train.schema import RunSpec, TrainSuite, load_train_suite, plan_runs
 
 __all__ = [

@@ -4,7 +4,7 @@ A train suite names one task (a model, a loss and data, as in an accuracy suite,
 plus the ``teacher`` regression data that only training needs), optimizers each
 with a learning-rate grid, seeds, a step budget and an evaluation interval.
 Every model refuses unknown fields; a malformed file raises
-:class:`~hessbench.suite.schema.SuiteError` with one line per problem,
+:class:`~hessbench.suite.SuiteError` with one line per problem,
 ``FILE: field.path: message``. Field reference: ``docs/train.md``.
 
 >>> suite = parse_train_suite('''
@@ -38,6 +38,7 @@ import torch
 from pydantic import Discriminator, Field, NonNegativeFloat, PositiveInt, Tag, model_validator
 
 from hessbench.errors import HessbenchError
+from hessbench.suite.models import Activation, ModelSpec
 from hessbench.suite.parsing import (
     Name,
     Problems,
@@ -52,11 +53,9 @@ from hessbench.suite.parsing import (
 from hessbench.suite.task import (
     DIGITS_EVAL,
     DIGITS_SAMPLES,
-    Activation,
     DigitsData,
     Evaluation,
     LossConfig,
-    ModelSpec,
     SyntheticData,
     TaskSpec,
 )
@@ -119,7 +118,7 @@ class TrainTask(StrictModel):
         """The equivalent accuracy-suite task (teacher data become synthetic regression).
 
         Its ``eval`` holds ``heldout_size`` samples in one batch, so
-        :func:`hessbench.bench.problem.evaluation_data` gives the held-out set.
+        :func:`hessbench.suite.evaluation_data` gives the held-out set.
         """
         data = self.data
         if isinstance(data, TeacherData):

@@ -1,0 +1,78 @@
+"""The data of a task: scikit-learn's digits (fixed split) or synthetic draws, deterministically.
+
+Every draw comes from a local ``torch.Generator`` seeded with
+:func:`~hessbench.suite.plan.derive_seed` of the task's name and the seed (see
+:mod:`hessbench.bench.problem` for the full seeding scheme).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hessbench.suite.plan import derive_seed
+from hessbench.suite.task import DIGITS_EVAL, DigitsData, TaskSpec
+
+__all__ = ["evaluation_data", "load_digits", "seeded_generator", "training_data"]
+
+
+@functools.lru_cache(maxsize=1)
+def load_digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's digits: ``(1797, 64)`` float32 pixels in [0, 1] and int64 labels.
+
+    The data set ships inside scikit-learn (``sklearn.datasets.load_digits``),
+    so nothing is downloaded. Imported on first use (about a second), once per
+    worker process. The tensors are shared between calls: do not modify them.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    x = torch.from_numpy((bunch.data / 16).astype(np.float32))
+    return x, torch.from_numpy(bunch.target.astype(np.int64))
+
+
+def seeded_generator(*parts: object) -> torch.Generator:
+    """A CPU generator seeded with ``derive_seed(*parts)``."""
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def _digits_part(task: TaskSpec, evaluation: bool) -> tuple[Tensor, Tensor]:
+    x, labels = load_digits()
+    perm = torch.randperm(len(x), generator=seeded_generator("digits", "split"))
+    idx = perm[:DIGITS_EVAL] if evaluation else perm[DIGITS_EVAL:]
+    return x[idx].reshape(len(idx), *task.input_shape), labels[idx]
+
+
+def _targets(task: TaskSpec, labels: Tensor) -> Tensor:
+    if task.loss.kind == "cross_entropy":
+        return labels
+    return nn.functional.one_hot(labels, task.output_dim).float()  # digits with MSE
+
+
+def _synthetic(task: TaskSpec, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    x = torch.randn(n, *task.input_shape, generator=gen)
+    if task.loss.kind == "cross_entropy":
+        return x, torch.randint(task.output_dim, (n,), generator=gen)
+    return x, torch.randn(n, task.output_dim, generator=gen)
+
+
+def training_data(task: TaskSpec, seed: int) -> tuple[Tensor, Tensor]:
+    """The training part (float32 inputs, targets): digits' 1500, or ``size`` synthetic samples."""
+    if isinstance(task.data, DigitsData):
+        x, labels = _digits_part(task, evaluation=False)
+        return x, _targets(task, labels)
+    return _synthetic(task, task.data.size, seeded_generator(task.name, seed, "data"))
+
+
+def evaluation_data(task: TaskSpec, seed: int) -> tuple[Tensor, Tensor]:
+    """The ``num_batches * batch_size`` evaluated samples (float32 inputs, targets), in order."""
+    n, gen = task.eval.num_batches * task.eval.batch_size, seeded_generator(task.name, seed, "eval")
+    if not isinstance(task.data, DigitsData):
+        return _synthetic(task, n, gen)
+    x, labels = _digits_part(task, evaluation=True)
+    # Without replacement, cycling through fresh permutations when more are needed.
+    idx = torch.cat([torch.randperm(len(x), generator=gen) for _ in range(-(-n // len(x)))])[:n]
+    return x[idx], _targets(task, labels[idx])

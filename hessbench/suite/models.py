@@ -1,0 +1,184 @@
+"""The model part of the suite schema and its builders: MLP, CNN, Sequential of allow-listed layers.
+
+The spec classes are validated by pydantic (nothing executes code); :func:`build_model`
+turns a spec into an ``nn.Module`` and :func:`check_model` checks one cheaply on the
+meta device. Field reference: ``docs/suites.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
+from torch import nn
+
+from hessbench.errors import ConfigError
+from hessbench.suite.parsing import KwValue, Number, StrictModel, custom_error, fail
+
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "CNNModel",
+    "LayerSpec",
+    "MLPModel",
+    "ModelSpec",
+    "SequentialModel",
+    "build_model",
+    "check_model",
+]
+
+Activation = Literal[
+    "tanh", "relu", "sigmoid", "leaky_relu", "elu", "selu", "softplus", "logsigmoid"
+]
+LayerType = Literal[
+    "Linear", "Conv1d", "Conv2d", "Tanh", "Sigmoid", "ReLU", "LeakyReLU", "ELU", "SELU",
+    "Softplus", "LogSigmoid", "Flatten", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d",
+    "Dropout", "Identity",
+]  # fmt: skip
+
+
+class MLPModel(StrictModel):
+    """``Linear``/activation blocks; input and output sizes come from the data."""
+
+    kind: Literal["mlp"]
+    widths: list[PositiveInt]
+    activation: Activation = "tanh"
+    bias: bool = True
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+
+class CNNModel(StrictModel):
+    """``Conv2d``/activation/pool blocks, ``Flatten``, hidden ``Linear`` layers, output."""
+
+    kind: Literal["cnn"]
+    channels: list[PositiveInt] = Field(min_length=1)
+    kernel: PositiveInt = 3
+    stride: PositiveInt = 1
+    padding: NonNegativeInt = 1
+    pooling: Literal["max", "avg", "none"] = "max"
+    pool_size: PositiveInt = 2
+    activation: Activation = "relu"
+    hidden: list[PositiveInt] = Field(default_factory=list)
+    bias: bool = True
+
+
+class LayerSpec(StrictModel):
+    """One ``torch.nn`` layer from the allow-list, built as ``nn.<type>(*args, **kwargs)``."""
+
+    type: LayerType
+    args: list[Number] = Field(default_factory=list)
+    kwargs: dict[str, KwValue] = Field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        """The layer (initialized from the global RNG, like any ``torch.nn`` layer)."""
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in self.kwargs.items()}
+        return getattr(nn, self.type)(*self.args, **kwargs)
+
+    @model_validator(mode="after")
+    def _builds(self) -> LayerSpec:
+        fixed = sorted(set(self.kwargs) & {"device", "dtype"})
+        if fixed:
+            fail([(("kwargs", fixed[0]), "set by the harness (defaults.device, dtype)")])
+        try:
+            with torch.device("meta"):  # checks the arguments without allocating
+                self.build()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise custom_error(f"cannot build {self.type}: {exc}") from None
+        return self
+
+
+class SequentialModel(StrictModel):
+    """Any ``nn.Sequential`` of allow-listed layers."""
+
+    kind: Literal["sequential"]
+    layers: list[LayerSpec] = Field(min_length=1)
+
+
+ModelSpec = Annotated[MLPModel | CNNModel | SequentialModel, Field(discriminator="kind")]
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "softplus": nn.Softplus,
+    "logsigmoid": nn.LogSigmoid,
+}
+
+
+def build_model(spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int) -> nn.Sequential:
+    """The model of ``spec`` for inputs of ``input_shape`` and ``output_dim`` outputs.
+
+    Initialized from the global RNG, like any ``torch.nn`` layer (:func:`build_problem`
+    seeds it). An MLP flattens multi-dimensional inputs first.
+
+    Raises:
+        ConfigError: a CNN whose feature maps shrink to nothing, or on non-image inputs.
+    """
+    if not isinstance(spec, (MLPModel, CNNModel)):
+        return nn.Sequential(*(layer.build() for layer in spec.layers))
+    layers: list[nn.Module] = []
+    act = ACTIVATIONS[spec.activation]
+    if isinstance(spec, MLPModel):
+        if len(input_shape) > 1:
+            layers.append(nn.Flatten())
+        width, hidden = math.prod(input_shape), spec.widths
+    else:
+        if len(input_shape) != 3:
+            raise ConfigError(f"a cnn needs (channels, height, width) inputs, got {input_shape}")
+        channels, h, w = input_shape
+        pool = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}.get(spec.pooling)
+        for i, c in enumerate(spec.channels):
+            layers += [
+                nn.Conv2d(channels, c, spec.kernel, spec.stride, spec.padding, bias=spec.bias),
+                act(),
+            ]
+            h, w = ((n + 2 * spec.padding - spec.kernel) // spec.stride + 1 for n in (h, w))
+            if pool is not None:
+                layers.append(pool(spec.pool_size))
+                h, w = h // spec.pool_size, w // spec.pool_size
+            if min(h, w) < 1:
+                raise ConfigError(f"cnn block {i}: the feature maps shrink to nothing")
+            channels = c
+        layers.append(nn.Flatten())
+        width, hidden = channels * h * w, spec.hidden
+    for n in hidden:
+        layers += [nn.Linear(width, n, bias=spec.bias), act()]
+        if isinstance(spec, MLPModel) and spec.dropout > 0:
+            layers.append(nn.Dropout(spec.dropout))
+        width = n
+    layers.append(nn.Linear(width, output_dim, bias=spec.bias))
+    return nn.Sequential(*layers)
+
+
+def check_model(spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int) -> None:
+    """Check that ``spec`` builds and maps one input sample to ``output_dim`` outputs.
+
+    Cheap: the layers are built on the meta device (no initialization, no RNG),
+    then given uninitialized CPU memory, zeroed, for one forward pass.
+
+    Raises:
+        ConfigError: naming what does not fit.
+    """
+    with torch.device("meta"):
+        model = build_model(spec, input_shape, output_dim)
+    model.to_empty(device="cpu")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("the model has no trainable parameters")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        try:
+            out = model(torch.zeros(1, *input_shape))
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"does not fit inputs of shape {input_shape}: {first}") from None
+    if tuple(out.shape) != (1, output_dim):
+        raise ConfigError(
+            f"outputs of shape {tuple(out.shape[1:])} per sample; the data need ({output_dim},)"
+        )
