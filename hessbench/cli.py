@@ -22,7 +22,7 @@ from rich.table import Table
 
 from hessbench import __version__
 from hessbench.errors import HessbenchError
-from hessbench.run.console import progress_bar
+from hessbench.kinds.console import progress_bar
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -142,7 +142,7 @@ def summary_table(df, title: str) -> Table:
 
 def _suite_kind(path: Path) -> str:
     """``train``, ``rl`` or ``accuracy`` (the default), from the suite's ``kind:`` field."""
-    from hessbench.run.console import suite_kind
+    from hessbench.kinds.console import suite_kind
 
     kind = suite_kind(path)
     return kind if kind in ("train", "rl") else "accuracy"

@@ -26,13 +26,21 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def base_record(variant_name: str, est: Estimator, seed: int, cell_id: str) -> dict:
-    """The identifying fields every record of a cell carries."""
+    """The identifying fields every record of a cell carries.
+
+    Besides the estimator's name, label and hyper-parameters, what a report needs
+    to know about it (whether it is random, which field counts its samples, whether
+    its parameters are the defaults), so that reports never consult the registry.
+    """
     return {
         "cell_id": cell_id,
         "task": variant_name,
         "estimator": est.name,
         "label": est.label,
         "params": {k: v for k, v in est.params.items() if k not in est.impl_fields},
+        "stochastic": est.stochastic,
+        "sample_param": est.sample_param,
+        "default_params": est.default_params,
         "seed": seed,
     }
 

@@ -266,6 +266,25 @@ class Estimator(abc.ABC):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     @property
+    def sample_param(self) -> str | None:
+        """The hyper-parameter that counts Monte-Carlo samples (a sweep varies it), if any.
+
+        Reports read it from the records: labels that differ only in this field form
+        a sweep when the estimator is :attr:`stochastic`.
+        """
+        return "num_samples" if "num_samples" in self.params else None
+
+    @property
+    def default_params(self) -> bool:
+        """Whether the hyper-parameters shown in the label, bar the sample count, are defaults.
+
+        Reports list an estimator's default variant first.
+        """
+        default = type(self)().params
+        skip = {*self.impl_fields, self.sample_param}
+        return all(v == default[k] for k, v in self.params.items() if k not in skip)
+
+    @property
     def label(self) -> str:
         """A readable, stable label such as ``hutchinson[num_samples=10]``."""
         shown = [f"{k}={v}" for k, v in self.params.items() if k not in self.impl_fields]

@@ -28,6 +28,7 @@ import pandas as pd
 
 __all__ = [
     "ESTIMATOR_STYLES",
+    "OPTIMIZER_STYLES",
     "RC",
     "LabelInfo",
     "Style",
@@ -35,6 +36,7 @@ __all__ = [
     "figure_context",
     "label_infos",
     "natural_key",
+    "optimizer_style",
     "sweeps",
 ]
 
@@ -124,18 +126,6 @@ def _order(name: str) -> tuple:
     return (names.index(name), "") if name in names else (len(names), name)
 
 
-def _is_default(estimator: str, params: dict) -> bool:
-    """Whether ``params`` are the registered estimator's defaults (False if unknown)."""
-    from hessbench.errors import ConfigError
-    from hessbench.estimators import estimator_class
-
-    try:
-        est = estimator_class(estimator)()
-    except ConfigError:  # an estimator this process does not know (e.g. a plugin)
-        return False
-    return all(getattr(est, k, object()) == v for k, v in params.items())
-
-
 @dataclass(frozen=True)
 class LabelInfo:
     """What the figures need to know about one estimator label."""
@@ -146,6 +136,7 @@ class LabelInfo:
     num_samples: int | None
     sweep: str  # estimator plus its parameters other than num_samples
     style: Style
+    swept: bool = False  # num_samples changes the estimate (a random estimator)
     shade: float = 0.0  # blend towards white: smaller sample sizes of a sweep are lighter
 
     @property
@@ -171,26 +162,38 @@ class LabelInfo:
 
 
 def label_infos(df: pd.DataFrame) -> dict[str, LabelInfo]:
-    """Every label of the cell table, in display order (estimator order, then naturally)."""
-    first = df.drop_duplicates("label")[["label", "estimator", "params"]]
+    """Every label of the cell table, in display order (estimator order, then naturally).
+
+    Reads what it needs to know about an estimator from the records' columns
+    ``sample_param`` (the field a Monte-Carlo sweep varies), ``stochastic`` and
+    ``default_params``; a table without them (records written before they were
+    recorded) is treated as: ``num_samples`` counts samples, every estimator with
+    it is random, no parameters are the defaults.
+    """
+    cols = ["label", "estimator", "params", "sample_param", "stochastic", "default_params"]
+    first = df.drop_duplicates("label").reindex(columns=cols)
     rows = []
-    for label, est, params in first.itertuples(index=False):
+    for label, est, params, sample, random, default in first.itertuples(index=False):
         p = json.loads(params) if params else {}
-        k = p.pop("num_samples", None)
-        rows.append((str(label), str(est), k if isinstance(k, int) else None, p))
-    variants: dict[str, list[str]] = {}
-    for _, est, _, p in rows:
-        key = json.dumps(p, sort_keys=True)
+        sample = sample if isinstance(sample, str) else "num_samples"
+        k = p.pop(sample, None)
+        k = k if isinstance(k, int) else None
+        swept = k is not None and random is not False
+        rows.append((str(label), str(est), k, p, swept, default is True))
+    variants: dict[str, list[tuple[bool, str]]] = {}
+    for _, est, _, p, _, default in rows:
+        key = (not default, json.dumps(p, sort_keys=True))
         variants.setdefault(est, [])
-        if key not in variants[est]:
+        if key[1] not in [v for _, v in variants[est]]:
             variants[est].append(key)
-    for est, keys in variants.items():
-        keys.sort(key=lambda key, est=est: (not _is_default(est, json.loads(key)), key))
+    order = {est: [v for _, v in sorted(keys)] for est, keys in variants.items()}
     out = {}
-    for label, est, k, p in sorted(rows, key=lambda r: (_order(r[1]), natural_key(r[0]))):
+    for label, est, k, p, swept, _ in sorted(rows, key=lambda r: (_order(r[1]), natural_key(r[0]))):
         key = json.dumps(p, sort_keys=True)
         sweep = est if not p else f"{est}[{','.join(f'{a}={b}' for a, b in sorted(p.items()))}]"
-        out[label] = LabelInfo(label, est, variants[est].index(key), k, sweep, estimator_style(est))
+        out[label] = LabelInfo(
+            label, est, order[est].index(key), k, sweep, estimator_style(est), swept=swept
+        )
     for group in sweeps(out).values():  # lighter for fewer samples, full colour for the most
         sizes = sorted({i.num_samples or 0 for i in group})
         for info in group:
@@ -204,15 +207,47 @@ def sweeps(infos: dict[str, LabelInfo]) -> dict[str, list[LabelInfo]]:
     """Monte-Carlo sample-size sweeps: labels that differ only in ``num_samples``.
 
     Keyed by the sweep's name (estimator and its other parameters), each sorted by
-    ``num_samples``; only sweeps with at least two sizes. K-FAC with exact backward
-    factors ignores ``num_samples`` and is no sweep.
+    ``num_samples``; only sweeps with at least two sizes. A deterministic estimator
+    (K-FAC with exact backward factors) ignores ``num_samples`` and is no sweep.
     """
     groups: dict[str, list[LabelInfo]] = {}
     for info in infos.values():
-        if info.num_samples is not None and "backward=exact" not in info.sweep:
+        if info.swept:
             groups.setdefault(info.sweep, []).append(info)
     return {
         name: sorted(g, key=lambda i: i.num_samples or 0)
         for name, g in groups.items()
         if len({i.num_samples for i in g}) >= 2
     }
+
+
+# Fixed colours: each Hessian-based preset takes its estimator's colour from the
+# accuracy reports; step-size-scaled variants share their base's colour, dashed.
+OPTIMIZER_STYLES: dict[str, Style] = {
+    "adam": Style("#222222", "o"),
+    "sgd": Style("#9a9a9a", "s"),
+    "adam_equiv": estimator_style("grad_sq"),
+    "adahessian": estimator_style("adahessian"),
+    "adahesscale": estimator_style("hesscale"),
+    "adahesscale_gn": estimator_style("hesscale_gn"),
+    "sophia": estimator_style("sophia_gnb"),
+}
+_SCALED = ("_scaled", "-scaled")
+
+
+def _base(name: str) -> tuple[str, bool]:
+    for suffix in _SCALED:
+        if name.endswith(suffix):
+            return name[: -len(suffix)], True
+    return name, False
+
+
+def optimizer_style(name: str) -> tuple[Style, str]:
+    """The colour and marker of an optimizer preset, and its line style.
+
+    Step-size-scaled variants (``<preset>_scaled``) take their base preset's colour
+    and a dashed line; unknown names get a stable colour derived from the name.
+    """
+    base, scaled = _base(name)
+    style = OPTIMIZER_STYLES.get(base) or estimator_style(base)
+    return style, "--" if scaled else "-"

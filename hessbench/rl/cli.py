@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from hessbench.run.console import (
+from hessbench.kinds.console import (
     chosen_lrs_table,
     finish_runs,
     print_plan,

@@ -30,16 +30,15 @@ import pandas as pd
 from matplotlib.lines import Line2D
 
 from hessbench.errors import HessbenchError
+from hessbench.optim.spec import format_lr
 from hessbench.report._plot import FigureResult, grid, legend
 from hessbench.report._table import Table, fmt
 from hessbench.report.figures import figure_bytes
 from hessbench.report.page import figure_sections, table_links, write_files
-from hessbench.report.style import figure_context
+from hessbench.report.style import figure_context, optimizer_style
 from hessbench.rl.a2c import FINAL_FRACTION
 from hessbench.rl.runner import load_rl_runs
 from hessbench.store.provenance import session_commands
-from hessbench.train.report import optimizer_style
-from hessbench.train.schema import format_lr
 
 __all__ = ["RL_OUTPUTS", "best_lrs", "lr_table", "render_rl_report"]
 

@@ -25,16 +25,17 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
+from hessbench.optim.spec import OptimizerSpec, format_lr
 from hessbench.suite.parsing import (
     Name,
     Problems,
+    Seeds,
     StrictModel,
     fail,
     load_file,
     read_yaml,
     validate,
 )
-from hessbench.train.schema import OptimizerSpec, Seeds, format_lr
 
 __all__ = ["ENVS", "RLRunSpec", "RLSuite", "load_rl_suite", "parse_rl_suite", "plan_rl_runs"]
 

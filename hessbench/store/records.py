@@ -257,6 +257,9 @@ CELL_COLUMNS = [
     "batch_size",
     "num_params",
     "elapsed_s",
+    "stochastic",
+    "sample_param",
+    "default_params",
 ]
 
 
@@ -295,6 +298,9 @@ def frame(records: Iterable[dict]) -> pd.DataFrame:
             "status",
             "message",
             "l1_over_hesscale",
+            "stochastic",
+            "sample_param",
+            "default_params",
         )
     ]
     df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")

@@ -17,7 +17,15 @@ from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import pydantic
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, PlainValidator, Tag
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainValidator,
+    Tag,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from hessbench.errors import ConfigError
@@ -28,6 +36,7 @@ __all__ = [
     "Number",
     "ParamValue",
     "Problems",
+    "Seeds",
     "StrictModel",
     "SuiteError",
     "custom_error",
@@ -278,3 +287,15 @@ def glob(pattern: str) -> re.Pattern[str]:
     """
     parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
     return re.compile("".join(parts))
+
+
+def _seeds_tag(value: object) -> str:
+    return "list" if isinstance(value, list) else "count"
+
+
+Seeds = Annotated[
+    Annotated[list[Annotated[int, Field(ge=0)]], Tag("list")]
+    | Annotated[Annotated[int, Field(gt=0)], Tag("count")],
+    Discriminator(_seeds_tag),
+]
+"""Seeds: a list of seeds, or a count ``n`` meaning ``0 .. n-1``."""

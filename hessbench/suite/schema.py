@@ -24,16 +24,14 @@ import dataclasses
 import hashlib
 import itertools
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import pydantic
 from pydantic import (
-    Discriminator,
     Field,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
-    Tag,
     field_validator,
     model_validator,
 )
@@ -44,6 +42,7 @@ from hessbench.suite.parsing import (
     Name,
     ParamValue,
     Problems,
+    Seeds,
     StrictModel,
     custom_error,
     fail,
@@ -135,16 +134,6 @@ class Memory(StrictModel):
     """Whether peak memory is measured."""
 
     enabled: bool = True
-
-
-def _seeds_tag(value: object) -> str:
-    return "list" if isinstance(value, list) else "count"
-
-
-Seeds = Annotated[
-    Annotated[list[NonNegativeInt], Tag("list")] | Annotated[PositiveInt, Tag("count")],
-    Discriminator(_seeds_tag),
-]
 
 
 class Defaults(StrictModel):

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hessbench.errors import HessbenchError
-from hessbench.run.console import (
+from hessbench.kinds.console import (
     chosen_lrs_table,
     finish_runs,
     print_plan,

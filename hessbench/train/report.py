@@ -37,37 +37,23 @@ import pandas as pd
 from matplotlib.lines import Line2D
 
 from hessbench.errors import HessbenchError
+from hessbench.optim.spec import format_lr
 from hessbench.report._plot import FigureResult, grid, legend, log_axis, needs_log
 from hessbench.report._table import Table, fmt
 from hessbench.report.figures import figure_bytes
 from hessbench.report.page import figure_sections, table_links, write_files
-from hessbench.report.style import Style, estimator_style, figure_context
+from hessbench.report.style import figure_context, optimizer_style
 from hessbench.store.provenance import session_commands
 from hessbench.train.runner import load_runs
-from hessbench.train.schema import format_lr
 
 __all__ = [
-    "OPTIMIZER_STYLES",
     "TRAIN_OUTPUTS",
     "TrainReport",
     "best_lrs",
     "lr_table",
-    "optimizer_style",
     "render_train_report",
 ]
 
-# Fixed colours: each Hessian-based preset takes its estimator's colour from the
-# accuracy reports; step-size-scaled variants share their base's colour, dashed.
-OPTIMIZER_STYLES: dict[str, Style] = {
-    "adam": Style("#222222", "o"),
-    "sgd": Style("#9a9a9a", "s"),
-    "adam_equiv": estimator_style("grad_sq"),
-    "adahessian": estimator_style("adahessian"),
-    "adahesscale": estimator_style("hesscale"),
-    "adahesscale_gn": estimator_style("hesscale_gn"),
-    "sophia": estimator_style("sophia_gnb"),
-}
-_SCALED = ("_scaled", "-scaled")
 _FIGURES = ("loss_vs_steps", "loss_vs_time", "accuracy_vs_steps", "lr_sensitivity")
 _TABLES = ("final", "per_lr")
 TRAIN_OUTPUTS = (
@@ -76,24 +62,6 @@ TRAIN_OUTPUTS = (
     *(f"figures/{n}.{f}" for n in _FIGURES for f in ("png", "pdf")),
 )
 """Every file a train report can contain (a figure that does not apply is left out)."""
-
-
-def _base(name: str) -> tuple[str, bool]:
-    for suffix in _SCALED:
-        if name.endswith(suffix):
-            return name[: -len(suffix)], True
-    return name, False
-
-
-def optimizer_style(name: str) -> tuple[Style, str]:
-    """The colour and marker of an optimizer preset, and its line style.
-
-    Step-size-scaled variants (``<preset>_scaled``) take their base preset's colour
-    and a dashed line; unknown names get a stable colour derived from the name.
-    """
-    base, scaled = _base(name)
-    style = OPTIMIZER_STYLES.get(base) or estimator_style(base)
-    return style, "--" if scaled else "-"
 
 
 def _order(runs: pd.DataFrame) -> list[str]:

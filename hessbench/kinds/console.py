@@ -118,8 +118,8 @@ def chosen_lrs_table(
     title: str,
 ) -> Table:
     """Each optimizer's chosen learning rate, its ok/seeds and ``metric`` (column ``title``)."""
+    from hessbench.optim.spec import format_lr
     from hessbench.report._table import fmt
-    from hessbench.train.schema import format_lr
 
     table = Table(title=str(run_dir))
     for col in ("optimizer", "chosen lr", "ok/seeds", title):
