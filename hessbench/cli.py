@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -22,7 +21,6 @@ from rich.table import Table
 
 from hessbench import __version__
 from hessbench.errors import HessbenchError
-from hessbench.kinds.console import progress_bar
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -100,81 +98,13 @@ def list_estimators() -> None:
     Console(width=140).print(table)
 
 
-def _stdout() -> Console:
-    """Standard output; wide enough for full estimator labels when not a terminal."""
-    return Console() if sys.stdout.isatty() else Console(width=120)
-
-
-def _fmt(value: object, spec: str = ".3g") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return format(value, spec)
-
-
-def summary_table(df, title: str) -> Table:
-    """Per estimator label: cells by status, median relative L1, L1/HesScale, cost ratios.
-
-    ``time`` is the median CPU-time ratio to one gradient, ``memory`` the median
-    peak-memory ratio to one gradient.
-    """
-    table = Table(title=title, caption="time, memory: ratio to one gradient (median)")
-    for col in ("estimator", "ok", "other", "rel. L1", "L1 / HesScale", "time", "memory"):
-        if col == "estimator":
-            table.add_column(col, overflow="fold")
-        else:
-            table.add_column(col, justify="right", no_wrap=True)
-    for label, g in df.groupby("label", sort=True):
-        ok = g[g["status"] == "ok"]
-        other = ", ".join(
-            f"{k} {v}" for k, v in g[g["status"] != "ok"]["status"].value_counts().items()
-        )
-        table.add_row(
-            escape(str(label)),
-            str(len(ok)),
-            other or "-",
-            _fmt(ok["rel_l1"].median()),
-            _fmt(ok["l1_over_hesscale"].median()),
-            _fmt(ok["cpu_time_ratio"].median(), ".2f"),
-            _fmt(ok["memory_ratio"].median(), ".2f"),
-        )
-    return table
-
-
-def _suite_kind(path: Path) -> str:
-    """``train``, ``rl`` or ``accuracy`` (the default), from the suite's ``kind:`` field."""
-    from hessbench.kinds.console import suite_kind
-
-    kind = suite_kind(path)
-    return kind if kind in ("train", "rl") else "accuracy"
-
-
 @app.command("validate")
 @_one_line_errors
 def validate(suite: Path = typer.Argument(..., help="Suite YAML file.")) -> None:
     """Check a suite file and print what it would run (no computation)."""
-    from hessbench.suite import load_suite, plan_cells, task_variants
+    from hessbench.kinds import kind_of_suite
 
-    kind = _suite_kind(suite)
-    if kind == "train":
-        from hessbench.train import train_validate_command
-
-        raise typer.Exit(train_validate_command(suite))
-    if kind == "rl":
-        from hessbench.rl.cli import rl_validate_command
-
-        raise typer.Exit(rl_validate_command(suite))
-    s = load_suite(suite)
-    cells = plan_cells(s)
-    labels = sorted({c.estimator.label for c in cells})
-    print(
-        f"{suite}: ok: suite '{s.name}': {len(task_variants(s))} task variants, "
-        f"{len(labels)} estimator labels, {len(s.defaults.seed_list)} seeds, {len(cells)} cells"
-    )
-
-
-def _cluster_overrides(**options: object) -> dict:
-    """The ``cluster:`` fields given on the command line."""
-    return {k: v for k, v in options.items() if v is not None}
+    raise typer.Exit(kind_of_suite(suite).validate(suite))
 
 
 @app.command("run")
@@ -234,120 +164,16 @@ def run(
     ``kind: train`` (optimizer benchmark, docs/train.md) and ``kind: rl``
     (docs/rl.md) suites are handed to their own runners.
     """
-    from hessbench.run.runner import RunOptions, plan_run, run_suite
-    from hessbench.store.records import FAILED, frame, load
-    from hessbench.store.shards import parse_shard
+    from hessbench.kinds import RunRequest, check_request, kind_of_suite
 
-    kind = _suite_kind(suite)
-    if kind != "accuracy":
-        given = {
-            "--estimator": estimator, "--task": task, "--device": device, "--shard": shard,
-            "--executor": executor != "local", "--no-wait": no_wait, "--chunks": chunks,
-            "--partition": partition, "--time": time_min, "--cpus-per-task": cpus_per_task,
-            "--mem-gb": mem_gb, "--gpus": gpus,
-        }  # fmt: skip
-        if kind == "rl":
-            given.update({"--seed": seed, "--retry-failed": retry_failed, "--force": force,
-                          "--quick": quick, "--dry-run": dry_run})  # fmt: skip
-        for flag, value in given.items():
-            if value:
-                raise HessbenchError(f"{suite}: {flag} does not apply to kind: {kind} suites")
-        if kind == "train":
-            from hessbench.train import train_command
-
-            code = train_command(
-                suite, output, jobs, seeds=seed or None, retry_failed=retry_failed,
-                force=force, quick=quick, dry_run=dry_run,
-            )  # fmt: skip
-        else:
-            from hessbench.rl.cli import run_rl_command
-
-            code = run_rl_command(suite, output, jobs)
-        raise typer.Exit(code)
-
-    if device is not None and device not in ("cpu", "cuda"):
-        raise HessbenchError(f"--device {device!r}: expected cpu or cuda")
-    opts = RunOptions(
-        output, jobs, task or None, estimator or None, seed or None, retry_failed, force, quick,
-        executor=executor, device=device, shard=parse_shard(shard) if shard else None,
-        wait=not no_wait,
-        cluster=_cluster_overrides(
-            chunks=chunks, partition=partition, time_min=time_min, cpus_per_task=cpus_per_task,
-            mem_gb=mem_gb, gpus=gpus,
-        ),
+    request = RunRequest(
+        suite, output, jobs, tuple(estimator or ()), tuple(task or ()), tuple(seed or ()),
+        dry_run, retry_failed, force, quick, device, executor, shard, no_wait, chunks,
+        partition, time_min, cpus_per_task, mem_gb, gpus,
     )  # fmt: skip
-    err = Console(stderr=True)
-    if dry_run:
-        _, _, run_dir, cells = plan_run(suite, opts)
-        for c in cells:
-            print(c.id)
-        err.print(f"{len(cells)} cells; results would go to {run_dir}")
-        return
-    progress = progress_bar(err, "cell")
-    bar = {}
-
-    def on_plan(summary) -> None:
-        skipped = len(summary.planned) - len(summary.todo) - len(summary.in_flight)
-        where = summary.shard_file or summary.run_dir
-        err.print(f"{len(summary.planned)} cells, {skipped} already done; writing {where}")
-        if summary.in_flight:
-            jobs_ = ", ".join(sorted(set(summary.in_flight.values())))
-            err.print(f"{len(summary.in_flight)} cells still running in earlier jobs ({jobs_})")
-        bar["id"] = progress.add_task("cells", total=len(summary.todo), cell="")
-
-    def on_record(rec: dict) -> None:
-        progress.update(bar["id"], advance=1)
-        if rec["status"] not in ("ok", "unsupported"):
-            progress.console.print(
-                f"[yellow]{rec['status']}[/]: {escape(rec['cell_id'])}: "
-                f"{escape(str(rec.get('message', '')))}"
-            )
-
-    def on_submit(manifest: dict) -> None:
-        ids = manifest["job_id"] or ", ".join(t["job_id"] for t in manifest["tasks"])
-        n = len(manifest["tasks"])
-        progress.console.print(
-            f"submitted {n} array task{'s' * (n != 1)} ({manifest['executor']} job {ids}); "
-            + ("waiting (Ctrl-C stops waiting; the jobs keep running)" if not no_wait else "")
-        )
-        progress.update(bar["id"], cell=f"job {ids}")
-
-    with progress:
-        summary = run_suite(
-            suite,
-            opts,
-            on_plan=on_plan,
-            on_start=lambda cid: progress.update(bar["id"], cell=cid),
-            on_record=on_record,
-            on_submit=on_submit,
-        )
-    collect_cmd = f"hessbench collect {summary.run_dir}"
-    if summary.manifest is not None and no_wait:
-        m = summary.manifest
-        print(m["job_id"] or " ".join(t["job_id"] for t in m["tasks"]))
-        err.print(f"when the jobs have ended: {collect_cmd}")
-        return
-    if summary.shard_file is not None:
-        from hessbench.store.records import iter_records
-
-        df = frame(iter_records(summary.shard_file)[0])
-        _stdout().print(summary_table(df, f"{summary.shard_file}"))
-        print(f"results: {summary.shard_file} ({len(df)} cells); merge them with: {collect_cmd}")
-    else:
-        df = load(summary.run_dir)
-        _stdout().print(summary_table(df, f"{summary.run_dir}"))
-        print(f"results: {summary.run_dir / 'results.csv'} ({len(df)} cells)")
-    if summary.interrupted:
-        err.print("interrupted: finished cells are on disk; run the same command to resume")
-        if summary.manifest is not None:
-            err.print(f"the submitted jobs keep running; later: {collect_cmd}")
-        raise typer.Exit(130)
-    failed = df["status"].isin(FAILED).sum()
-    if failed:
-        err.print(
-            f"{failed} cells failed; see 'message' in results.csv (--retry-failed re-runs them)"
-        )
-        raise typer.Exit(1)
+    kind = kind_of_suite(suite)
+    check_request(kind, request)
+    raise typer.Exit(kind.run(request))
 
 
 @app.command("collect")
@@ -357,22 +183,12 @@ def collect(
     wait: bool = typer.Option(False, "--wait", help="First wait until the run's jobs end."),
 ) -> None:
     """Merge a run folder's shards (Slurm array tasks, --shard runs) into its results."""
-    from hessbench.run.runner import collect as collect_run
-    from hessbench.store.records import FAILED, load
+    from hessbench.kinds import kind_of_run
 
-    err = Console(stderr=True)
-    new: list[dict] = []
-    collector = collect_run(run_dir, wait=wait, on_record=new.append)
-    df = load(run_dir)
-    _stdout().print(summary_table(df, str(run_dir)))
-    print(f"results: {run_dir / 'results.csv'} ({len(df)} cells, {len(new)} new)")
-    if collector.in_flight:
-        jobs = ", ".join(sorted(set(collector.in_flight.values())))
-        err.print(f"{len(collector.in_flight)} cells still running in jobs {jobs}; collect again")
-    if collector.unknown:
-        err.print(f"job state unknown (sacct?) for {', '.join(sorted(collector.unknown))}")
-    if df["status"].isin(FAILED).any():
-        raise typer.Exit(1)
+    kind = kind_of_run(run_dir)
+    if not hasattr(kind, "collect"):
+        raise HessbenchError(f"{run_dir}: kind: {kind.name} runs have no shards to collect")
+    raise typer.Exit(kind.collect(run_dir, wait))
 
 
 @app.command("show")
@@ -381,24 +197,9 @@ def show(
     run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/smoke/<hash>."),
 ) -> None:
     """Print a run's summary table."""
-    from hessbench.store.records import load
+    from hessbench.kinds import kind_of_run
 
-    df = load(run_dir)
-    _stdout().print(summary_table(df, str(run_dir)))
-
-
-def _read_metadata(run_dir: Path) -> dict:
-    import json
-
-    path = run_dir / "metadata.json"
-    if not run_dir.is_dir():
-        raise HessbenchError(f"{run_dir}: no such run folder")
-    if not path.exists():
-        raise HessbenchError(f"{run_dir}: not a run folder (no metadata.json)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise HessbenchError(f"{path}: not valid JSON: {exc}") from None
+    raise typer.Exit(kind_of_run(run_dir).show(run_dir))
 
 
 @app.command("report")
@@ -414,35 +215,9 @@ def report(
     Run folders of ``kind: train`` and ``kind: rl`` suites get their own reports
     (learning curves, chosen learning rates; docs/train.md, docs/rl.md).
     """
-    import shlex
+    from hessbench.kinds import kind_of_run
 
-    from hessbench.report.page import OUTPUTS, default_output, render_report, write_files
-    from hessbench.rl.runner import is_rl_run
-    from hessbench.store.records import load, load_parts
-    from hessbench.train.runner import is_train_run
-
-    if is_train_run(run_dir):
-        from hessbench.train import train_report_command
-
-        raise typer.Exit(train_report_command(run_dir, output))
-    if is_rl_run(run_dir):
-        from hessbench.rl.cli import rl_report_command
-
-        raise typer.Exit(rl_report_command(run_dir, output))
-    meta = _read_metadata(run_dir)
-    df = load(run_dir)
-    if df.empty:
-        raise HessbenchError(f"{run_dir}: no finished cells to report")
-    out = output if output is not None else default_output(meta)
-    command = f"hessbench report {shlex.quote(str(run_dir))} -o {shlex.quote(str(out))}"
-    rendered = render_report(df, load_parts(run_dir), meta, command)
-    write_files(out, rendered.files, OUTPUTS)
-    skipped = [f for f in rendered.figures if f.figure is None]
-    for f in skipped:
-        print(f"skipped figure {f.name}: {f.skipped}", file=sys.stderr)
-    drawn = len(rendered.figures) - len(skipped)
-    counts = f"{len(rendered.tables)} tables, {drawn} figures"
-    print(f"report: {out / 'report.md'} and {out / 'index.html'} ({counts})")
+    raise typer.Exit(kind_of_run(run_dir).report(run_dir, output))
 
 
 @app.command("compare")
@@ -455,6 +230,7 @@ def compare(
     ),
 ) -> None:
     """Per cell, B/A of relative L1, time and memory ratios; exit 1 if something got worse."""
+    from hessbench.kinds.accuracy import fmt, stdout
     from hessbench.report.compare import compare as compare_runs
     from hessbench.store.records import load
 
@@ -469,14 +245,14 @@ def compare(
     colour = {"worse": "red", "better": "green", "changed": "yellow"}
 
     def show(v: object) -> str:
-        return escape(v) if isinstance(v, str) else _fmt(v)
+        return escape(v) if isinstance(v, str) else fmt(v)
 
     for c in res.changes:
         table.add_row(
-            escape(c.cell_id), c.what, show(c.a), show(c.b), _fmt(c.ratio),
+            escape(c.cell_id), c.what, show(c.a), show(c.b), fmt(c.ratio),
             f"[{colour[c.verdict]}]{c.verdict}[/]",
         )  # fmt: skip
-    out = _stdout()
+    out = stdout()
     if res.changes:
         out.print(table)
     for which, ids in (("A", res.only_a), ("B", res.only_b)):

@@ -1,4 +1,4 @@
-"""Command-line pieces shared by the suite kinds: the ``kind:`` field, progress, summaries.
+"""Command-line pieces shared by the suite kinds: progress, summaries, exit codes.
 
 ``train`` and ``rl`` suites (:mod:`hessbench.train.cli`, :mod:`hessbench.rl.cli`)
 run with the same progress bar and end with the same summary and exit codes.
@@ -25,24 +25,9 @@ __all__ = [
     "progress_bar",
     "run_metadata",
     "run_with_progress",
-    "suite_kind",
 ]
 
 S = TypeVar("S")
-
-
-def suite_kind(path: str | Path) -> object:
-    """The top-level ``kind:`` of the YAML file at ``path``.
-
-    Cheap and forgiving: None for an unreadable or malformed file, or one without it.
-    """
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    return data.get("kind") if isinstance(data, dict) else None
 
 
 def progress_bar(console: Console, item: str) -> Progress:

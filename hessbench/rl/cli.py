@@ -12,16 +12,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from hessbench.kinds import RunRequest, declared_kind
 from hessbench.kinds.console import (
     chosen_lrs_table,
     finish_runs,
     print_plan,
     run_metadata,
     run_with_progress,
-    suite_kind,
 )
 
-__all__ = ["is_rl_suite", "rl_report_command", "run_rl_command"]
+__all__ = ["KIND", "is_rl_suite", "rl_report_command", "run_rl_command"]
 
 
 def is_rl_suite(path: str | Path) -> bool:
@@ -29,7 +29,7 @@ def is_rl_suite(path: str | Path) -> bool:
 
     Cheap and forgiving: an unreadable or malformed file is not an rl suite.
     """
-    return suite_kind(path) == "rl"
+    return declared_kind(path) == "rl"
 
 
 def _summary(run_dir: Path) -> Table:
@@ -85,3 +85,30 @@ def rl_report_command(run_dir: str | Path, output: Path | None = None) -> int:
     render_rl_report(run_dir, out)
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+class RlKind:
+    """``kind: rl``: A2C on classic-control environments per optimizer (docs/rl.md)."""
+
+    name = "rl"
+    run_options = frozenset(("output", "jobs"))
+
+    def validate(self, suite: Path) -> int:
+        """Check an rl suite and print how many runs it plans."""
+        return rl_validate_command(suite)
+
+    def run(self, request: RunRequest) -> int:
+        """Run (or resume) an rl suite with a progress bar."""
+        return run_rl_command(request.suite, request.output, request.jobs)
+
+    def show(self, run_dir: Path) -> int:
+        """Print each optimizer's chosen learning rate and its final return."""
+        Console().print(_summary(run_dir))
+        return 0
+
+    def report(self, run_dir: Path, output: Path | None) -> int:
+        """Write the rl report (return curves, chosen learning rates)."""
+        return rl_report_command(run_dir, output)
+
+
+KIND = RlKind()

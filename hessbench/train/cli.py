@@ -16,16 +16,17 @@ from rich.console import Console
 from rich.table import Table
 
 from hessbench.errors import HessbenchError
+from hessbench.kinds import RunRequest, declared_kind
 from hessbench.kinds.console import (
     chosen_lrs_table,
     finish_runs,
     print_plan,
     run_metadata,
     run_with_progress,
-    suite_kind,
 )
 
 __all__ = [
+    "KIND",
     "app",
     "is_train_suite",
     "train_command",
@@ -40,7 +41,7 @@ def is_train_suite(path: str | Path) -> bool:
     Cheap and forgiving: an unreadable or malformed file is not a train suite (the
     accuracy-suite parser then reports its problems).
     """
-    return suite_kind(path) == "train"
+    return declared_kind(path) == "train"
 
 
 def _summary(run_dir: Path) -> Table:
@@ -127,6 +128,38 @@ def train_report_command(run_dir: str | Path, output: Path | None = None) -> int
     print(f"report: {out / 'report.md'} ({len(report.tables)} tables, {drawn} figures)")
     return 0
 
+
+class TrainKind:
+    """``kind: train``: optimizers x learning rates x seeds on one task (docs/train.md)."""
+
+    name = "train"
+    run_options = frozenset(
+        ("output", "jobs", "seeds", "retry_failed", "force", "quick", "dry_run")
+    )
+
+    def validate(self, suite: Path) -> int:
+        """Check a train suite and print how many runs it plans."""
+        return train_validate_command(suite)
+
+    def run(self, request: RunRequest) -> int:
+        """Run (or resume) a train suite with a progress bar."""
+        return train_command(
+            request.suite, request.output, request.jobs, seeds=list(request.seeds) or None,
+            retry_failed=request.retry_failed, force=request.force, quick=request.quick,
+            dry_run=request.dry_run,
+        )  # fmt: skip
+
+    def show(self, run_dir: Path) -> int:
+        """Print each optimizer's chosen learning rate and its held-out loss."""
+        Console().print(_summary(run_dir))
+        return 0
+
+    def report(self, run_dir: Path, output: Path | None) -> int:
+        """Write the train report (learning curves, chosen learning rates)."""
+        return train_report_command(run_dir, output)
+
+
+KIND = TrainKind()
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train suites.")
 
