@@ -1,5 +1,10 @@
 """Hessian-diagonal estimators behind one interface, and their registry.
 
+Besides the estimators, the public face offers the pieces an estimator (or the
+optimizer of :mod:`hessbench.optim`) is built from: the dataclass decorator and
+field types, :func:`register`, the loss closed forms (:class:`LossSpec`), the
+gradient helper, and the state guard that restores the global RNG and buffers.
+
 >>> from hessbench.estimators import available_estimators, get_estimator
 >>> "hesscale" in available_estimators()
 True
@@ -8,12 +13,21 @@ True
 """
 
 from hessbench.estimators._base import (
+    Count,
     Estimator,
+    Flag,
+    all_finite,
     available_estimators,
     estimator_class,
+    estimator_dataclass,
     get_estimator,
+    has_active_dropout,
+    loss_and_grad,
+    preserve_state,
+    register,
     trainable_parameters,
 )
+from hessbench.estimators._losses import LossSpec
 from hessbench.estimators.adahessian import AdaHessian
 from hessbench.estimators.bl89 import BL89
 from hessbench.estimators.efisher import EmpiricalFisher
@@ -33,19 +47,28 @@ __all__ = [
     "GGNMC",
     "KFAC",
     "AdaHessian",
+    "Count",
     "EmpiricalFisher",
     "Estimator",
     "Exact",
+    "Flag",
     "GGNExact",
     "GradSq",
     "HesScale",
     "HesScaleGN",
     "Hutchinson",
+    "LossSpec",
     "SophiaGNB",
     "Zero",
+    "all_finite",
     "available_estimators",
     "estimator_class",
+    "estimator_dataclass",
     "get_estimator",
+    "has_active_dropout",
+    "loss_and_grad",
+    "preserve_state",
+    "register",
     "trainable_parameters",
 ]
 

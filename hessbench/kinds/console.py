@@ -104,7 +104,7 @@ def chosen_lrs_table(
 ) -> Table:
     """Each optimizer's chosen learning rate, its ok/seeds and ``metric`` (column ``title``)."""
     from hessbench.optim.spec import format_lr
-    from hessbench.report._table import fmt
+    from hessbench.report.table import fmt
 
     table = Table(title=str(run_dir))
     for col in ("optimizer", "chosen lr", "ok/seeds", title):

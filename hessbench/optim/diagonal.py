@@ -31,8 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from hessbench.errors import ConfigError, DivergenceError, InputError
-from hessbench.estimators._base import (
+from hessbench.estimators import (
     Estimator,
+    LossSpec,
     all_finite,
     get_estimator,
     has_active_dropout,
@@ -40,7 +41,6 @@ from hessbench.estimators._base import (
     preserve_state,
     trainable_parameters,
 )
-from hessbench.estimators._losses import LossSpec
 
 __all__ = ["DiagonalOptimizer"]
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hessbench.errors import ConfigError, HessbenchError
-from hessbench.estimators._base import Count, Flag, estimator_dataclass, get_estimator
+from hessbench.estimators import Count, Flag, estimator_dataclass, get_estimator
 from hessbench.optim.diagonal import DiagonalOptimizer
 from hessbench.optim.stepper import DiagonalStepper, Stepper, TorchStepper
 

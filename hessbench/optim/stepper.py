@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from hessbench.errors import DivergenceError, InputError
-from hessbench.estimators._base import all_finite
+from hessbench.estimators import all_finite
 from hessbench.optim.diagonal import DiagonalOptimizer
 
 __all__ = ["DiagonalStepper", "Stepper", "TorchStepper"]

@@ -28,7 +28,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from hessbench.report import figures_lines as lines
-from hessbench.report._plot import (
+from hessbench.report.plotting import (
     FigureResult,
     grid,
     log_axis,

@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
-from hessbench.report._plot import (
+from hessbench.report.plotting import (
     FigureResult,
     grid,
     handle,

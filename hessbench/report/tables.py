@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from hessbench.report._table import Table, fmt, missing
 from hessbench.report.style import label_infos, natural_key
+from hessbench.report.table import Table, fmt, missing
 
 __all__ = ["Table", "accuracy_table", "cost_table", "layer_table", "task_label_groups"]
 

@@ -31,11 +31,11 @@ from matplotlib.lines import Line2D
 
 from hessbench.errors import HessbenchError
 from hessbench.optim.spec import format_lr
-from hessbench.report._plot import FigureResult, grid, legend
-from hessbench.report._table import Table, fmt
 from hessbench.report.figures import figure_bytes
 from hessbench.report.page import figure_sections, table_links, write_files
+from hessbench.report.plotting import FigureResult, grid, legend
 from hessbench.report.style import figure_context, optimizer_style
+from hessbench.report.table import Table, fmt
 from hessbench.rl.a2c import FINAL_FRACTION
 from hessbench.rl.runner import load_rl_runs
 from hessbench.store.provenance import session_commands

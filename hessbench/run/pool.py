@@ -1,11 +1,15 @@
-"""Run groups of cells in worker processes that a crash or a hang cannot spread from.
+"""The one worker pool: units of work in processes that a crash or a hang cannot spread from.
 
-Each worker is a separate process (``spawn``) that receives one group at a time
-(a task variant, a seed and its cells) and reports ``("start", cell_id)``
-before and ``("done", record)`` after each cell. The parent watches the
-workers: a worker that dies marks its current cell ``crashed`` (with the exit
-code or signal), one that exceeds the per-cell timeout is killed and marks it
-``timeout``; either way the rest of its group goes to a fresh worker.
+Every suite kind runs through :func:`run_batches`. Work comes in *batches* (units
+that share set-up in a worker: an accuracy group of cells sharing one ground
+truth, or a single train or rl run). Each worker is a separate process (``spawn``)
+that receives one batch at a time and reports ``("start", unit_id)`` before and
+``("done", record)`` after each unit. The parent watches the workers: a worker
+that dies marks its current unit ``crashed`` (with the exit code or signal), one
+that exceeds the per-unit timeout is killed and marks it ``timeout``; either way
+the rest of its batch goes to a fresh worker, and the other workers go on.
+
+What a worker does is a picklable :class:`Work` object, sent once to each worker.
 """
 
 from __future__ import annotations
@@ -20,26 +24,34 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
-from hessbench.bench.cell import GroupEvaluator, base_record
-from hessbench.estimators import Estimator
-from hessbench.suite import Defaults, TaskVariant
-
-__all__ = ["Group", "run_groups"]
+__all__ = ["Batch", "Work", "run_batches"]
 
 
 @dataclass
-class Group:
-    """Cells sharing a task variant and a seed (so they share the ground truth)."""
+class Batch:
+    """Units of work evaluated together in one worker: ``(unit_id, unit)`` pairs and their key."""
 
-    variant: TaskVariant
-    seed: int
-    cells: list[tuple[str, Estimator]]
+    key: Any
+    units: list[tuple[str, Any]]
 
 
-def _worker_main(conn: Connection, defaults: Defaults, log_path: str | None) -> None:
+class Work(Protocol):
+    """What a worker does with a batch (picklable: it is sent to each worker process)."""
+
+    def open(self, batch: Batch) -> Callable[[str, Any], dict]:
+        """Set up for ``batch`` (e.g. its ground truth); the function records one unit."""
+        ...
+
+    def failed(self, batch: Batch, unit_id: str, unit: Any, status: str, message: str) -> dict:
+        """The record of a unit whose worker crashed (``status`` crashed) or hung (timeout)."""
+        ...
+
+
+def _worker_main(conn: Connection, work: Work, threads: int, log_path: str | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     # Slurm (through submitit) warns every process of a job with SIGUSR2 before its time
     # limit; that is the parent's business (hessbench.run.slurm), not a reason to die
@@ -49,24 +61,23 @@ def _worker_main(conn: Connection, defaults: Defaults, log_path: str | None) -> 
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
-    torch.set_num_threads(defaults.threads)
+    torch.set_num_threads(threads)
     while True:
-        msg = conn.recv()
-        if msg is None:
+        batch: Batch | None = conn.recv()
+        if batch is None:
             return
-        group: Group = msg
-        evaluator = GroupEvaluator(group.variant, group.seed, defaults)
-        for cell_id, est in group.cells:
-            conn.send(("start", cell_id))
-            conn.send(("done", evaluator.evaluate(est, cell_id)))
-        conn.send(("group_done", None))
+        evaluate = work.open(batch)
+        for unit_id, unit in batch.units:
+            conn.send(("start", unit_id))
+            conn.send(("done", evaluate(unit_id, unit)))
+        conn.send(("batch_done", None))
 
 
 @dataclass
 class _Worker:
     process: mp.process.BaseProcess
     conn: Connection
-    group: Group | None = None
+    batch: Batch | None = None
     current: str | None = None
     started: float = 0.0
     done: set[str] = field(default_factory=set)
@@ -83,57 +94,60 @@ def _signal_name(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def run_groups(
-    groups: list[Group],
-    defaults: Defaults,
+def run_batches(
+    batches: list[Batch],
+    work: Work,
     *,
     jobs: int,
+    threads: int,
+    timeout_s: float | None,
     on_start: Callable[[str], None],
     on_record: Callable[[dict], None],
     log_path: Path | None = None,
 ) -> None:
-    """Evaluate every cell of ``groups`` with ``jobs`` worker processes.
+    """Evaluate every unit of ``batches`` with ``jobs`` worker processes.
 
-    ``on_record`` is called in the parent, in completion order, with every
-    cell's record (ok, unsupported, error, timeout or crashed). The workers'
-    stdout and stderr go to ``log_path`` when given.
+    ``on_record`` is called in the parent, in completion order, with every unit's
+    record (whatever ``work`` records, or ``work.failed(...)`` for a crashed or
+    timed-out unit). ``timeout_s`` (None: no limit) bounds one unit. The workers
+    run ``threads`` torch threads; their stdout and stderr go to ``log_path`` when
+    given. Ctrl-C (KeyboardInterrupt) kills the workers and propagates.
     """
     ctx = mp.get_context("spawn")
-    queue: deque[Group] = deque(groups)
+    queue: deque[Batch] = deque(batches)
     workers: list[_Worker] = []
 
     def spawn() -> _Worker:
         parent, child = ctx.Pipe()
         log = str(log_path) if log_path else None
-        proc = ctx.Process(target=_worker_main, args=(child, defaults, log), daemon=True)
+        proc = ctx.Process(target=_worker_main, args=(child, work, threads, log), daemon=True)
         proc.start()
         child.close()
         return _Worker(proc, parent)
 
     def fail_current(w: _Worker, status: str, message: str) -> None:
-        assert w.group is not None
-        remaining = [c for c in w.group.cells if c[0] not in w.done]
+        assert w.batch is not None
+        remaining = [u for u in w.batch.units if u[0] not in w.done]
         if w.current is not None:
-            est = dict(remaining)[w.current]
-            rec = base_record(w.group.variant.name, est, w.group.seed, w.current)
-            on_record({**rec, "status": status, "message": message})
-            remaining = [c for c in remaining if c[0] != w.current]
+            unit = dict(remaining)[w.current]
+            on_record(work.failed(w.batch, w.current, unit, status, message))
+            remaining = [u for u in remaining if u[0] != w.current]
         if remaining:
-            queue.appendleft(Group(w.group.variant, w.group.seed, remaining))
+            queue.appendleft(Batch(w.batch.key, remaining))
         w.process.kill()
         w.process.join()
         w.conn.close()
 
     try:
-        while queue or any(w.group for w in workers):
-            while queue and (len(workers) < jobs or any(w.group is None for w in workers)):
-                w = next((w for w in workers if w.group is None), None)
+        while queue or any(w.batch for w in workers):
+            while queue and (len(workers) < jobs or any(w.batch is None for w in workers)):
+                w = next((w for w in workers if w.batch is None), None)
                 if w is None:
                     w = spawn()
                     workers.append(w)
-                w.group, w.current, w.done = queue.popleft(), None, set()
-                w.conn.send(w.group)
-            busy = [w for w in workers if w.group is not None]
+                w.batch, w.current, w.done = queue.popleft(), None, set()
+                w.conn.send(w.batch)
+            busy = [w for w in workers if w.batch is not None]
             wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=0.2)
             for w in busy:
                 alive = True
@@ -144,14 +158,14 @@ def run_groups(
                             w.current, w.started = payload, time.monotonic()
                             on_start(payload)
                         elif kind == "done":
-                            w.done.add(payload["cell_id"])
+                            w.done.add(w.current or "")
                             w.current = None
                             on_record(payload)
                         else:
-                            w.group = None
+                            w.batch = None
                 except (EOFError, OSError):
                     alive = False
-                if w.group is None:
+                if w.batch is None:
                     continue
                 if not alive or not w.process.is_alive():
                     w.process.join(timeout=1)
@@ -159,13 +173,15 @@ def run_groups(
                         w, "crashed", f"worker process died ({_signal_name(w.process.exitcode)})"
                     )
                     workers[workers.index(w)] = spawn()
-                elif w.current and time.monotonic() - w.started > defaults.timeout_s:
-                    fail_current(w, "timeout", f"cell exceeded timeout_s={defaults.timeout_s:g}")
+                elif (
+                    timeout_s is not None and w.current and time.monotonic() - w.started > timeout_s
+                ):
+                    fail_current(w, "timeout", f"cell exceeded timeout_s={timeout_s:g}")
                     workers[workers.index(w)] = spawn()
     finally:
         for w in workers:
             if w.process.is_alive():
-                if w.group is None:
+                if w.batch is None:
                     with contextlib.suppress(OSError):
                         w.conn.send(None)
                     w.process.join(timeout=2)

@@ -6,7 +6,7 @@ suite file's SHA-256, so running the same suite again resumes it, and an
 edited suite starts a new folder. ``--force`` discards a folder's cells.
 
 Executors (``RunOptions.executor``): ``local`` evaluates the pending cells here
-(:func:`~hessbench.run.pool.run_groups`); ``slurm`` submits them as a job array
+(:func:`~hessbench.run.cells.run_groups`); ``slurm`` submits them as a job array
 and waits for it (:mod:`hessbench.run.slurm`), merging the array tasks' result
 shards as they arrive (:mod:`hessbench.store.shards`). ``RunOptions.shard`` runs a
 deterministic share of the cells into its own shard file.
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from hessbench.errors import ConfigError
-from hessbench.run.pool import Group, run_groups
+from hessbench.run.cells import Group, run_groups
 from hessbench.store.provenance import environment, now
 from hessbench.store.records import DONE, FAILED, CellStore, atomic_write, load, run_lock
 from hessbench.store.shards import SHARDS, Collector, Shard, merged_records, shard_path

@@ -2,18 +2,16 @@
 
 A run is a picklable spec with an ``id``, a ``suite`` (with ``optimizers``), an
 ``optimizer`` entry, an ``lr`` and a ``seed``. Runs go one after the other in this
-process or to spawned worker processes (:func:`run_all`); each finished run is
+process or to the worker pool (:func:`run_all`); each finished run is
 appended to ``runs.jsonl`` (:func:`run_session`).
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import pandas as pd
 import torch
 
 from hessbench.errors import HessbenchError
+from hessbench.run.pool import Batch, run_batches
 from hessbench.store.provenance import now
 from hessbench.store.records import RecordStore, atomic_write
 
@@ -103,6 +102,20 @@ def crashed_record(run: Any, message: str, **fields: object) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class _RunWork:
+    """Train and rl runs on the worker pool: one run per batch."""
+
+    fn: Callable[[Any], dict]
+    crashed: Callable[[Any, str], dict]
+
+    def open(self, batch: Batch) -> Callable[[str, Any], dict]:
+        return lambda run_id, run: self.fn(run)
+
+    def failed(self, batch: Batch, unit_id: str, unit: Any, status: str, message: str) -> dict:
+        return {**self.crashed(unit, message), "status": status}
+
+
 def run_all(
     todo: Sequence[Any],
     jobs: int,
@@ -112,13 +125,13 @@ def run_all(
     record: Callable[[dict], None],
     crashed: Callable[[Any, str], dict],
 ) -> None:
-    """Record ``fn(run)`` for every run of ``todo`` with ``threads`` torch threads, in plan order.
+    """Record ``fn(run)`` for every run of ``todo`` with ``threads`` torch threads.
 
     With one job (or one run) the runs go one after the other in this process;
-    else to ``jobs`` spawned processes, where Ctrl-C is left to this one: it
-    kills the workers. ``crashed(run, message)`` is the record of a run whose
-    worker died; the runs in progress then are recorded so and HessbenchError
-    is raised.
+    else to ``jobs`` worker processes of :func:`~hessbench.run.pool.run_batches`
+    (the pool every suite kind uses), where Ctrl-C is left to this one: it kills
+    the workers. ``crashed(run, message)`` is the record of a run whose worker
+    died; the other runs go on in a fresh worker.
     """
     if jobs <= 1 or len(todo) <= 1:
         before = torch.get_num_threads()
@@ -130,47 +143,15 @@ def run_all(
         finally:
             torch.set_num_threads(before)
         return
-    ctx = mp.get_context("spawn")
-    pending: dict[Future, Any] = {}
-    queue = list(reversed(todo))
-    with ProcessPoolExecutor(
-        jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
-    ) as pool:
-        try:
-            while queue or pending:
-                while queue and len(pending) < jobs:
-                    run = queue.pop()
-                    on_start(run.id)
-                    pending[pool.submit(fn, run)] = run
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in sorted(finished, key=lambda f: todo.index(pending[f])):
-                    run = pending.pop(fut)
-                    try:
-                        record(fut.result())
-                    except BrokenProcessPool:
-                        record(crashed(run, "its worker process died"))
-                        raise
-        except BrokenProcessPool:  # a worker died: the runs in progress are recorded
-            for run in pending.values():
-                record(crashed(run, "the worker pool broke while this run was in progress"))
-            pending.clear()
-            raise HessbenchError(
-                "a worker process died; finished runs are on disk, re-run to resume"
-            ) from None
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.kill()
-            raise
-
-
-def _worker_init(threads: int) -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    torch.set_num_threads(threads)
+    run_batches(
+        [Batch(run.id, [(run.id, run)]) for run in todo],
+        _RunWork(fn, crashed),
+        jobs=jobs,
+        threads=threads,
+        timeout_s=None,
+        on_start=on_start,
+        on_record=record,
+    )
 
 
 def run_frames(

@@ -2,7 +2,7 @@
 
 The pending cells' groups (a task variant and a seed: they share the ground
 truth) are dealt round-robin into chunks, one array task per chunk. An array
-task runs :func:`run_chunk`: the local machinery (:func:`~hessbench.run.pool.run_groups`,
+task runs :func:`run_chunk`: the local machinery (:func:`~hessbench.run.cells.run_groups`,
 worker processes with crash and per-cell timeout isolation) writing to its own
 shard file (:mod:`hessbench.store.shards`). The submission's manifest
 ``shards/<session>.json`` names every array task's job id and cells, so that a
@@ -28,7 +28,7 @@ import torch
 
 from hessbench.bench.cell import base_record
 from hessbench.errors import ConfigError
-from hessbench.run.pool import Group, run_groups
+from hessbench.run.cells import Group, run_groups
 from hessbench.store.records import CellStore, atomic_write
 from hessbench.store.shards import SHARDS
 from hessbench.suite import Cluster, Defaults

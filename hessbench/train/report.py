@@ -38,11 +38,11 @@ from matplotlib.lines import Line2D
 
 from hessbench.errors import HessbenchError
 from hessbench.optim.spec import format_lr
-from hessbench.report._plot import FigureResult, grid, legend, log_axis, needs_log
-from hessbench.report._table import Table, fmt
 from hessbench.report.figures import figure_bytes
 from hessbench.report.page import figure_sections, table_links, write_files
+from hessbench.report.plotting import FigureResult, grid, legend, log_axis, needs_log
 from hessbench.report.style import figure_context, optimizer_style
+from hessbench.report.table import Table, fmt
 from hessbench.store.provenance import session_commands
 from hessbench.train.runner import load_runs
 

@@ -141,8 +141,10 @@ def _isfloat(v: object) -> bool:
 
 
 def missing(v: object) -> bool:
+    """Whether ``v`` is a missing value (None or NaN)."""
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def fmt(v: float, spec: str = ".3g") -> str:
+    """``v`` in format ``spec``, or ``-`` when missing."""
     return "-" if missing(v) else format(v, spec)
