@@ -111,11 +111,12 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # The autograd profiler that torch.profiler.profile wraps: the same Kineto memory
+    # events, without torch.profiler's first-use import of torch._dynamo/_inductor
+    # (seconds per worker process).
+    with torch.autograd.profiler.profile(profile_memory=True, use_kineto=True) as prof:
         fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events = [e for e in prof.kineto_results.events() if e.name() == "[memory]"]
     level = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):
         if e.device_type() == torch.autograd.DeviceType.CPU:

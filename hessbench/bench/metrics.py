@@ -21,7 +21,6 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from torch import Tensor
 
 __all__ = ["BatchMetrics", "aggregate", "batch_metrics", "layer_of"]
@@ -49,6 +48,8 @@ def batch_metrics(estimate: dict[str, Tensor], truth: dict[str, Tensor]) -> Batc
     norm = float(np.linalg.norm(e) * np.linalg.norm(t))
     cosine = float(e @ t) / norm if norm > 0 else math.nan
     if np.ptp(e) > 0 and np.ptp(t) > 0:
+        from scipy.stats import spearmanr  # imported on first use: ~1.5 s, not at start-up
+
         spearman = float(spearmanr(e, t).statistic)
     else:
         spearman = math.nan
