@@ -15,6 +15,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 from torch import nn
 
 from hessbench.errors import ConfigError
+from hessbench.suite.architectures import ResidualMLP, ResNet
 from hessbench.suite.parsing import KwValue, Number, StrictModel, custom_error, fail
 
 __all__ = [
@@ -24,18 +25,30 @@ __all__ = [
     "LayerSpec",
     "MLPModel",
     "ModelSpec",
+    "ResMLPModel",
+    "ResNetModel",
     "SequentialModel",
     "build_model",
     "check_model",
 ]
 
 Activation = Literal[
-    "tanh", "relu", "sigmoid", "leaky_relu", "elu", "selu", "softplus", "logsigmoid"
+    "tanh",
+    "relu",
+    "sigmoid",
+    "leaky_relu",
+    "elu",
+    "selu",
+    "softplus",
+    "logsigmoid",
+    "gelu",
+    "silu",
 ]
 LayerType = Literal[
     "Linear", "Conv1d", "Conv2d", "Tanh", "Sigmoid", "ReLU", "LeakyReLU", "ELU", "SELU",
     "Softplus", "LogSigmoid", "Flatten", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d",
-    "Dropout", "Identity",
+    "Dropout", "Identity", "BatchNorm1d", "BatchNorm2d", "LayerNorm", "GroupNorm",
+    "AdaptiveAvgPool2d", "GELU", "SiLU",
 ]  # fmt: skip
 
 
@@ -96,7 +109,32 @@ class SequentialModel(StrictModel):
     layers: list[LayerSpec] = Field(min_length=1)
 
 
-ModelSpec = Annotated[MLPModel | CNNModel | SequentialModel, Field(discriminator="kind")]
+class ResMLPModel(StrictModel):
+    """A residual MLP: ``Linear`` in, pre-norm blocks ``x + W2 act(W1 LN(x))``, ``Linear`` out."""
+
+    kind: Literal["resmlp"]
+    width: PositiveInt = 32
+    hidden: PositiveInt | None = None  # the blocks' inner width (default: width)
+    blocks: PositiveInt = 2
+    activation: Activation = "tanh"
+    layernorm: bool = True
+    bias: bool = True
+
+
+class ResNetModel(StrictModel):
+    """A small ResNet of basic blocks (two 3x3 convolutions and a skip connection)."""
+
+    kind: Literal["resnet"]
+    channels: list[PositiveInt] = Field(default_factory=lambda: [8, 16], min_length=1)
+    blocks: PositiveInt = 1  # basic blocks per stage
+    activation: Activation = "relu"
+    batchnorm: bool = True
+
+
+ModelSpec = Annotated[
+    MLPModel | CNNModel | SequentialModel | ResMLPModel | ResNetModel,
+    Field(discriminator="kind"),
+]
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -108,22 +146,38 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "selu": nn.SELU,
     "softplus": nn.Softplus,
     "logsigmoid": nn.LogSigmoid,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
 }
 
 
-def build_model(spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int) -> nn.Sequential:
+def build_model(spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int) -> nn.Module:
     """The model of ``spec`` for inputs of ``input_shape`` and ``output_dim`` outputs.
 
     Initialized from the global RNG, like any ``torch.nn`` layer (:func:`build_problem`
-    seeds it). An MLP flattens multi-dimensional inputs first.
+    seeds it). An MLP flattens multi-dimensional inputs first. ``mlp``, ``cnn`` and
+    ``sequential`` give an ``nn.Sequential``; ``resmlp`` and ``resnet`` the modules of
+    :mod:`hessbench.suite.architectures`.
 
     Raises:
         ConfigError: a CNN whose feature maps shrink to nothing, or on non-image inputs.
     """
-    if not isinstance(spec, (MLPModel, CNNModel)):
+    if isinstance(spec, SequentialModel):
         return nn.Sequential(*(layer.build() for layer in spec.layers))
-    layers: list[nn.Module] = []
     act = ACTIVATIONS[spec.activation]
+    if isinstance(spec, ResMLPModel):
+        return ResidualMLP(
+            input_shape, output_dim, width=spec.width, hidden=spec.hidden or spec.width,
+            blocks=spec.blocks, act=act, norm=spec.layernorm, bias=spec.bias,
+        )  # fmt: skip
+    if isinstance(spec, ResNetModel):
+        if len(input_shape) != 3:
+            raise ConfigError(f"a resnet needs (channels, height, width) inputs, got {input_shape}")
+        return ResNet(
+            input_shape, output_dim, channels=spec.channels, blocks=spec.blocks, act=act,
+            bn=spec.batchnorm,
+        )  # fmt: skip
+    layers: list[nn.Module] = []
     if isinstance(spec, MLPModel):
         if len(input_shape) > 1:
             layers.append(nn.Flatten())
@@ -167,7 +221,7 @@ def check_model(spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int) 
     """
     with torch.device("meta"):
         model = build_model(spec, input_shape, output_dim)
-    model.to_empty(device="cpu")
+    model.to_empty(device="cpu").eval()  # as evaluated (batch norm of one sample needs it)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters")
     with torch.no_grad():

@@ -17,7 +17,7 @@ from pydantic import (
 )
 
 from hessbench.errors import ConfigError, HessbenchError
-from hessbench.suite.models import CNNModel, ModelSpec, check_model
+from hessbench.suite.models import CNNModel, ModelSpec, ResNetModel, check_model
 from hessbench.suite.parsing import (
     Name,
     Problems,
@@ -140,9 +140,11 @@ class TaskSpec(StrictModel):
                 problems["eval", "states", i, "batch_size"] = (
                     f"more than the {pool} training samples"
                 )
-        if isinstance(self.model, CNNModel) and len(self.input_shape) != 3:
+        if isinstance(self.model, (CNNModel, ResNetModel)) and len(self.input_shape) != 3:
             where = "layout" if isinstance(data, DigitsData) else "input_shape"
-            problems["data", where] = "a cnn needs image inputs (channels, height, width)"
+            problems["data", where] = (
+                f"a {self.model.kind} needs image inputs (channels, height, width)"
+            )
         if not problems:
             try:
                 check_model(self.model, self.input_shape, self.output_dim)
