@@ -43,6 +43,7 @@ __all__ = [
     "Flag",
     "all_finite",
     "available_estimators",
+    "check_output",
     "estimator_class",
     "finalize",
     "fresh_generator",
@@ -137,6 +138,15 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())  # the sum overflowed or saw NaN/inf: check exactly
 
 
+def check_output(model: nn.Module, out: Tensor) -> None:
+    """Raise :class:`InputError` for a non-finite output, naming a bad parameter."""
+    if all_finite(out):
+        return
+    bad = [n for n, p in model.named_parameters() if not all_finite(p)]
+    hint = f"; non-finite parameters: {', '.join(bad)}" if bad else ""
+    raise InputError(f"the model output contains NaN or infinity{hint}")
+
+
 def fresh_generator(device: torch.device) -> torch.Generator:
     """A generator seeded non-deterministically, without touching the global RNG."""
     gen = torch.Generator(device=device)
@@ -163,8 +173,6 @@ def loss_and_grad(
     Uses ``torch.autograd.grad``: ``.grad`` is not touched. The model output and
     the targets are validated like an estimator validates them.
     """
-    from hessbench.estimators._sequential import check_output  # import cycle
-
     params = trainable_parameters(model)
     out = model(inputs)
     check_output(model, out.detach())
@@ -174,12 +182,12 @@ def loss_and_grad(
     return finalize(params, dict(zip(params, grads, strict=True))), value.detach()
 
 
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+def rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+def set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
@@ -350,9 +358,9 @@ class Estimator(abc.ABC):
         Runs inside :func:`preserve_state`. Override where the estimate's pass
         yields the gradient anyway.
         """
-        rng = _rng_state(inputs.device)
+        rng = rng_state(inputs.device)
         diag = self._estimate(model, loss, inputs, targets, generator)
-        _set_rng_state(inputs.device, rng)  # replay the estimate's dropout masks
+        set_rng_state(inputs.device, rng)  # replay the estimate's dropout masks
         grad, value = loss_and_grad(model, loss, inputs, targets)
         return diag, grad, value
 

@@ -15,9 +15,10 @@ from hessbench.estimators._base import (
     register,
     trainable_parameters,
 )
-from hessbench.estimators._layerwise import DualPathEstimator
+from hessbench.estimators._factor_pass import Mode, Problem, factor_pass
+from hessbench.estimators._layerwise import DualPathEstimator, keep_grad
 from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import Plan, build_plan, cast_problem, factor_pass
+from hessbench.estimators._sequential import Plan, build_plan
 
 __all__ = ["Exact"]
 
@@ -75,6 +76,7 @@ class Exact(DualPathEstimator):
     representation: Literal["auto", "factored", "full"] = "auto"
     compute_dtype: Literal["float64", "model"] = "float64"
     max_params: Count = 50_000
+    passes_grad: ClassVar[bool] = True
 
     def _structured(
         self,
@@ -84,23 +86,16 @@ class Exact(DualPathEstimator):
         inputs: Tensor,
         targets: Tensor,
         generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
         dtype = torch.float64 if self.compute_dtype == "float64" else None
-        cmodel, x, y = cast_problem(model, inputs, targets, dtype)
-        if cmodel is not model:
-            plan = build_plan(cmodel)
-        diag = factor_pass(
-            plan,
-            cmodel,
-            loss,
-            x,
-            y,
-            columns="exact",
-            residual=True,
-            generator=generator,
-            representation=self.representation,
-        )
-        return finalize(trainable_parameters(model), diag)
+        problem = Problem(model, loss, inputs, targets, generator).cast(dtype)
+        if problem.model is not model:
+            plan = build_plan(problem.model)
+        mode = Mode(columns="exact", residual=True, representation=self.representation)
+        res = factor_pass(plan, problem, mode, with_grad=extras is not None)
+        params = trainable_parameters(model)
+        return finalize(params, keep_grad(res, extras, params))
 
     def _generic(
         self,
@@ -109,6 +104,7 @@ class Exact(DualPathEstimator):
         inputs: Tensor,
         targets: Tensor,
         generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
         dtype = torch.float64 if self.compute_dtype == "float64" else None
         diag = exact_diag_hvp(model, loss, inputs, targets, dtype=dtype, max_params=self.max_params)
