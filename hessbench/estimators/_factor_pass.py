@@ -187,8 +187,8 @@ def choose_representations(
             for k, c in options:
                 kinds_i = {**kinds, i: k[0]}
                 width = k[1] + k[2] if k[0] == "factored" else 0
-                if st.rule.parametric:
-                    c += width * cp + fout * fin if k[0] == "factored" else cpf + fout * fin
+                if st.rule.parametric:  # a pending diagonal costs one column here
+                    c += (k[1] + 1) * cp + fout * fin if k[0] == "factored" else cpf + fout * fin
                 if i == plan.first_param or i == collapse:
                     if i == collapse:
                         c += width * cj + fin * width if k[0] == "factored" else fout * cj * 2
@@ -216,12 +216,21 @@ def _convert(rep: Curvature, kind: Kind) -> Curvature:
     return rep.to_full() if kind == "full" else rep.to_factored()  # type: ignore[attr-defined]
 
 
-def factor_pass(plan: Plan, problem: Problem, mode: Mode, *, with_grad: bool = False) -> PassResult:
+def factor_pass(
+    plan: Plan,
+    problem: Problem,
+    mode: Mode,
+    *,
+    with_grad: bool = False,
+    schedule: dict[int, Kind] | None = None,
+) -> PassResult:
     """Backpropagate the output Hessian's factors (see the module docstring).
 
     With ``with_grad`` the same walk also backpropagates the gradient at the
     true targets and returns the parameter gradients (one ``J^T g`` per layer
-    alongside the curvature: no second forward pass, no autograd).
+    alongside the curvature: no second forward pass, no autograd). ``schedule``
+    (step index -> ``factored``/``full``) overrides the planner's choice, for
+    tests and measurements; every schedule gives the same numbers to rounding.
     """
     p = problem
     with torch.no_grad():
@@ -230,7 +239,10 @@ def factor_pass(plan: Plan, problem: Problem, mode: Mode, *, with_grad: bool = F
         )
         rep: Curvature = mode.start(p.loss, out, state, p.generator)
         collapse = collapse_step(plan) if mode.may_collapse else -1
-        kinds = choose_representations(plan, shapes, out.shape[1:], rep.columns, mode, collapse)
+        if schedule is None:
+            kinds = choose_representations(plan, shapes, out.shape[1:], rep.columns, mode, collapse)
+        else:
+            kinds = {i: k for i, k in schedule.items() if collapse < 0 or i >= collapse}
         need_g = mode.residual or with_grad
         g = state.grad
         res: dict[str, Tensor] = {}
