@@ -13,7 +13,8 @@ baseline during one call (``benchmarks/_memory.py``), in MiB.
 Problems: the CNN ``Conv2d(3,16,3)-ReLU-MaxPool2d(2)-Conv2d(16,32,3)-Tanh-
 Flatten-Linear(800,10)`` on 3x16x16 inputs with cross-entropy at batch 1/8/32,
 and the cost net ``Linear(64,512)`` + 4 x [``Linear(512,512)``, Tanh] +
-``Linear(512,100)`` (MSE) at batch 1/32.
+``Linear(512,100)`` (MSE) at batch 1/32; or, with ``--suite FILE``, every task
+of a suite (its first evaluation batch, float32).
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ def cnn_problem(batch: int):
     return f"cnn CE batch={batch}", model, nn.CrossEntropyLoss(), x, y
 
 
+def suite_problems(path: str) -> list:
+    from hessbench._plan import task_variants
+    from hessbench.config import load_suite
+    from hessbench.tasks import build_problem
+
+    out = []
+    for variant in task_variants(load_suite(path)):
+        prob = build_problem(variant, 0, dtype=torch.float32, device="cpu")
+        x, y = prob.batches[0]
+        out.append((f"{variant.name} batch={x.shape[0]}", prob.model, prob.loss_fn, x, y))
+    return out
+
+
 def backpack_fn(model, loss_fn, x, y):
     from backpack import backpack, extend
     from backpack.extensions import DiagHessian
@@ -74,12 +88,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--representation", default="auto")
     parser.add_argument("--only", choices=["cnn", "mlp"])
+    parser.add_argument("--suite", help="instead: every task of this suite file (first batch)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     problems = []
-    if args.only in (None, "cnn"):
+    if args.suite:
+        problems += suite_problems(args.suite)
+    if not args.suite and args.only in (None, "cnn"):
         problems += [cnn_problem(b) for b in (1, 8, 32)]
-    if args.only in (None, "mlp"):
+    if not args.suite and args.only in (None, "mlp"):
         problems += [cost_net_problem(4, b) for b in (1, 32)]
     min_time = 0.3 if args.quick else 1.5
     for title, model, loss_fn, x, y in problems:

@@ -16,7 +16,10 @@ non-deterministically seeded one when none is given).
 :meth:`Estimator.estimate_with_grad` also hands back the gradient of the loss
 and the loss value, for optimizers. Estimators whose pass computes the gradient
 anyway (HesScale, HesScaleGN, BL89, ``grad_sq``, Hutchinson and AdaHessian)
-return it at no extra cost; the others pay one extra autograd gradient::
+return it at no extra cost; the factor pass (``exact``, ``ggn_exact``,
+``ggn_mc``, ``kfac`` on supported ``nn.Sequential`` models) backpropagates it
+alongside the curvature for a fraction of a gradient; the others pay one extra
+autograd gradient::
 
     diag, grad, loss = est.estimate_with_grad(model, loss_fn, inputs, targets, generator=g)
 """

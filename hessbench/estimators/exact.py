@@ -36,15 +36,16 @@ class Exact(DualPathEstimator):
       ``H_u = f' f'^T o H_a + diag(f''(u) g_a)``. The Hessian is kept in factored
       form (the loss Hessian's symmetric factor pushed through the layers plus a
       signed factor for every curved activation's residual, as BackPACK's
-      DiagHessian does) or as full per-sample matrices where a layer has more
-      columns than features. A parameter's diagonal follows from its layer's
-      output Hessian: ``h_W[o, i] = sum_n H_z[n, o, o] a[n, i]^2`` for Linear.
+      DiagHessian does) or as full per-sample matrices, chosen per layer by
+      estimated cost (``representation="auto"``; see ``_factor_pass.py``). A
+      parameter's diagonal follows from its layer's output Hessian: ``h_W[o, i] = sum_n H_z[n, o, o] a[n, i]^2`` for Linear.
     - ``hvp`` (any ``nn.Module``): one double-backprop Hessian row per
       parameter entry, refused above ``max_params`` entries.
 
     Args:
         method: ``auto`` (structured where supported, else hvp), ``structured`` or ``hvp``.
-        representation: ``auto``, ``factored`` or ``full`` (structured path only).
+        representation: ``auto`` (per layer, by estimated cost), ``factored`` or
+            ``full`` everywhere (structured path only; the same numbers to rounding).
         compute_dtype: ``float64`` (default) or ``model``; the result always has
             the parameters' dtype, so pass a float64 model for a float64 truth.
         max_params: the size guard of the hvp path.
