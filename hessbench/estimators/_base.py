@@ -16,7 +16,10 @@ non-deterministically seeded one when none is given).
 :meth:`Estimator.estimate_with_grad` also hands back the gradient of the loss
 and the loss value, for optimizers. Estimators whose pass computes the gradient
 anyway (HesScale, HesScaleGN, BL89, ``grad_sq``, Hutchinson and AdaHessian)
-return it at no extra cost; the others pay one extra autograd gradient::
+return it at no extra cost; the factor pass (``exact``, ``ggn_exact``,
+``ggn_mc``, ``kfac`` on supported ``nn.Sequential`` models) backpropagates it
+alongside the curvature for a fraction of a gradient; the others pay one extra
+autograd gradient::
 
     diag, grad, loss = est.estimate_with_grad(model, loss_fn, inputs, targets, generator=g)
 """
@@ -43,6 +46,7 @@ __all__ = [
     "Flag",
     "all_finite",
     "available_estimators",
+    "check_output",
     "estimator_class",
     "finalize",
     "fresh_generator",
@@ -137,6 +141,15 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())  # the sum overflowed or saw NaN/inf: check exactly
 
 
+def check_output(model: nn.Module, out: Tensor) -> None:
+    """Raise :class:`InputError` for a non-finite output, naming a bad parameter."""
+    if all_finite(out):
+        return
+    bad = [n for n, p in model.named_parameters() if not all_finite(p)]
+    hint = f"; non-finite parameters: {', '.join(bad)}" if bad else ""
+    raise InputError(f"the model output contains NaN or infinity{hint}")
+
+
 def fresh_generator(device: torch.device) -> torch.Generator:
     """A generator seeded non-deterministically, without touching the global RNG."""
     gen = torch.Generator(device=device)
@@ -163,8 +176,6 @@ def loss_and_grad(
     Uses ``torch.autograd.grad``: ``.grad`` is not touched. The model output and
     the targets are validated like an estimator validates them.
     """
-    from hessbench.estimators._sequential import check_output  # import cycle
-
     params = trainable_parameters(model)
     out = model(inputs)
     check_output(model, out.detach())
@@ -174,12 +185,12 @@ def loss_and_grad(
     return finalize(params, dict(zip(params, grads, strict=True))), value.detach()
 
 
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+def rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+def set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
@@ -369,9 +380,9 @@ class Estimator(abc.ABC):
         Runs inside :func:`preserve_state`. Override where the estimate's pass
         yields the gradient anyway.
         """
-        rng = _rng_state(inputs.device)
+        rng = rng_state(inputs.device)
         diag = self._estimate(model, loss, inputs, targets, generator)
-        _set_rng_state(inputs.device, rng)  # replay the estimate's dropout masks
+        set_rng_state(inputs.device, rng)  # replay the estimate's dropout masks
         grad, value = loss_and_grad(model, loss, inputs, targets)
         return diag, grad, value
 

@@ -9,11 +9,36 @@ import torch
 from torch import Tensor, nn
 
 from hessbench.errors import UnsupportedError
-from hessbench.estimators._base import Estimator, preserve_state
+from hessbench.estimators._base import (
+    Estimator,
+    finalize,
+    loss_and_grad,
+    preserve_state,
+    rng_state,
+    set_rng_state,
+)
+from hessbench.estimators._factor_pass import PassResult
 from hessbench.estimators._losses import LossSpec, LossState
 from hessbench.estimators._sequential import Plan, build_plan, diag_pass
 
-__all__ = ["DiagPassEstimator", "DualPathEstimator", "LayerwiseEstimator"]
+__all__ = ["DiagPassEstimator", "DualPathEstimator", "LayerwiseEstimator", "keep_grad"]
+
+
+def keep_grad(
+    res: PassResult, extras: dict[str, object] | None, params: dict | None = None
+) -> dict[str, Tensor]:
+    """The pass's diagonals; its gradient and loss go to ``extras`` (when given).
+
+    With ``params`` (the caller's trainable parameters) the gradient and the
+    loss are cast to the parameters' dtype (a pass computed in float64).
+    """
+    if extras is not None:
+        grad, value = res.grad, res.state.value()
+        if params is not None:
+            grad = finalize(params, grad)
+            value = value.to(next(iter(params.values())).dtype)
+        extras["grad"], extras["loss"] = grad, value
+    return res.diag
 
 
 class LayerwiseEstimator(Estimator):
@@ -102,8 +127,9 @@ class DualPathEstimator(Estimator):
     method: str
     uses_model_forward: ClassVar[bool] = False  # only the generic path does: guarded there
     passes_grad: ClassVar[bool] = False
-    """Whether ``_structured`` and ``_generic`` take ``extras=`` and store the gradient and
-    the loss there (``extras["grad"]``, ``extras["loss"]``) for :meth:`estimate_with_grad`."""
+    """Whether ``_structured`` and ``_generic`` take ``extras=`` and may store the gradient
+    and the loss there (``extras["grad"]``, ``extras["loss"]``) for :meth:`estimate_with_grad`;
+    a path that leaves them out is followed by one autograd gradient."""
 
     def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
         """Also refuse models the layer-by-layer pass cannot run when it is forced."""
@@ -132,7 +158,11 @@ class DualPathEstimator(Estimator):
         if not self.passes_grad:
             return super()._estimate_with_grad(model, loss, inputs, targets, generator)
         extras: dict[str, object] = {}
+        rng = rng_state(inputs.device)
         diag = self._dispatch(model, loss, inputs, targets, generator, extras)
+        if "grad" not in extras:  # this path has no gradient on the way
+            set_rng_state(inputs.device, rng)  # replay the estimate's dropout masks
+            extras["grad"], extras["loss"] = loss_and_grad(model, loss, inputs, targets)
         return diag, extras["grad"], extras["loss"]  # type: ignore[return-value]
 
     def _dispatch(

@@ -43,6 +43,8 @@ class Elementwise(Rule):
     """``y = f(x)`` applied entry by entry."""
 
     elementwise = True
+    curved = True
+    """Whether ``f''`` can be non-zero (``derivs`` may return a second derivative)."""
 
     def derivs(self, m: nn.Module, cache) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError

@@ -71,6 +71,8 @@ class SigmoidRule(Elementwise):
 
 
 class ReLURule(Elementwise):
+    curved = False
+
     def forward(self, m, x, generator):
         return torch.relu(x), x
 
@@ -79,6 +81,8 @@ class ReLURule(Elementwise):
 
 
 class LeakyReLURule(Elementwise):
+    curved = False
+
     def forward(self, m, x, generator):
         return F.leaky_relu(x, m.negative_slope), x
 
@@ -141,6 +145,8 @@ class DropoutRule(Elementwise):
     generator (and restores afterwards): the layer-by-layer and autograd paths
     see the same masks for equal generators.
     """
+
+    curved = False
 
     def forward(self, m, x, generator):
         if not m.training or m.p == 0.0:

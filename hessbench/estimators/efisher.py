@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from hessbench.estimators._autograd import per_sample_grad_sq
 from hessbench.estimators._base import estimator_dataclass, register
+from hessbench.estimators._factor_pass import Mode, Problem, factor_pass
 from hessbench.estimators._layerwise import DualPathEstimator
 from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import Plan, factor_pass
+from hessbench.estimators._sequential import Plan
 
 __all__ = ["EmpiricalFisher"]
 
@@ -63,9 +64,8 @@ class EmpiricalFisher(DualPathEstimator):
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
         # columns = dL/dz_n = c dl_n/dz_n, so the pass gives c^2 sum_n (grad l_n)^2
-        sq = factor_pass(
-            plan, model, loss, inputs, targets, columns="grad", residual=False, generator=generator
-        )
+        problem = Problem(model, loss, inputs, targets, generator)
+        sq = factor_pass(plan, problem, Mode(columns="grad", residual=False)).diag
         c = loss.scale(targets)
         return {n: s.div_(c) for n, s in sq.items()}
 

@@ -15,9 +15,10 @@ from hessbench.estimators._base import (
     register,
     trainable_parameters,
 )
-from hessbench.estimators._layerwise import DualPathEstimator
+from hessbench.estimators._factor_pass import Mode, Problem, factor_pass
+from hessbench.estimators._layerwise import DualPathEstimator, keep_grad
 from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import Plan, build_plan, cast_problem, factor_pass
+from hessbench.estimators._sequential import Plan, build_plan
 
 __all__ = ["Exact"]
 
@@ -35,15 +36,16 @@ class Exact(DualPathEstimator):
       ``H_u = f' f'^T o H_a + diag(f''(u) g_a)``. The Hessian is kept in factored
       form (the loss Hessian's symmetric factor pushed through the layers plus a
       signed factor for every curved activation's residual, as BackPACK's
-      DiagHessian does) or as full per-sample matrices where a layer has more
-      columns than features. A parameter's diagonal follows from its layer's
-      output Hessian: ``h_W[o, i] = sum_n H_z[n, o, o] a[n, i]^2`` for Linear.
+      DiagHessian does) or as full per-sample matrices, chosen per layer by
+      estimated cost (``representation="auto"``; see ``_factor_pass.py``). A
+      parameter's diagonal follows from its layer's output Hessian: ``h_W[o, i] = sum_n H_z[n, o, o] a[n, i]^2`` for Linear.
     - ``hvp`` (any ``nn.Module``): one double-backprop Hessian row per
       parameter entry, refused above ``max_params`` entries.
 
     Args:
         method: ``auto`` (structured where supported, else hvp), ``structured`` or ``hvp``.
-        representation: ``auto``, ``factored`` or ``full`` (structured path only).
+        representation: ``auto`` (per layer, by estimated cost), ``factored`` or
+            ``full`` everywhere (structured path only; the same numbers to rounding).
         compute_dtype: ``float64`` (default) or ``model``; the result always has
             the parameters' dtype, so pass a float64 model for a float64 truth.
         max_params: the size guard of the hvp path.
@@ -75,6 +77,7 @@ class Exact(DualPathEstimator):
     representation: Literal["auto", "factored", "full"] = "auto"
     compute_dtype: Literal["float64", "model"] = "float64"
     max_params: Count = 50_000
+    passes_grad: ClassVar[bool] = True
 
     def _structured(
         self,
@@ -84,23 +87,16 @@ class Exact(DualPathEstimator):
         inputs: Tensor,
         targets: Tensor,
         generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
         dtype = torch.float64 if self.compute_dtype == "float64" else None
-        cmodel, x, y = cast_problem(model, inputs, targets, dtype)
-        if cmodel is not model:
-            plan = build_plan(cmodel)
-        diag = factor_pass(
-            plan,
-            cmodel,
-            loss,
-            x,
-            y,
-            columns="exact",
-            residual=True,
-            generator=generator,
-            representation=self.representation,
-        )
-        return finalize(trainable_parameters(model), diag)
+        problem = Problem(model, loss, inputs, targets, generator).cast(dtype)
+        if problem.model is not model:
+            plan = build_plan(problem.model)
+        mode = Mode(columns="exact", residual=True, representation=self.representation)
+        res = factor_pass(plan, problem, mode, with_grad=extras is not None)
+        params = trainable_parameters(model)
+        return finalize(params, keep_grad(res, extras, params))
 
     def _generic(
         self,
@@ -109,6 +105,7 @@ class Exact(DualPathEstimator):
         inputs: Tensor,
         targets: Tensor,
         generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
         dtype = torch.float64 if self.compute_dtype == "float64" else None
         diag = exact_diag_hvp(model, loss, inputs, targets, dtype=dtype, max_params=self.max_params)

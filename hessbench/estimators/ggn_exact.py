@@ -9,11 +9,14 @@ from torch import Tensor, nn
 
 from hessbench.estimators._autograd import ggn_diag_jacobian
 from hessbench.estimators._base import estimator_dataclass, register
-from hessbench.estimators._layerwise import DualPathEstimator
+from hessbench.estimators._factor_pass import Mode, Problem, factor_pass
+from hessbench.estimators._layerwise import DualPathEstimator, keep_grad
 from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import Plan, factor_pass
+from hessbench.estimators._sequential import Plan
 
 __all__ = ["GGNExact"]
+
+_MODE = Mode(columns="exact", residual=False)
 
 
 @register
@@ -32,7 +35,8 @@ class GGNExact(DualPathEstimator):
             models, else per-sample Jacobians with ``torch.func``),
             ``structured`` or ``jacobian``.
 
-    Cost: ``O(C)`` backprops (the layer-by-layer pass carries ``C`` columns).
+    Cost: ``O(C)`` backprops (the layer-by-layer pass carries ``C`` columns);
+    :meth:`estimate_with_grad` takes the gradient from the same pass.
     Reference: Schraudolph (2002); BackPACK's DiagGGNExact (Dangel et al., 2020).
 
     Example:
@@ -51,6 +55,7 @@ class GGNExact(DualPathEstimator):
     cost: ClassVar[str] = "O(C) backprops"
     impl_fields: ClassVar[tuple[str, ...]] = ("method",)
     method: Literal["auto", "structured", "jacobian"] = "auto"
+    passes_grad: ClassVar[bool] = True
 
     def _structured(
         self,
@@ -60,10 +65,11 @@ class GGNExact(DualPathEstimator):
         inputs: Tensor,
         targets: Tensor,
         generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
-        return factor_pass(
-            plan, model, loss, inputs, targets, columns="exact", residual=False, generator=generator
-        )
+        problem = Problem(model, loss, inputs, targets, generator)
+        res = factor_pass(plan, problem, _MODE, with_grad=extras is not None)
+        return keep_grad(res, extras)
 
     def _generic(
         self,
@@ -72,5 +78,6 @@ class GGNExact(DualPathEstimator):
         inputs: Tensor,
         targets: Tensor,
         generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
         return ggn_diag_jacobian(model, loss, inputs, targets, loss.sqrt_factor)

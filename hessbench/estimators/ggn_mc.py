@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from hessbench.estimators._autograd import ggn_diag_jacobian
 from hessbench.estimators._base import Count, estimator_dataclass, register
-from hessbench.estimators._layerwise import DualPathEstimator
+from hessbench.estimators._factor_pass import Mode, Problem, factor_pass
+from hessbench.estimators._layerwise import DualPathEstimator, keep_grad
 from hessbench.estimators._losses import LossSpec, LossState
-from hessbench.estimators._sequential import Plan, factor_pass
+from hessbench.estimators._sequential import Plan
 
 __all__ = ["GGNMC"]
 
@@ -30,7 +31,8 @@ class GGNMC(DualPathEstimator):
         num_samples: MC samples ``k`` per data point.
         method: ``auto``, ``structured`` (layer-by-layer pass) or ``jacobian``.
 
-    Cost: ``k`` backprops (one pass carrying ``k`` columns).
+    Cost: ``k`` backprops (one pass carrying ``k`` columns); :meth:`estimate_with_grad`
+    takes the gradient from the same pass.
     Reference: Dangel, Kunstner & Hennig, "BackPACK" (ICLR 2020).
 
     Example:
@@ -50,6 +52,7 @@ class GGNMC(DualPathEstimator):
     impl_fields: ClassVar[tuple[str, ...]] = ("method",)
     num_samples: Count = 1
     method: Literal["auto", "structured", "jacobian"] = "auto"
+    passes_grad: ClassVar[bool] = True
 
     def _structured(
         self,
@@ -59,18 +62,11 @@ class GGNMC(DualPathEstimator):
         inputs: Tensor,
         targets: Tensor,
         generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
-        return factor_pass(
-            plan,
-            model,
-            loss,
-            inputs,
-            targets,
-            columns="mc",
-            residual=False,
-            generator=generator,
-            num_samples=self.num_samples,
-        )
+        mode = Mode(columns="mc", residual=False, num_samples=self.num_samples)
+        problem = Problem(model, loss, inputs, targets, generator)
+        return keep_grad(factor_pass(plan, problem, mode, with_grad=extras is not None), extras)
 
     def _generic(
         self,
@@ -79,6 +75,7 @@ class GGNMC(DualPathEstimator):
         inputs: Tensor,
         targets: Tensor,
         generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
         assert generator is not None
 

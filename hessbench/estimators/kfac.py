@@ -8,9 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from hessbench.estimators._base import Count, estimator_dataclass, register
+from hessbench.estimators._factor_pass import Mode, PassResult, Problem, factor_pass
 from hessbench.estimators._layerwise import LayerwiseEstimator
 from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import build_plan, factor_pass
+from hessbench.estimators._sequential import build_plan
 
 __all__ = ["KFAC"]
 
@@ -35,7 +36,8 @@ class KFAC(LayerwiseEstimator):
             Hessian's symmetric factor).
         num_samples: MC samples for ``backward="mc"`` (ignored for ``exact``).
 
-    Cost: one backprop plus ``k`` (or ``C``) backpropagated columns.
+    Cost: one backprop plus ``k`` (or ``C``) backpropagated columns; :meth:`estimate_with_grad`
+    takes the gradient from the same pass.
     Reference: Martens & Grosse (ICML 2015); Grosse & Martens (ICML 2016) for
     convolutions; Botev et al. (ICML 2017) for KFLR.
 
@@ -69,16 +71,21 @@ class KFAC(LayerwiseEstimator):
         targets: Tensor,
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
-        plan = build_plan(model)
-        return factor_pass(
-            plan,
-            model,
-            loss,
-            inputs,
-            targets,
-            columns=self.backward,
-            residual=False,
-            generator=generator,
-            num_samples=self.num_samples,
-            kfac=True,
-        )
+        return self._pass(model, loss, inputs, targets, generator, with_grad=False).diag
+
+    def _estimate_with_grad(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """The same pass, keeping the gradient it backpropagates alongside (no extra forward)."""
+        res = self._pass(model, loss, inputs, targets, generator, with_grad=True)
+        return res.diag, res.grad, res.state.value()
+
+    def _pass(self, model, loss, inputs, targets, generator, *, with_grad: bool) -> PassResult:
+        mode = Mode(columns=self.backward, residual=False, kfac=True, num_samples=self.num_samples)
+        problem = Problem(model, loss, inputs, targets, generator)
+        return factor_pass(build_plan(model), problem, mode, with_grad=with_grad)
