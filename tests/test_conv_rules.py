@@ -9,6 +9,8 @@ estimates with the rules swapped for these formulas must agree to rounding.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from conftest import CASES, problem, relerr, variants
 from torch import Tensor, nn
 
 from hessbench.estimators import get_estimator
-from hessbench.estimators._layers import RULES
+from hessbench.estimators._layers import RULES, Parametric
 from hessbench.estimators._rules_affine import ConvRule, _conv_padding
 
 TOL_ROUNDING = 1e-12
@@ -104,12 +106,34 @@ def test_conv_rule_matches_unfold(case):
                 assert relerr(hb, want_b) <= TOL_ROUNDING
                 assert relerr(gb, want_gb) <= TOL_ROUNDING
             want_h = unfold_input(m, x, h, m.weight.square())
+            want_g = unfold_input(m, x, g, m.weight)
             assert relerr(rule.vjp_sq(m, cache, h), want_h) <= TOL_ROUNDING
-            assert relerr(rule.vjp(m, cache, g), unfold_input(m, x, g, m.weight)) <= TOL_ROUNDING
+            assert relerr(rule.vjp(m, cache, g), want_g) <= TOL_ROUNDING
+            # the fused step of the diagonal pass, in each configuration it is called in
+            for need_input, with_grad, gin in itertools.product((True, False), repeat=3):
+                if with_grad and not gin:
+                    continue  # the gradient needs g
+                got = rule.diag_backward(
+                    m, cache, g if gin else None, h, need_input=need_input, with_grad=with_grad
+                )
+                want = (
+                    want_w,
+                    want_b,
+                    want_gw if with_grad else None,
+                    want_gb if with_grad else None,
+                    want_h if need_input else None,
+                    want_g if need_input and gin else None,
+                )
+                for a, b in zip(got, want, strict=True):
+                    assert (a is None) == (b is None)
+                    if b is not None:
+                        assert relerr(a, b) <= TOL_ROUNDING
 
 
 class UnfoldConvRule(ConvRule):
     """The Conv rule with its diagonal-pass methods written as unfold formulas."""
+
+    diag_backward = Parametric.diag_backward  # composed of the four methods below
 
     def param_diag(self, m, cache, h):
         return unfold_param(m, cache[0].square(), h)

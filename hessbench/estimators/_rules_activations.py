@@ -77,6 +77,11 @@ class ReLURule(Elementwise):
     def derivs(self, m, x):
         return (x > 0).to(x.dtype), None
 
+    def backward_diag(self, m, x, g, h, residual):
+        # f' is the 0/1 mask x > 0 and f'' = 0: f'^2 h = f' h, one fused kernel each
+        tb = torch.ops.aten.threshold_backward
+        return (None if g is None else tb(g, x, 0)), tb(h, x, 0)
+
 
 class LeakyReLURule(Elementwise):
     def forward(self, m, x, generator):

@@ -184,6 +184,24 @@ class ConvRule(Parametric):
         )
         return hw, hb
 
+    def diag_backward(self, m, cache, g, h, *, need_input, with_grad):
+        """Two ``convolution_backward`` calls: ``(h; x^2, W o W)`` and ``(g; x, W)``.
+
+        The first gives ``h_W`` (the weight gradient of a convolution of ``x^2``),
+        ``h_b`` and ``h_in`` (the transposed convolution of ``h`` with ``W o W``);
+        the second, where needed, the gradient and ``g_in``.
+        """
+        x = cache[0]
+        bias = m.bias is not None
+        w2 = m.weight.square() if need_input else m.weight
+        h_in, hw, hb = self._backward(m, cache, h, x.square(), w2, (need_input, True, bias))
+        gw = gb = g_in = None
+        need_g = need_input and g is not None
+        if with_grad or need_g:
+            mask = (need_g, with_grad, with_grad and bias)
+            g_in, gw, gb = self._backward(m, cache, g, x, m.weight, mask)
+        return hw, hb, gw, gb, h_in, g_in
+
     def param_diag_cols(self, m, cache, v, s):
         a = self._unfold(m, cache)
         n, grp = a.shape[:2]
