@@ -45,9 +45,14 @@ def _as_2d(nd: int, t: Tensor) -> Tensor:
     return t.unsqueeze(2) if nd == 1 else t
 
 
-def _args_2d(nd: int, *args) -> list[list[int]]:
-    """Pooling arguments as 2-d lists (a 1-d pool runs as a ``1 x k`` 2-d pool)."""
-    return [[fill, *_tuple(a, 1)] if nd == 1 else list(_tuple(a, 2)) for a, fill in args]
+def _args_2d(nd: int, *args) -> list:
+    """Pooling arguments for a 2-d aten kernel (a 1-d pool runs as a ``1 x k`` 2-d pool).
+
+    2-d arguments pass as they are (an int or a pair: aten's ``int[2]`` takes both).
+    """
+    if nd == 2:
+        return [a for a, _ in args]
+    return [(fill, a if isinstance(a, int) else a[0]) for a, fill in args]
 
 
 class MaxPoolRule(LinearMap):
