@@ -112,7 +112,7 @@ class AvgPoolRule(LinearMap):
     """Average pooling: ``J`` spreads each output over its window with weight ``1/K``.
 
     ``vjp`` is autograd's own average-pooling backward; ``vjp_sq`` (weights
-    ``1/K^2``) is the same divided once more by ``K``. Only ``ceil_mode=False``
+    ``1/K^2``) is the same kernel with the divisor ``K^2``. Only ``ceil_mode=False``
     with ``count_include_pad=True`` is supported, so every window divides by ``K``.
     """
 
@@ -131,19 +131,23 @@ class AvgPoolRule(LinearMap):
         y = self.pool(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
         return y, x
 
-    def vjp(self, m, x, v):
+    def _backward(self, m, x, v, divisor):
         nd = self.nd
         k, s, p = _args_2d(nd, (m.kernel_size, 1), (m.stride or m.kernel_size, 1), (m.padding, 0))
         shape = (v.shape[0], *x.shape[1:])
         if shape != x.shape:  # vjp_cols passes N*K columns; the aten kernel does not check
             x = v.new_empty(()).expand(shape)
         out = torch.ops.aten.avg_pool2d_backward(
-            _as_2d(nd, v), _as_2d(nd, x), k, s, p, False, True, None
+            _as_2d(nd, v), _as_2d(nd, x), k, s, p, False, True, divisor
         )
         return out.reshape(shape)
 
+    def vjp(self, m, x, v):
+        return self._backward(m, x, v, None)
+
     def vjp_sq(self, m, x, h):
-        return self.vjp(m, x, h).div_(math.prod(_tuple(m.kernel_size, self.nd)))
+        # every window divides by K (no ceil_mode), so a divisor of K^2 gives the weights 1/K^2
+        return self._backward(m, x, h, math.prod(_tuple(m.kernel_size, self.nd)) ** 2)
 
     def jvp(self, m, x, r):
         return self.pool(r, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)

@@ -1,4 +1,4 @@
-"""The Conv rules of the diagonal pass against independent unfold-based formulas (float64).
+"""Rules of the diagonal pass against independent formulas (float64): Conv by unfold, fused steps.
 
 The rules run on ``torch.ops.aten.convolution_backward``; here the same
 quantities are written out with ``F.unfold`` / ``F.fold`` as in BRIEF 2.1:
@@ -161,3 +161,30 @@ def test_hesscale_family_equals_unfold_formulas(v, name, monkeypatch):
     for k in want:
         assert relerr(got[k], want[k]) <= TOL_ROUNDING, k
         assert relerr(grad[k], want_grad[k]) <= TOL_ROUNDING, k
+
+
+@pytest.mark.parametrize(
+    "cls", [c for c, r in RULES.items() if r.elementwise], ids=lambda c: c.__name__
+)
+@pytest.mark.parametrize("residual", [True, False])
+def test_elementwise_diag_step_equals_generic_formula(cls, residual):
+    """Each activation's (fused) diagonal step equals ``(f' g, f'^2 h + f'' g)`` from its derivs."""
+    rule = RULES[cls]
+    m = cls().train(False) if cls is not nn.Dropout else cls(0.3).train(True)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen) * 3
+    x[0, 0, :2] = 0.0  # the kinks
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        _, cache = rule.forward(m, x, None)
+    g = torch.randn(x.shape, dtype=x.dtype, generator=gen)
+    h = torch.randn(x.shape, dtype=x.dtype, generator=gen)
+    d1, d2 = rule.derivs(m, cache)
+    want_h = d1 * d1 * h + (d2 * g if residual and d2 is not None else 0.0)
+    got_g, got_h = rule.backward_diag(m, cache, g, h, residual)
+    assert relerr(got_h, want_h) <= TOL_ROUNDING
+    assert relerr(got_g, d1 * g) <= TOL_ROUNDING
+    if not residual:  # HesScaleGN without the gradient: no g in, none out
+        none_g, h_only = rule.backward_diag(m, cache, None, h, residual)
+        assert none_g is None
+        assert relerr(h_only, want_h) <= TOL_ROUNDING
