@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PROBLEMS", "Problem", "build_problem"]
+__all__ = ["EXTRA_PROBLEMS", "PROBLEMS", "Problem", "build_problem"]
 
 Problem = tuple[nn.Module, nn.Module, Tensor, Tensor]
 
@@ -46,6 +46,23 @@ def _cnn8(batch: int) -> Problem:
     return model, nn.CrossEntropyLoss(), x, y
 
 
+def _cnn3x16(batch: int) -> Problem:
+    """Conv2d(3,16,3) ReLU MaxPool2d(2) Conv2d(16,32,3) Tanh Flatten Linear(800,10) on 3x16x16, CE."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(800, 10),
+    )
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(batch, 3, 16, 16, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    return model, nn.CrossEntropyLoss(), x, y
+
+
 def _costnet(batch: int, layers: int = 2) -> Problem:
     """The HesScale paper's cost net: Linear(64,512), L x [Linear(512,512), Tanh], Linear(512,100), MSE."""
     mods: list[nn.Module] = [nn.Linear(64, 512, bias=False)]
@@ -63,12 +80,18 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
     "mlp784_b32": lambda: _mlp784(32),
     "cnn8_b8": lambda: _cnn8(8),
     "costnet_b1": lambda: _costnet(1),
+    "cnn3x16_b1": lambda: _cnn3x16(1),
 }
+
+EXTRA_PROBLEMS: dict[str, Callable[[], Problem]] = {
+    "cnn8_b32": lambda: _cnn8(32),
+}
+"""Problems benchmarked for a few estimators only (``bench_estimators.ExactBatch``)."""
 
 
 def build_problem(name: str) -> Problem:
     """``(model, loss_fn, inputs, targets)`` of the problem ``name``, model in eval mode."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model, loss_fn, x, y = PROBLEMS[name]()
+        model, loss_fn, x, y = {**PROBLEMS, **EXTRA_PROBLEMS}[name]()
     return model.eval(), loss_fn, x, y

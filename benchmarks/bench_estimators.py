@@ -29,7 +29,7 @@ import torch
 from hessbench.estimators import available_estimators, get_estimator
 
 from ._memory import peak_memory
-from ._problems import PROBLEMS, build_problem
+from ._problems import EXTRA_PROBLEMS, PROBLEMS, build_problem
 
 try:
     from hessbench.errors import TooLargeError, UnsupportedError
@@ -99,6 +99,36 @@ class Estimators(_Timing):
 
     def track_peak_memory(self, problem: str, estimator: str) -> int:
         return peak_memory(lambda: self._call(torch.Generator().manual_seed(0)))
+
+    track_peak_memory.unit = "bytes"
+
+
+class ExactBatch(_Timing):
+    """The exact diagonal (float32) at batch 32, where its per-sample cost dominates.
+
+    Only ``exact``: the other estimators' batch scaling is covered by
+    ``mlp784_b32``. (The 3x16x16 CNN at batch 32 takes ~3 s per exact call;
+    ``benchmarks/cost_ratios.py`` measures it.)
+    """
+
+    params = (list(EXTRA_PROBLEMS),)
+    param_names = ("problem",)
+
+    def setup(self, problem: str) -> None:
+        torch.set_num_threads(1)
+        self.model, self.loss_fn, self.x, self.y = build_problem(problem)
+        self.est = make_estimator("exact")
+        self.est(self.model, self.loss_fn, self.x, self.y)
+        self.params_ = [p for p in self.model.parameters() if p.requires_grad]
+
+    def time_exact(self, problem: str) -> None:
+        self.est(self.model, self.loss_fn, self.x, self.y)
+
+    def time_gradient(self, problem: str) -> None:
+        torch.autograd.grad(self.loss_fn(self.model(self.x), self.y), self.params_)
+
+    def track_peak_memory(self, problem: str) -> int:
+        return peak_memory(lambda: self.est(self.model, self.loss_fn, self.x, self.y))
 
     track_peak_memory.unit = "bytes"
 

@@ -1,53 +1,98 @@
-"""Print each estimator's median cost as a ratio to one autograd gradient.
+"""Each estimator's median cost (time and peak memory) as a ratio to one autograd gradient.
 
 Usage::
 
-    python benchmarks/cost_ratios.py            # both problem families
-    python benchmarks/cost_ratios.py --quick    # fewer repeats
-    python benchmarks/cost_ratios.py --only mlp --estimators hesscale exact
+    python benchmarks/cost_ratios.py --output docs/cost_ratios.md   # regenerate the table
+    python benchmarks/cost_ratios.py --quick                        # fewer repeats
+    python benchmarks/cost_ratios.py --only cnn --estimators hesscale exact
 
-For every problem, the estimator and the reference (forward + backward of the
-same loss with ``torch.autograd.grad``) are timed interleaved A B A B in one
-process and one CPU thread, after warm-up; the ratio is median(estimator) /
-median(gradient), for both CPU time (``time.process_time``, the steadier one
-on a shared machine) and wall-clock time (``time.perf_counter``).
+Output: Markdown (printed as it is measured; ``--output`` also writes it to a
+file), one table per problem. Each row is one quantity: hessbench's estimator,
+and beside it the peer implementation of the same quantity where the peer
+library is installed (BackPACK's ``DiagHessian``, ``DiagGGNExact``,
+``DiagGGNMC`` and ``KFAC``; curvlinops' Hutchinson). HesScale, HesScaleGN and
+BL89 have no peer column: hessbench computes them without BackPACK, in its own
+one-pass engine. Without BackPACK (or curvlinops) the peer cells say "not
+installed".
 
-Problems: (a) a 784-128-64-10 tanh MLP with cross-entropy at batch 1, 32 and
-128; (b) the HesScale paper's cost net ``Linear(64,512)`` + L x
-[``Linear(512,512)``, ``Tanh``] + ``Linear(512,100)``, no biases, MSE, at batch
-1 and 64 for L = 1, 4, 16. Everything in float32 (the gradient's dtype);
-``exact`` runs with ``compute_dtype="model"``.
+Protocol: for every problem and estimator, the estimator and the reference
+(forward + backward of the same loss with ``torch.autograd.grad``) are timed
+interleaved A B A B in one process and one CPU thread, after warm-up; a ratio is
+median(estimator) / median(gradient), for CPU time (``time.process_time``, the
+steadier one on a shared machine) and wall-clock time (``time.perf_counter``).
+Peak memory is the peak of bytes torch allocates during one call above what it
+held before (``benchmarks/_memory.py``; untimed), divided by the gradient's.
+The peers run behind hessbench's interface, which deep-copies the model for
+BackPACK on every call (included in their times).
+
+Problems (float32; ``exact`` with ``compute_dtype="model"``):
+
+- ``cnn``: ``Conv2d(3,16,3)-ReLU-MaxPool2d(2)-Conv2d(16,32,3)-Tanh-Flatten-Linear(800,10)``,
+  cross-entropy, 3x16x16 inputs, batch 1, 8 and 32;
+- ``mlp``: a 784-128-64-10 tanh MLP with cross-entropy at batch 1, 32 and 128;
+- ``costnet``: the HesScale paper's cost net ``Linear(64,512)`` + L x
+  [``Linear(512,512)``, ``Tanh``] + ``Linear(512,100)``, no biases, MSE, at
+  batch 1 and 64 for L = 1, 4, 16.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from hessbench.estimators import get_estimator
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks._memory
 
-ESTIMATORS: list[tuple[str, dict]] = [
-    ("hesscale", {}),
-    ("hesscale_gn", {}),
-    ("bl89", {}),
-    ("ggn_mc", {"num_samples": 1}),
-    ("sophia_gnb", {}),
-    ("kfac", {}),
-    ("ggn_exact", {}),
-    ("hutchinson", {"num_samples": 1}),
-    ("exact", {"compute_dtype": "model"}),
-    ("grad_sq", {}),
-    ("efisher", {}),
-    ("adahessian", {"num_samples": 1}),
-]
+from benchmarks._memory import peak_memory
+from hessbench.errors import TooLargeError, UnsupportedError
+from hessbench.estimators import available_estimators, get_estimator
+
+Spec = tuple[str, dict]
+
+ROWS: list[tuple[str, Spec, Spec | None]] = [
+    ("Hessian diagonal (exact)", ("exact", {"compute_dtype": "model"}), ("backpack.diag_hessian", {})),
+    ("GGN diagonal (exact)", ("ggn_exact", {}), ("backpack.diag_ggn_exact", {})),
+    ("GGN diagonal (MC, 1 sample)", ("ggn_mc", {"num_samples": 1}), ("backpack.diag_ggn_mc", {"num_samples": 1})),
+    ("K-FAC diagonal (MC, 1 sample)", ("kfac", {"num_samples": 1}), ("backpack.kfac", {"num_samples": 1})),
+    ("HesScale", ("hesscale", {}), None),
+    ("HesScaleGN", ("hesscale_gn", {}), None),
+    ("BL89", ("bl89", {}), None),
+    ("Hutchinson (1 probe)", ("hutchinson", {"num_samples": 1}), ("curvlinops.hutchinson", {"num_samples": 1})),
+    ("Sophia-GNB", ("sophia_gnb", {}), None),
+    ("squared gradient", ("grad_sq", {}), None),
+    ("empirical Fisher", ("efisher", {}), None),
+    ("AdaHessian (1 probe)", ("adahessian", {"num_samples": 1}), None),
+]  # fmt: skip
+
+Problem = tuple[str, nn.Module, nn.Module, torch.Tensor, torch.Tensor]
 
 
-def mlp_problem(batch: int) -> tuple[str, nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+def cnn_problem(batch: int) -> Problem:
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(800, 10),
+    )
+    x = torch.randn(batch, 3, 16, 16, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    return f"cnn 3x16x16 relu/tanh CE batch={batch}", model, nn.CrossEntropyLoss(), x, y
+
+
+def mlp_problem(batch: int) -> Problem:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -58,7 +103,7 @@ def mlp_problem(batch: int) -> tuple[str, nn.Module, nn.Module, torch.Tensor, to
     return f"mlp784 tanh CE batch={batch}", model, nn.CrossEntropyLoss(), x, y
 
 
-def cost_net_problem(layers: int, batch: int):
+def cost_net_problem(layers: int, batch: int) -> Problem:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     mods: list[nn.Module] = [nn.Linear(64, 512, bias=False)]
@@ -76,13 +121,18 @@ def _timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def measure(fn_a, fn_b, *, min_time: float, max_repeats: int) -> dict[str, float]:
-    """Interleaved medians of ``fn_a`` (estimator) and ``fn_b`` (gradient)."""
+def measure(fn_a, fn_b, *, min_time: float, max_repeats: int, min_repeats: int = 7) -> dict:
+    """Interleaved medians of ``fn_a`` (estimator) and ``fn_b`` (gradient).
+
+    Repeats: enough for ``min_time`` seconds of ``fn_a``, within
+    ``[min_repeats, max_repeats]``; calls slower than a second get 3.
+    """
     for _ in range(3):
         fn_a()
         fn_b()
     one = max(_timed(fn_a)[0], _timed(fn_b)[0], 1e-6)
-    repeats = int(min(max_repeats, max(7, min_time / one)))
+    floor = 3 if one > 1.0 else min_repeats
+    repeats = int(min(max_repeats, max(floor, min_time / one)))
     a_w, a_c, b_w, b_c = [], [], [], []
     for _ in range(repeats):
         w, c = _timed(fn_a)
@@ -101,43 +151,124 @@ def measure(fn_a, fn_b, *, min_time: float, max_repeats: int) -> dict[str, float
     }
 
 
-def main() -> None:
+def _versions() -> str:
+    parts = [f"torch {torch.__version__}"]
+    for lib in ("backpack", "curvlinops"):
+        try:
+            mod = __import__(lib)
+            parts.append(f"{lib} {getattr(mod, '__version__', '?')}")
+        except ImportError:
+            parts.append(f"{lib} not installed")
+    return ", ".join(parts)
+
+
+def _commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cell(spec: Spec | None, problem: Problem, grad, grad_mem: int, args) -> list[str]:
+    """``[name, cpu, wall, memory]`` cells of one estimator on one problem."""
+    if spec is None:
+        return ["— (no peer; hessbench's pass needs no BackPACK)", "", "", ""]
+    name, kw = spec
+    if name not in available_estimators():
+        return [f"`{name}`: not installed", "", "", ""]
+    _, model, loss_fn, x, y = problem
+    est = get_estimator(name, **kw)
+    gen = torch.Generator().manual_seed(0)
+
+    def run():
+        return est(model, loss_fn, x, y, generator=gen)
+
+    try:
+        run()
+    except (UnsupportedError, TooLargeError) as exc:
+        return [f"`{est.label}`", "n/a", "n/a", f"n/a: {str(exc).splitlines()[0][:60]}"]
+    r = measure(run, grad, min_time=args.min_time, max_repeats=2000)
+    mem = peak_memory(run) / grad_mem if grad_mem else float("nan")
+    return [
+        f"`{est.label}`",
+        f"{r['cpu_ratio']:.2f}x",
+        f"{r['wall_ratio']:.2f}x",
+        f"{mem:.2f}x",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--only", choices=["mlp", "costnet"], help="one problem family")
-    parser.add_argument("--estimators", nargs="*", help="subset of estimator names")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (0.3 s per cell)")
+    parser.add_argument("--only", choices=["cnn", "mlp", "costnet"], help="one problem family")
+    parser.add_argument("--estimators", nargs="*", help="rows whose hessbench estimator is named")
+    parser.add_argument("--output", type=Path, help="also write the Markdown to this file")
+    args = parser.parse_args(argv)
+    args.min_time = 0.3 if args.quick else 1.5
     torch.set_num_threads(1)
-    problems = []
+    problems: list[Callable[[], Problem]] = []
+    if args.only in (None, "cnn"):
+        problems += [lambda b=b: cnn_problem(b) for b in (1, 8, 32)]
     if args.only in (None, "mlp"):
-        problems += [mlp_problem(b) for b in (1, 32, 128)]
+        problems += [lambda b=b: mlp_problem(b) for b in (1, 32, 128)]
     if args.only in (None, "costnet"):
-        problems += [cost_net_problem(layer, b) for layer in (1, 4, 16) for b in (1, 64)]
-    chosen = [e for e in ESTIMATORS if not args.estimators or e[0] in args.estimators]
-    min_time = 0.3 if args.quick else 1.5
-    print(
-        f"torch {torch.__version__}, threads={torch.get_num_threads()}; ratio = estimator / gradient"
+        problems += [
+            lambda la=la, b=b: cost_net_problem(la, b) for la in (1, 4, 16) for b in (1, 64)
+        ]
+    rows = [r for r in ROWS if not args.estimators or r[1][0] in args.estimators]
+    lines: list[str] = []
+
+    def emit(text: str = "") -> None:
+        lines.append(text)
+        print(text, flush=True)
+
+    command = "python benchmarks/cost_ratios.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
     )
-    for title, model, loss_fn, x, y in problems:
+    emit("# Estimator cost relative to one gradient")
+    emit()
+    emit(f"Generated by `{command.strip()}` (hessbench {_commit()}).")
+    emit(
+        f"{_versions()}; {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch thread; ratio = estimator / one autograd gradient "
+        "(medians, interleaved; memory: peak bytes torch allocates during one call)."
+    )
+    for make in problems:
+        problem = make()
+        title, model, loss_fn, x, y = problem
         params = [p for p in model.parameters() if p.requires_grad]
 
         def grad(model=model, loss_fn=loss_fn, x=x, y=y, params=params):
             return torch.autograd.grad(loss_fn(model(x), y), params)
 
-        print(f"\n{title}")
-        for name, kw in chosen:
-            est = get_estimator(name, **kw)
-            gen = torch.Generator().manual_seed(0)
-
-            def run(est=est, model=model, loss_fn=loss_fn, x=x, y=y, gen=gen):
-                return est(model, loss_fn, x, y, generator=gen)
-
-            r = measure(run, grad, min_time=min_time, max_repeats=2000)
-            print(
-                f"  {est.label:34s} cpu {r['cpu_ratio']:6.2f}x  wall {r['wall_ratio']:6.2f}x  "
-                f"(grad {r['grad_ms']:.3f} ms, n={r['repeats']})",
-                flush=True,
-            )
+        grad_mem = peak_memory(grad)
+        g = measure(grad, grad, min_time=args.min_time, max_repeats=2000)
+        nparams = sum(p.numel() for p in params)
+        emit()
+        emit(f"## {title}")
+        emit()
+        emit(
+            f"{nparams} parameters; one gradient: {g['grad_ms']:.3f} ms CPU, "
+            f"{grad_mem / 1e6:.2f} MB peak."
+        )
+        emit()
+        emit(
+            "| quantity | hessbench | CPU | wall | memory | peer | CPU | wall | memory |\n"
+            "|---|---|---:|---:|---:|---|---:|---:|---:|"
+        )
+        for label, ours, peer in rows:
+            cells = [label, *_cell(ours, problem, grad, grad_mem, args)]
+            cells += _cell(peer, problem, grad, grad_mem, args)
+            emit("| " + " | ".join(cells) + " |")
+    if args.output is not None:
+        args.output.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,26 @@ class Parametric(LinearMap):
         """Diagonal from a diagonal output curvature ``h`` (N, *out)."""
         raise NotImplementedError
 
+    def diag_backward(
+        self, m, cache, g: Tensor | None, h: Tensor, *, need_input: bool, with_grad: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """One layer of the HesScale pass: ``(h_W, h_b, g_W, g_b, h_in, g_in)``.
+
+        ``h_W, h_b`` from :meth:`param_diag`; the gradient ``g_W, g_b`` only with
+        ``with_grad``; the input's ``h_in = (J o J)^T h`` and ``g_in = J^T g`` only
+        with ``need_input`` (``g_in`` only where ``g`` is given). Rules override it
+        to share work between the four products (Conv: two backward kernels).
+        """
+        hw, hb = self.param_diag(m, cache, h)
+        gw = gb = h_in = g_in = None
+        if with_grad:
+            gw, gb = self.param_grad(m, cache, g)
+        if need_input:
+            h_in = self.vjp_sq(m, cache, h)
+            if g is not None:
+                g_in = self.vjp(m, cache, g)
+        return hw, hb, gw, gb, h_in, g_in
+
     def param_diag_cols(self, m, cache, v: Tensor, s: Tensor | None):
         """``sum_n sum_k s_nk (J_n^T v_nk)^2`` for signed columns ``v`` (N, K, *out)."""
         raise NotImplementedError

@@ -79,6 +79,11 @@ class ReLURule(Elementwise):
     def derivs(self, m, x):
         return (x > 0).to(x.dtype), None
 
+    def backward_diag(self, m, x, g, h, residual):
+        # f' is the 0/1 mask x > 0 and f'' = 0: f'^2 h = f' h, one fused kernel each
+        tb = torch.ops.aten.threshold_backward
+        return (None if g is None else tb(g, x, 0)), tb(h, x, 0)
+
 
 class LeakyReLURule(Elementwise):
     curved = False
@@ -99,6 +104,15 @@ class ELURule(Elementwise):
         e = torch.exp(torch.clamp(x, max=0.0)) * m.alpha
         pos = x > 0
         return torch.where(pos, torch.ones_like(x), e), torch.where(pos, torch.zeros_like(x), e)
+
+    def backward_diag(self, m, x, g, h, residual):
+        # f' = f'' = e = alpha exp(x) for x <= 0, f' = 1 and f'' = 0 above:
+        # f'^2 h + f'' g = e (e h + g) below zero, h above
+        e = torch.exp(torch.clamp(x, max=0.0)).mul_(m.alpha)
+        pos = x > 0
+        below = torch.addcmul(g, e, h) if residual else e * h
+        h = torch.where(pos, h, below.mul_(e))
+        return (None if g is None else torch.where(pos, g, e * g)), h
 
 
 class SELURule(Elementwise):

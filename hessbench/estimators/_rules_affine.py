@@ -148,22 +148,59 @@ class ConvRule(Parametric):
         n, q, p = cols.shape
         return cols.view(n, m.groups, q // m.groups, p)
 
+    def _backward(self, m, cache, v, x, weight, mask):
+        """``convolution_backward`` of the output tangent ``v`` for input ``x`` and ``weight``.
+
+        Returns ``(J^T v, sum_n v * x as weight gradient, sum of v per channel)``, each
+        None where ``mask`` says so: autograd's own convolution backward kernels.
+        """
+        pad = cache[1]
+        bias_sizes = [m.out_channels] if mask[2] else None
+        return torch.ops.aten.convolution_backward(
+            v,
+            x,
+            weight,
+            bias_sizes,
+            m.stride,
+            pad,
+            m.dilation,
+            False,
+            [0] * self.nd,
+            m.groups,
+            mask,
+        )
+
     def param_grad(self, m, cache, g):
-        a = self._unfold(m, cache)
-        n, grp = a.shape[:2]
-        gz = g.reshape(n, grp, -1, a.shape[-1])
-        gw = torch.einsum("ngop,ngqp->goq", gz, a).reshape(m.weight.shape)
-        gb = g.sum((0, *range(2, g.dim()))) if m.bias is not None else None
+        _, gw, gb = self._backward(
+            m, cache, g, cache[0], m.weight, (False, True, m.bias is not None)
+        )
         return gw, gb
 
     def param_diag(self, m, cache, h):
+        """``h_W[o,c,k] = sum_n sum_pos h[n,o,pos] x[n,c,pos+k]^2``: the weight gradient for ``x^2``."""
         x = cache[0]
-        a2 = self._unfold(m, cache, x.square())
-        n, grp = a2.shape[:2]
-        hz = h.reshape(n, grp, -1, a2.shape[-1])
-        hw = torch.einsum("ngop,ngqp->goq", hz, a2).reshape(m.weight.shape)
-        hb = h.sum((0, *range(2, h.dim()))) if m.bias is not None else None
+        _, hw, hb = self._backward(
+            m, cache, h, x.square(), m.weight, (False, True, m.bias is not None)
+        )
         return hw, hb
+
+    def diag_backward(self, m, cache, g, h, *, need_input, with_grad):
+        """Two ``convolution_backward`` calls: ``(h; x^2, W o W)`` and ``(g; x, W)``.
+
+        The first gives ``h_W`` (the weight gradient of a convolution of ``x^2``),
+        ``h_b`` and ``h_in`` (the transposed convolution of ``h`` with ``W o W``);
+        the second, where needed, the gradient and ``g_in``.
+        """
+        x = cache[0]
+        bias = m.bias is not None
+        w2 = m.weight.square() if need_input else m.weight
+        h_in, hw, hb = self._backward(m, cache, h, x.square(), w2, (need_input, True, bias))
+        gw = gb = g_in = None
+        need_g = need_input and g is not None
+        if with_grad or need_g:
+            mask = (need_g, with_grad, with_grad and bias)
+            g_in, gw, gb = self._backward(m, cache, g, x, m.weight, mask)
+        return hw, hb, gw, gb, h_in, g_in
 
     def param_diag_cols(self, m, cache, v, s):
         a = self._unfold(m, cache)

@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.grad import conv1d_input, conv2d_input
+from torch import Tensor
 
 from hessbench.errors import UnsupportedError
 from hessbench.estimators._rules import LinearMap
@@ -36,8 +36,31 @@ class FlattenRule(LinearMap):
         return r.flatten(1)
 
 
+def _tuple(v, nd: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+
+
+def _as_2d(nd: int, t: Tensor) -> Tensor:
+    """A 1-d map ``(N, C, L)`` as an image ``(N, C, 1, L)``; 2-d maps unchanged."""
+    return t.unsqueeze(2) if nd == 1 else t
+
+
+def _args_2d(nd: int, *args) -> list:
+    """Pooling arguments for a 2-d aten kernel (a 1-d pool runs as a ``1 x k`` 2-d pool).
+
+    2-d arguments pass as they are (an int or a pair: aten's ``int[2]`` takes both).
+    """
+    if nd == 2:
+        return [a for a, _ in args]
+    return [(fill, a if isinstance(a, int) else a[0]) for a, fill in args]
+
+
 class MaxPoolRule(LinearMap):
-    """Max pooling: ``J`` routes each output to its argmax input (``J o J = J``)."""
+    """Max pooling: ``J`` routes each output to its argmax input (``J o J = J``).
+
+    ``vjp`` (and ``vjp_sq``, the same map) is autograd's own max-pooling backward
+    on the recorded argmax indices.
+    """
 
     def __init__(self, nd: int):
         self.nd = nd
@@ -53,17 +76,24 @@ class MaxPoolRule(LinearMap):
         y, idx = self.pool(
             x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True
         )
-        return y, (x.shape, idx)
+        return y, (x, idx)
 
     def vjp(self, m, cache, v):
-        shape, idx = cache
-        n, c = v.shape[:2]
-        out = v.new_zeros(n, c, math.prod(shape[1:]) // c)
-        out.scatter_add_(2, idx.reshape(n, c, -1), v.reshape(n, c, -1))
-        return out.view(n, *shape[1:])
+        x, idx = cache
+        if v.shape != idx.shape:  # never in the passes; the aten kernel does not check
+            raise ValueError(f"max-pool vjp: got {tuple(v.shape)}, expected {tuple(idx.shape)}")
+        nd = self.nd
+        k, s, p, d = _args_2d(
+            nd, (m.kernel_size, 1), (m.stride or m.kernel_size, 1), (m.padding, 0), (m.dilation, 1)
+        )
+        out = torch.ops.aten.max_pool2d_with_indices_backward(
+            _as_2d(nd, v), _as_2d(nd, x), k, s, p, d, m.ceil_mode, _as_2d(nd, idx)
+        )
+        return out.reshape(x.shape)
 
     def vjp_cols(self, m, cache, v):
-        shape, idx = cache
+        x, idx = cache
+        shape = x.shape
         n, k, c = v.shape[:3]
         out = v.new_zeros(n, k, c, math.prod(shape[1:]) // c)
         index = idx.reshape(n, 1, c, -1).expand(n, k, c, idx[0, 0].numel())
@@ -79,12 +109,16 @@ class MaxPoolRule(LinearMap):
 
 
 class AvgPoolRule(LinearMap):
-    """Average pooling as a depthwise convolution with weights ``1/K`` (``1/K^2`` squared)."""
+    """Average pooling: ``J`` spreads each output over its window with weight ``1/K``.
+
+    ``vjp`` is autograd's own average-pooling backward; ``vjp_sq`` (weights
+    ``1/K^2``) is the same kernel with the divisor ``K^2``. Only ``ceil_mode=False``
+    with ``count_include_pad=True`` is supported, so every window divides by ``K``.
+    """
 
     def __init__(self, nd: int):
         self.nd = nd
         self.pool = F.avg_pool1d if nd == 1 else F.avg_pool2d
-        self.conv_input = conv1d_input if nd == 1 else conv2d_input
 
     def check(self, m, path):
         if m.ceil_mode or not m.count_include_pad or getattr(m, "divisor_override", None):
@@ -93,30 +127,29 @@ class AvgPoolRule(LinearMap):
                 "count_include_pad=True and no divisor_override are supported"
             )
 
-    @staticmethod
-    def _tuple(v, nd):
-        return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
-
     def forward(self, m, x, generator):
         y = self.pool(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
-        return y, x.shape
+        return y, x
 
-    def _apply(self, m, shape, v, power):
+    def _backward(self, m, x, v, divisor):
         nd = self.nd
-        k = self._tuple(m.kernel_size, nd)
-        stride = self._tuple(m.stride if m.stride else m.kernel_size, nd)
-        pad = self._tuple(m.padding, nd)
-        c = shape[1]
-        w = torch.full((c, 1, *k), math.prod(k) ** -power, dtype=v.dtype, device=v.device)
-        return self.conv_input((v.shape[0], *shape[1:]), w, v, stride, pad, 1, c)
+        k, s, p = _args_2d(nd, (m.kernel_size, 1), (m.stride or m.kernel_size, 1), (m.padding, 0))
+        shape = (v.shape[0], *x.shape[1:])
+        if shape != x.shape:  # vjp_cols passes N*K columns; the aten kernel does not check
+            x = v.new_empty(()).expand(shape)
+        out = torch.ops.aten.avg_pool2d_backward(
+            _as_2d(nd, v), _as_2d(nd, x), k, s, p, False, True, divisor
+        )
+        return out.reshape(shape)
 
-    def vjp(self, m, shape, v):
-        return self._apply(m, shape, v, 1)
+    def vjp(self, m, x, v):
+        return self._backward(m, x, v, None)
 
-    def vjp_sq(self, m, shape, h):
-        return self._apply(m, shape, h, 2)
+    def vjp_sq(self, m, x, h):
+        # every window divides by K (no ceil_mode), so a divisor of K^2 gives the weights 1/K^2
+        return self._backward(m, x, h, math.prod(_tuple(m.kernel_size, self.nd)) ** 2)
 
-    def jvp(self, m, shape, r):
+    def jvp(self, m, x, r):
         return self.pool(r, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
 
 

@@ -200,13 +200,18 @@ def diag_pass(
             rule = st.rule
             m = st.module
             c = caches[i]
+            last = i == plan.first_param
             if rule.parametric:
-                store(diag, st, *rule.param_diag(m, c, h))
+                hw, hb, gw, gb, h_in, g_in = rule.diag_backward(
+                    m, c, g if need_g else None, h, need_input=not last, with_grad=with_grad
+                )
+                store(diag, st, hw, hb)
                 if with_grad:
-                    store(grads, st, *rule.param_grad(m, c, g))
-            if i == plan.first_param:
-                break
-            if rule.elementwise:
+                    store(grads, st, gw, gb)
+                if last:
+                    break
+                h, g = h_in, g_in
+            elif rule.elementwise:
                 g, h = rule.backward_diag(m, c, g, h, residual)
             else:
                 h = rule.vjp_sq(m, c, h)
