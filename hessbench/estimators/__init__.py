@@ -28,6 +28,7 @@ from hessbench.estimators._base import (
     trainable_parameters,
 )
 from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._rng import global_rng
 from hessbench.estimators.adahessian import AdaHessian
 from hessbench.estimators.bl89 import BL89
 from hessbench.estimators.efisher import EmpiricalFisher
@@ -65,6 +66,7 @@ __all__ = [
     "estimator_class",
     "estimator_dataclass",
     "get_estimator",
+    "global_rng",
     "has_active_dropout",
     "loss_and_grad",
     "preserve_state",

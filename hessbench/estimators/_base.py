@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from hessbench.errors import ConfigError, InputError, UnsupportedError
 from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._rng import global_rng, rng_state, set_rng_state
 
 __all__ = [
     "Count",
@@ -185,17 +186,6 @@ def loss_and_grad(
     return finalize(params, dict(zip(params, grads, strict=True))), value.detach()
 
 
-def rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
 def _buffers(model: nn.Module) -> list[Tensor]:
     found: list[Tensor] = []
 
@@ -228,21 +218,12 @@ def preserve_state(
     duration, so dropout masks are a function of the caller's generator, and
     the same in the layer-by-layer and autograd paths.
     """
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     buffers = _buffers(model)
     saved = [b.clone() for b in buffers]
-    if seed_from is not None:
-        seed = int(torch.randint(0, 2**62, (1,), generator=seed_from, device=seed_from.device))
-        torch.default_generator.manual_seed(seed)
-        if cuda is not None:
-            torch.cuda.manual_seed(seed)
     try:
-        yield
+        with global_rng(device, seed_from):
+            yield
     finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
         with torch.no_grad():
             for b, v in zip(buffers, saved, strict=True):
                 b.copy_(v)

@@ -14,11 +14,10 @@ from hessbench.estimators._base import (
     finalize,
     loss_and_grad,
     preserve_state,
-    rng_state,
-    set_rng_state,
 )
 from hessbench.estimators._factor_pass import PassResult
 from hessbench.estimators._losses import LossSpec, LossState
+from hessbench.estimators._rng import rng_state, set_rng_state
 from hessbench.estimators._sequential import Plan, build_plan, diag_pass
 
 __all__ = ["DiagPassEstimator", "DualPathEstimator", "LayerwiseEstimator", "keep_grad"]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import abc
-import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from hessbench.errors import DivergenceError, InputError
-from hessbench.estimators import all_finite
+from hessbench.estimators import all_finite, global_rng
 from hessbench.optim.diagonal import DiagonalOptimizer
 
 __all__ = ["DiagonalStepper", "Stepper", "TorchStepper"]
@@ -47,23 +45,6 @@ class DiagonalStepper(Stepper):
     def step(self, inputs: Tensor, targets: Tensor) -> float:
         """``optimizer.step_batch(inputs, targets)``."""
         return self.optimizer.step_batch(inputs, targets)
-
-
-@contextlib.contextmanager
-def _own_rng(generator: torch.Generator, device: torch.device) -> Iterator[None]:
-    """Run with the global RNG seeded from ``generator``; restore it afterwards."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    torch.default_generator.manual_seed(seed)
-    if cuda is not None:
-        torch.cuda.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
 
 
 class TorchStepper(Stepper):
@@ -103,7 +84,7 @@ class TorchStepper(Stepper):
         t = self._steps + 1
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.optimizer.zero_grad(set_to_none=True)
-        with _own_rng(self._generator, inputs.device):
+        with global_rng(inputs.device, self._generator):
             loss = self.loss_fn(self.model(inputs), targets)
             if not all_finite(loss):
                 raise DivergenceError(

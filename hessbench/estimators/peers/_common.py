@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from hessbench.errors import HessbenchError, UnsupportedError
 from hessbench.estimators._layers import RULES
 from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._rng import draw_seed, global_rng
 from hessbench.estimators._sequential import Plan, check_output
 
 __all__ = [
@@ -27,22 +28,11 @@ __all__ = [
 ]
 
 
-def draw_seed(generator: torch.Generator) -> int:
-    """One 62-bit seed drawn from ``generator`` (advances it by one draw)."""
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-
-
 @contextlib.contextmanager
 def rng_restored(device: torch.device) -> Iterator[None]:
     """Restore the global CPU RNG (and ``device``'s CUDA RNG) on exit."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    try:
+    with global_rng(device):
         yield
-    finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
 
 
 @contextlib.contextmanager
@@ -53,12 +43,7 @@ def seeded_global_rng(generator: torch.Generator, device: torch.device) -> Itera
     vectors) from the global RNG; seeding it from the caller's generator makes
     their estimates a function of that generator, as hessbench's contract asks.
     """
-    with rng_restored(device):
-        seed = draw_seed(generator)
-        torch.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
+    with global_rng(device, generator):
         yield
 
 
