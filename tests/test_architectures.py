@@ -116,3 +116,67 @@ def test_exact_diagonals_of_graph_models_match_brute_force(kind, batch, loss, na
     assert want.keys() == got.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+SEQUENCE_TASK = """
+name: s
+tasks:
+  - name: gpt
+    model: {kind: transformer, d_model: 8, heads: 2, layers: 1, mlp_ratio: 2}
+    loss: {kind: cross_entropy}
+    data: {kind: sequence, task: TASK, vocab: 6, length: 4}
+estimators: [{name: exact}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("task", "label"),
+    [
+        ("sum_mod", lambda x: x.sum(1) % 6),
+        ("copy_first", lambda x: x[:, 0]),
+        ("min", lambda x: x.amin(1)),
+    ],
+)
+def test_sequence_tasks_label_their_tokens(task, label):
+    from hessbench.bench.problem import build_problem
+    from hessbench.suite import task_variants
+
+    suite = parse_suite(SEQUENCE_TASK.replace("TASK", task))
+    problem = build_problem(task_variants(suite)[0], 0, dtype=torch.float64, device="cpu")
+    x, y = problem.batches[0]
+    assert x.dtype == torch.int64
+    assert x.shape == (1, 4)
+    assert int(x.max()) < 6
+    assert torch.equal(y, label(x))
+
+
+def test_transformer_and_sequence_data_go_together():
+    bad = SEQUENCE_TASK.replace("TASK", "min").replace(
+        "{kind: sequence, task: min, vocab: 6, length: 4}",
+        "{kind: synthetic, input_shape: [4], num_classes: 6}",
+    )
+    with pytest.raises(SuiteError, match=r"data\.kind: a transformer reads token sequences"):
+        parse_suite(bad)
+    with pytest.raises(SuiteError, match=r"heads: must divide d_model=8"):
+        parse_suite(SEQUENCE_TASK.replace("TASK", "min").replace("heads: 2", "heads: 3"))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize(("name", "ref"), [("exact", "hessian"), ("ggn_exact", "ggn")])
+def test_exact_diagonals_of_a_tiny_gpt_match_brute_force(batch, name, ref):
+    """Standard nn.TransformerEncoderLayer blocks, causal mask, embeddings, last position."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hessbench.suite.architectures import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT(4, 6, d_model=8, heads=2, layers=1, mlp_ratio=2, causal=True).double().eval()
+    g = torch.Generator().manual_seed(batch)
+    x, y = torch.randint(6, (batch, 4), generator=g), torch.randint(6, (batch,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    with sdpa_kernel(SDPBackend.MATH):  # the brute force differentiates twice too
+        want = getattr(reference, f"{ref}_diag")(model, loss_fn, x, y)
+    got = get_estimator(name)(model, loss_fn, x, y)  # picks a differentiable kernel itself
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=k)

@@ -1,17 +1,23 @@
 """Autograd and ``torch.func`` building blocks for estimators on any ``nn.Module``.
 
 These never write ``.grad`` (they use ``torch.autograd.grad`` or
-``torch.func``), never register hooks and never modify parameters.
+``torch.func``), never register hooks and never modify parameters. Those that
+differentiate twice or ``vmap`` run scaled-dot-product attention in PyTorch's
+math backend (:func:`differentiable_attention`): the fused CPU kernels are not
+twice differentiable and have no batching rule.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hessbench.errors import TooLargeError, UnsupportedError
 from hessbench.estimators._base import trainable_parameters
@@ -19,6 +25,7 @@ from hessbench.estimators._losses import LossSpec, LossState
 from hessbench.estimators._sequential import check_output
 
 __all__ = [
+    "differentiable_attention",
     "exact_diag_hvp",
     "forward_loss",
     "ggn_diag_jacobian",
@@ -27,6 +34,25 @@ __all__ = [
     "per_sample_grad_sq",
     "rademacher",
 ]
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def differentiable_attention(fn: F) -> F:
+    """Run ``fn`` with ``scaled_dot_product_attention`` in the math backend.
+
+    The fused kernels torch picks by default (flash attention on CPU) have no
+    double backward and no ``vmap`` rule; the math backend is plain differentiable
+    operations. The caller's backend setting is restored afterwards.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with sdpa_kernel(SDPBackend.MATH):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def forward_loss(model: nn.Module, loss: LossSpec, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -63,6 +89,7 @@ def rademacher(params: list[Tensor], generator: torch.Generator) -> list[Tensor]
     return [c.view_as(p) for c, p in zip(z.split([p.numel() for p in params]), params, strict=True)]
 
 
+@differentiable_attention
 def hvp_samples(
     model: nn.Module,
     loss: LossSpec,
@@ -110,6 +137,7 @@ def _buffers(model: nn.Module, dtype: torch.dtype | None) -> dict[str, Tensor]:
     }
 
 
+@differentiable_attention
 def exact_diag_hvp(
     model: nn.Module,
     loss: LossSpec,
@@ -176,6 +204,7 @@ def refuse_batch_coupling(model: nn.Module) -> None:
             )
 
 
+@differentiable_attention
 def per_sample_grad_sq(
     model: nn.Module, loss: LossSpec, x: Tensor, y: Tensor
 ) -> tuple[dict[str, Tensor], float]:
@@ -198,6 +227,7 @@ def per_sample_grad_sq(
     return {n: g.square().sum(0) for n, g in grads.items()}, loss.scale(out)
 
 
+@differentiable_attention
 def ggn_diag_jacobian(
     model: nn.Module,
     loss: LossSpec,

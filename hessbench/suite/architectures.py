@@ -1,4 +1,4 @@
-"""Residual architectures built from standard torch modules: a residual MLP and a small ResNet.
+"""Architectures built from standard torch modules: a residual MLP, a small ResNet, a tiny GPT.
 
 Plain ``nn.Module`` classes whose ``forward`` is written as users write theirs
 (``x + f(x)``, ``torch.relu``, ``torch.flatten``), so they exercise the graph
@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BasicBlock", "ResMLPBlock", "ResNet", "ResidualMLP"]
+__all__ = ["BasicBlock", "ResMLPBlock", "ResNet", "ResidualMLP", "TinyGPT"]
 
 
 class ResMLPBlock(nn.Module):
@@ -124,3 +124,50 @@ class ResNet(nn.Module):
         x = self.stem_act(self.stem_bn(self.stem(x)))
         x = self.layers(x)
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class TinyGPT(nn.Module):
+    """A small GPT-style model of standard torch modules, reading token sequences.
+
+    ``nn.Embedding`` plus a learned positional parameter, ``layers`` pre-norm
+    ``nn.TransformerEncoderLayer`` blocks (GELU, no dropout) with a causal mask
+    (or none), a final ``LayerNorm`` and a linear head on the last position.
+    """
+
+    def __init__(
+        self,
+        length: int,
+        vocab: int,
+        *,
+        d_model: int,
+        heads: int,
+        layers: int,
+        mlp_ratio: int,
+        causal: bool,
+    ):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, length, d_model))
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                d_model,
+                heads,
+                mlp_ratio * d_model,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+        mask = nn.Transformer.generate_square_subsequent_mask(length) if causal else None
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits over the vocabulary at the last position, one row per sequence."""
+        h = self.embed(tokens) + self.pos
+        for block in self.blocks:
+            h = block(h, src_mask=self.mask)
+        return self.head(self.norm(h[:, -1]))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from hessbench.suite.plan import derive_seed
-from hessbench.suite.task import DIGITS_EVAL, DigitsData, TaskSpec
+from hessbench.suite.task import DIGITS_EVAL, DigitsData, SequenceData, TaskSpec
 
 __all__ = ["evaluation_data", "load_digits", "seeded_generator", "training_data"]
 
@@ -52,7 +52,18 @@ def _targets(task: TaskSpec, labels: Tensor) -> Tensor:
     return nn.functional.one_hot(labels, task.output_dim).float()  # digits with MSE
 
 
+def _sequences(data: SequenceData, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    x = torch.randint(data.vocab, (n, data.length), generator=gen)
+    if data.task == "sum_mod":
+        return x, x.sum(1) % data.vocab
+    if data.task == "copy_first":
+        return x, x[:, 0].clone()
+    return x, x.amin(1)
+
+
 def _synthetic(task: TaskSpec, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    if isinstance(task.data, SequenceData):
+        return _sequences(task.data, n, gen)
     x = torch.randn(n, *task.input_shape, generator=gen)
     if task.loss.kind == "cross_entropy":
         return x, torch.randint(task.output_dim, (n,), generator=gen)
@@ -60,7 +71,10 @@ def _synthetic(task: TaskSpec, n: int, gen: torch.Generator) -> tuple[Tensor, Te
 
 
 def training_data(task: TaskSpec, seed: int) -> tuple[Tensor, Tensor]:
-    """The training part (float32 inputs, targets): digits' 1500, or ``size`` synthetic samples."""
+    """The training part (inputs, targets): digits' 1500, or ``size`` synthetic samples.
+
+    Inputs are float32, or int64 tokens for sequence data.
+    """
     if isinstance(task.data, DigitsData):
         x, labels = _digits_part(task, evaluation=False)
         return x, _targets(task, labels)
@@ -68,7 +82,7 @@ def training_data(task: TaskSpec, seed: int) -> tuple[Tensor, Tensor]:
 
 
 def evaluation_data(task: TaskSpec, seed: int) -> tuple[Tensor, Tensor]:
-    """The ``num_batches * batch_size`` evaluated samples (float32 inputs, targets), in order."""
+    """The ``num_batches * batch_size`` evaluated samples (inputs, targets), in order."""
     n, gen = task.eval.num_batches * task.eval.batch_size, seeded_generator(task.name, seed, "eval")
     if not isinstance(task.data, DigitsData):
         return _synthetic(task, n, gen)

@@ -15,7 +15,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 from torch import nn
 
 from hessbench.errors import ConfigError
-from hessbench.suite.architectures import ResidualMLP, ResNet
+from hessbench.suite.architectures import ResidualMLP, ResNet, TinyGPT
 from hessbench.suite.parsing import KwValue, Number, StrictModel, custom_error, fail
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "ResMLPModel",
     "ResNetModel",
     "SequentialModel",
+    "TransformerModel",
     "build_model",
     "check_model",
 ]
@@ -131,8 +132,28 @@ class ResNetModel(StrictModel):
     batchnorm: bool = True
 
 
+class TransformerModel(StrictModel):
+    """A tiny GPT: token and position embeddings, pre-norm encoder blocks, a last-position head.
+
+    The vocabulary and the sequence length come from the data (``kind: sequence``).
+    """
+
+    kind: Literal["transformer"]
+    d_model: PositiveInt = 32
+    heads: PositiveInt = 4
+    layers: PositiveInt = 2
+    mlp_ratio: PositiveInt = 4
+    causal: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TransformerModel:
+        if self.d_model % self.heads:
+            fail([(("heads",), f"must divide d_model={self.d_model}")])
+        return self
+
+
 ModelSpec = Annotated[
-    MLPModel | CNNModel | SequentialModel | ResMLPModel | ResNetModel,
+    MLPModel | CNNModel | SequentialModel | ResMLPModel | ResNetModel | TransformerModel,
     Field(discriminator="kind"),
 ]
 
@@ -164,6 +185,13 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int) 
     """
     if isinstance(spec, SequentialModel):
         return nn.Sequential(*(layer.build() for layer in spec.layers))
+    if isinstance(spec, TransformerModel):
+        if len(input_shape) != 1:
+            raise ConfigError(f"a transformer reads token sequences, got inputs {input_shape}")
+        return TinyGPT(
+            input_shape[0], output_dim, d_model=spec.d_model, heads=spec.heads,
+            layers=spec.layers, mlp_ratio=spec.mlp_ratio, causal=spec.causal,
+        )  # fmt: skip
     act = ACTIVATIONS[spec.activation]
     if isinstance(spec, ResMLPModel):
         return ResidualMLP(
@@ -228,7 +256,9 @@ def check_model(spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int) 
         for p in model.parameters():
             p.zero_()
         try:
-            out = model(torch.zeros(1, *input_shape))
+            tokens = isinstance(spec, TransformerModel)
+            x = torch.zeros(1, *input_shape, dtype=torch.long if tokens else torch.float32)
+            out = model(x)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"does not fit inputs of shape {input_shape}: {first}") from None

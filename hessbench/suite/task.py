@@ -17,7 +17,13 @@ from pydantic import (
 )
 
 from hessbench.errors import ConfigError, HessbenchError
-from hessbench.suite.models import CNNModel, ModelSpec, ResNetModel, check_model
+from hessbench.suite.models import (
+    CNNModel,
+    ModelSpec,
+    ResNetModel,
+    TransformerModel,
+    check_model,
+)
 from hessbench.suite.parsing import (
     Name,
     Problems,
@@ -54,7 +60,23 @@ class DigitsData(StrictModel):
     layout: Literal["flat", "image"] = "flat"
 
 
-DataSpec = Annotated[SyntheticData | DigitsData, Field(discriminator="kind")]
+class SequenceData(StrictModel):
+    """Token sequences of ``length`` tokens uniform over ``vocab``; the label is a token too.
+
+    ``task``: ``sum_mod`` (the sum of the tokens modulo ``vocab``), ``copy_first``
+    (the first token), ``min`` (the smallest token: the first of the sorted
+    sequence). Cross-entropy only; the model reads the sequence and predicts the
+    label at its last position.
+    """
+
+    kind: Literal["sequence"]
+    task: Literal["sum_mod", "copy_first", "min"] = "sum_mod"
+    vocab: Annotated[int, Field(ge=2, le=4096)] = 16
+    length: Annotated[int, Field(ge=1, le=512)] = 8
+    size: PositiveInt = 1000
+
+
+DataSpec = Annotated[SyntheticData | DigitsData | SequenceData, Field(discriminator="kind")]
 
 
 class TrainState(StrictModel):
@@ -110,6 +132,8 @@ class TaskSpec(StrictModel):
         """The shape of one input sample."""
         if isinstance(self.data, DigitsData):
             return (64,) if self.data.layout == "flat" else (1, 8, 8)
+        if isinstance(self.data, SequenceData):
+            return (self.data.length,)
         return tuple(self.data.input_shape)
 
     @property
@@ -117,6 +141,8 @@ class TaskSpec(StrictModel):
         """The number of model outputs per sample (classes, or regression targets)."""
         if isinstance(self.data, DigitsData):
             return DIGITS_CLASSES
+        if isinstance(self.data, SequenceData):
+            return self.data.vocab
         n = self.data.num_classes if self.loss.kind == "cross_entropy" else self.data.output_dim
         if n is None:
             raise ConfigError(f"task {self.name!r}: the data give no output size")
@@ -133,6 +159,10 @@ class TaskSpec(StrictModel):
                 problems["data", need] = f"field required with loss {loss}"
             if getattr(data, other) is not None:
                 problems["data", other] = f"not used with loss {loss}; give {need}"
+        elif isinstance(data, SequenceData):
+            pool = data.size
+            if loss != "cross_entropy":
+                problems["loss", "kind"] = "sequence data need loss cross_entropy"
         elif self.eval.batch_size > DIGITS_EVAL:
             problems["eval", "batch_size"] = f"more than the {DIGITS_EVAL} evaluation samples"
         for i, state in enumerate(self.eval.states):
@@ -140,7 +170,11 @@ class TaskSpec(StrictModel):
                 problems["eval", "states", i, "batch_size"] = (
                     f"more than the {pool} training samples"
                 )
-        if isinstance(self.model, (CNNModel, ResNetModel)) and len(self.input_shape) != 3:
+        tokens = isinstance(self.model, TransformerModel)
+        if tokens != isinstance(data, SequenceData):
+            where = ("data", "kind") if tokens else ("model", "kind")
+            problems[where] = "a transformer reads token sequences (data kind sequence)"
+        elif isinstance(self.model, (CNNModel, ResNetModel)) and len(self.input_shape) != 3:
             where = "layout" if isinstance(data, DigitsData) else "input_shape"
             problems["data", where] = (
                 f"a {self.model.kind} needs image inputs (channels, height, width)"
