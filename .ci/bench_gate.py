@@ -506,7 +506,7 @@ def gate(args: argparse.Namespace) -> int:
         shutil.copytree(
             ROOT / "benchmarks",
             tmp / "defs" / "benchmarks",
-            ignore=shutil.ignore_patterns("__pycache__", "micro"),
+            ignore=shutil.ignore_patterns("__pycache__", "micro", "results"),
         )
         (tmp / "logs").mkdir()
         session = Session({"parent": worktree, "head": ROOT}, tmp / "defs", tmp / "logs")
