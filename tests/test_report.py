@@ -331,6 +331,7 @@ def test_compare_a_run_with_itself(run_dir):
     result = cli_compare(run_dir, run_dir)
     assert result.exit_code == 0, result.output
     assert "0 worse, 0 better" in result.output
+    assert "not judged on time" in result.output  # timed once: no spread
 
 
 def test_compare_flags_a_worse_cell(run_dir, tmp_path):
@@ -360,8 +361,10 @@ def test_compare_flags_a_worse_cell(run_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "2 better" in result.output
     assert "only in B (1 cells)" in result.output
-    # within a larger factor only the status change is worse
+    # accuracy is compared exactly, whatever the factor; only a wider --tol hides it
     result = cli_compare(run_dir, doctored, "--factor", "2.5")
+    assert "2 worse" in result.output
+    result = cli_compare(run_dir, doctored, "--tol", "0.6")
     assert result.exit_code == 1
     assert "1 worse" in result.output
     assert target not in result.output
