@@ -1,11 +1,13 @@
 """The ``hessbench`` command line.
 
-Commands catch the project's own errors at the boundary and print them as one
-line (exit code 2); anything else is a bug and keeps its traceback.
+Commands catch the project's own errors, and file-system faults (read-only or
+full disk, no permission), at the boundary and print them as one line (exit
+code 2); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import math
@@ -34,6 +36,12 @@ app.add_typer(list_app, name="list")
 F = TypeVar("F", bound=Callable[..., object])
 
 
+_FS_FAULTS = frozenset(
+    {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EIO}
+)
+"""File-system faults (read-only or full disk, no permission): not bugs, so one line."""
+
+
 def _one_line_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -41,6 +49,13 @@ def _one_line_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except HessbenchError as exc:
             print(f"hessbench: error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            # the store and the report name the path themselves; this catches the rest
+            if exc.errno not in _FS_FAULTS:
+                raise
+            where = f"{exc.filename}: " if exc.filename is not None else ""
+            print(f"hessbench: error: {where}{exc.strerror or exc}", file=sys.stderr)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

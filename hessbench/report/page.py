@@ -8,13 +8,16 @@ time or the machine making the report.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from hessbench.errors import StorageError
 from hessbench.report.figures import FigureResult, figure_bytes, make_figures
 from hessbench.report.tables import Table, accuracy_table, cost_table, layer_table
 
@@ -168,13 +171,30 @@ def write_files(out: Path, files: dict[str, bytes], known: tuple[str, ...] = ())
     """
     for name in known:
         if name not in files and (out / name).exists():
-            (out / name).unlink()
+            _fs(lambda name=name: (out / name).unlink(), out / name)
     for name, data in files.items():
         path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+
+        def write(path: Path = path, tmp: Path = tmp, data: bytes = data) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                tmp.write_bytes(data)
+                tmp.replace(path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                raise
+
+        _fs(write, path)
+
+
+def _fs(action: Callable[[], object], path: Path) -> None:
+    """Run ``action``; an OSError (read-only or full disk) becomes ``PATH: cause``."""
+    try:
+        action()
+    except OSError as exc:
+        raise StorageError.from_os(exc, path) from None
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
