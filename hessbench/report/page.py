@@ -26,6 +26,7 @@ __all__ = [
     "Report",
     "default_output",
     "figure_sections",
+    "hessbench_provenance",
     "render_report",
     "table_links",
     "write_files",
@@ -88,6 +89,20 @@ def _run_commands(meta: dict) -> list[str]:
     return out
 
 
+def hessbench_provenance(meta: dict) -> str:
+    """Which hessbench made a run: a checkout's version and commit, or the installed version.
+
+    Metadata written before ``hessbench_source`` existed shows its commit.
+    """
+    version = meta.get("hessbench_version") or "?"
+    if meta.get("hessbench_source") == "installed":
+        dist = meta.get("hessbench_distribution")
+        return f"{version}, installed package" + (f" (distribution {dist})" if dist else "")
+    commit = str(meta.get("git_commit") or "?")[:12]
+    dirty = " with uncommitted changes" if meta.get("git_dirty") else ""
+    return f"{version}, git commit {commit}{dirty}"
+
+
 def _environment(meta: dict) -> list[tuple[str, str]]:
     g = meta.get
 
@@ -97,8 +112,7 @@ def _environment(meta: dict) -> list[tuple[str, str]]:
     sessions = meta.get("sessions") or [{}]
     return [
         ("suite file", f"{v('suite_file')} (SHA-256 {str(g('suite_hash') or '?')[:12]})"),
-        ("hessbench", f"{v('hessbench_version')}, git commit {str(g('git_commit') or '?')[:12]}"
-                      + (" with uncommitted changes" if g("git_dirty") else "")),
+        ("hessbench", hessbench_provenance(meta)),
         ("Python, torch, numpy", f"{v('python')}, {v('torch')}, {v('numpy')}"),
         ("platform", v("platform")),
         ("CPU", f"{v('cpu')}, {v('cpu_count')} cores"),

@@ -23,12 +23,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-import hessbench
 from hessbench.errors import ConfigError
 from hessbench.rl.a2c import require_gymnasium, run_a2c
 from hessbench.rl.schema import RLRunSpec, RLSuite, load_rl_suite, plan_rl_runs
 from hessbench.run.sessions import RUN_FIELDS, RUNS, crashed_record, run_frames, run_session
-from hessbench.store.provenance import git_commit, git_dirty
+from hessbench.store.provenance import source
 from hessbench.store.records import ensure_dir, read_last_records, run_kind, run_lock
 from hessbench.suite import suite_text_hash
 
@@ -104,9 +103,7 @@ def _metadata(suite: RLSuite, text: str, path: Path) -> dict:
         "suite_file": str(path),
         "suite_hash": suite_text_hash(text),
         "suite_text": text,
-        "hessbench_version": hessbench.__version__,
-        "git_commit": git_commit(),
-        "git_dirty": git_dirty(),
+        **source(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
