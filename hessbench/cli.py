@@ -223,7 +223,10 @@ def show(
 def report(
     run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/small_mlp/<hash>."),
     output: Path = typer.Option(
-        None, "-o", "--output", help="Report folder (default: reports/<suite>)."
+        None,
+        "-o",
+        "--output",
+        help="Report folder (default: RUN_DIR/report; the committed reports/<suite> only when given).",
     ),
 ) -> None:
     """Write a run's tables, figures, report.md and index.html (deterministic).

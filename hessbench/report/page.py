@@ -68,11 +68,12 @@ class Report:
     figures: list[FigureResult]
 
 
-def default_output(meta: dict) -> Path:
-    """``reports/<suite>`` (``reports/<suite>-quick`` for a ``--quick`` run)."""
-    return Path("reports") / (
-        str(meta.get("suite", "run")) + ("-quick" if meta.get("quick") else "")
-    )
+def default_output(run_dir: Path) -> Path:
+    """``<run_dir>/report``: a report never overwrites the committed ``reports/`` unless asked.
+
+    ``reports/<suite>`` is written only with an explicit ``-o reports/<suite>``.
+    """
+    return Path(run_dir) / "report"
 
 
 def _run_commands(meta: dict) -> list[str]:
