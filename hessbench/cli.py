@@ -1,13 +1,16 @@
 """The ``hessbench`` command line.
 
-Commands catch the project's own errors at the boundary and print them as one
-line (exit code 2); anything else is a bug and keeps its traceback.
+Commands catch the project's own errors, and file-system faults (read-only or
+full disk, no permission), at the boundary and print them as one line (exit
+code 2); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -33,6 +36,12 @@ app.add_typer(list_app, name="list")
 F = TypeVar("F", bound=Callable[..., object])
 
 
+_FS_FAULTS = frozenset(
+    {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EIO}
+)
+"""File-system faults (read-only or full disk, no permission): not bugs, so one line."""
+
+
 def _one_line_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -40,6 +49,13 @@ def _one_line_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except HessbenchError as exc:
             print(f"hessbench: error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            # the store and the report name the path themselves; this catches the rest
+            if exc.errno not in _FS_FAULTS:
+                raise
+            where = f"{exc.filename}: " if exc.filename is not None else ""
+            print(f"hessbench: error: {where}{exc.strerror or exc}", file=sys.stderr)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -207,7 +223,10 @@ def show(
 def report(
     run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/small_mlp/<hash>."),
     output: Path = typer.Option(
-        None, "-o", "--output", help="Report folder (default: reports/<suite>)."
+        None,
+        "-o",
+        "--output",
+        help="Report folder (default: RUN_DIR/report; the committed reports/<suite> only when given).",
     ),
 ) -> None:
     """Write a run's tables, figures, report.md and index.html (deterministic).
@@ -226,48 +245,102 @@ def compare(
     run_a: Path = typer.Argument(..., help="The reference run folder."),
     run_b: Path = typer.Argument(..., help="The run folder compared with it."),
     factor: float = typer.Option(
-        1.2, "--factor", help="Flag ratios B/A above this (worse) or below its inverse (better)."
+        1.2,
+        "--factor",
+        help="Per estimator label, flag time and memory ratios B/A above this (worse) or "
+        "below its inverse (better); time only when also beyond both runs' noise.",
+    ),
+    tol: float = typer.Option(
+        1e-9, "--tol", help="Relative difference of an accuracy metric that counts as a change."
     ),
 ) -> None:
-    """Per cell, B/A of relative L1, time and memory ratios; exit 1 if something got worse."""
+    """Status and accuracy per cell, time and memory per estimator label; exit 1 if worse."""
     from hessbench.kinds.accuracy import fmt, stdout
+    from hessbench.report.compare import MIN_REPEATS
     from hessbench.report.compare import compare as compare_runs
     from hessbench.store.records import load
 
     if not factor > 1:
         raise HessbenchError(f"--factor must be above 1, got {factor}")
-    res = compare_runs(load(run_a), load(run_b), factor)
-    table = Table(title=f"changes beyond a factor {factor:g} (B = {run_b}, A = {run_a})")
-    for col in ("cell", "what", "A", "B", "B / A", "verdict"):
-        table.add_column(
-            col, overflow="fold", justify="left" if col in ("cell", "what") else "right"
-        )
+    if not tol >= 0:
+        raise HessbenchError(f"--tol must be at least 0, got {tol}")
+    res = compare_runs(load(run_a), load(run_b), factor, tol=tol)
     colour = {"worse": "red", "better": "green", "changed": "yellow"}
 
-    def show(v: object) -> str:
-        return escape(v) if isinstance(v, str) else fmt(v)
+    def verdict(v: str) -> str:
+        return f"[{colour[v]}]{v}[/]" if v in colour else v
 
-    for c in res.changes:
-        table.add_row(
-            escape(c.cell_id), c.what, show(c.a), show(c.b), fmt(c.ratio),
-            f"[{colour[c.verdict]}]{c.verdict}[/]",
-        )  # fmt: skip
+    def show(v: object) -> str:
+        return escape(v) if isinstance(v, str) else fmt(v, ".10g")
+
     out = stdout()
     if res.changes:
+        table = Table(
+            title=f"per cell: status, and accuracy beyond a relative {tol:g} (B = {run_b}, A = {run_a})"
+        )
+        for col in ("cell", "what", "A", "B", "B / A", "verdict"):
+            table.add_column(
+                col, overflow="fold", justify="left" if col in ("cell", "what") else "right"
+            )
+        for c in res.changes:
+            table.add_row(
+                escape(c.cell_id), c.what, show(c.a), show(c.b), fmt(c.ratio), verdict(c.verdict)
+            )
+        out.print(table)
+    if res.cost:
+        table = Table(
+            title=f"per estimator label: CPU time and memory ratios to a gradient (medians), "
+            f"factor {factor:g}",
+            caption="time: median +- half the relative IQR; worse/better only beyond the factor "
+            "and outside both runs' spread",
+        )
+        for col in (
+            "label",
+            "cells",
+            "time A",
+            "time B",
+            "B / A",
+            "time",
+            "memory B / A",
+            "memory",
+        ):
+            table.add_column(col, overflow="fold", justify="left" if col == "label" else "right")
+
+        def interval(v: float, s: float) -> str:
+            return "-" if math.isnan(v) else f"{fmt(v)} +- {s:.0%}"
+
+        for c in res.cost:
+            table.add_row(
+                escape(c.label), f"{c.timed}/{c.cells}", interval(c.time_a, c.spread_a),
+                interval(c.time_b, c.spread_b), fmt(c.time_ratio), verdict(c.time_verdict),
+                fmt(c.memory_ratio), verdict(c.memory_verdict),
+            )  # fmt: skip
         out.print(table)
     for which, ids in (("A", res.only_a), ("B", res.only_b)):
         if ids:
             print(f"only in {which} ({len(ids)} cells):")
             for cid in ids:
                 print(f"  {cid}")
-    worse = len(res.worse)
+    unjudged = sum(c.time_verdict == "not judged" for c in res.cost)
+    if unjudged:
+        print(
+            f"{unjudged} estimator labels not judged on time: no cell timed at least "
+            f"{MIN_REPEATS} times with a recorded IQR in both runs"
+        )
+
+    def counts(changes) -> str:
+        return f"{sum(v == 'worse' for v in changes)} worse, {sum(v == 'better' for v in changes)} better"
+
     print(
-        f"{res.compared} cells in both runs: {worse} worse, "
-        f"{sum(c.verdict == 'better' for c in res.changes)} better, "
-        f"{sum(c.verdict == 'changed' for c in res.changes)} changed status; "
+        f"{res.compared} cells in both runs: {res.worse} worse, {res.count('better')} better "
+        f"(status {counts([c.verdict for c in res.status])}, "
+        f"{sum(c.verdict == 'changed' for c in res.status)} changed; "
+        f"accuracy {counts([c.verdict for c in res.accuracy])}; "
+        f"time {counts([c.time_verdict for c in res.cost])}; "
+        f"memory {counts([c.memory_verdict for c in res.cost])}); "
         f"{len(res.only_a)} only in A, {len(res.only_b)} only in B"
     )
-    if worse:
+    if res.worse:
         raise typer.Exit(1)
 
 

@@ -11,6 +11,19 @@ class HessbenchError(Exception):
     """Base class of every error hessbench raises on purpose."""
 
 
+class StorageError(HessbenchError):
+    """A file or folder that could not be written or read.
+
+    A read-only or full disk, a missing permission. The message is ``PATH: cause``.
+    """
+
+    @classmethod
+    def from_os(cls, exc: OSError, path: object) -> StorageError:
+        """The error for ``exc`` met while working on ``path`` (``exc``'s own file wins)."""
+        where = exc.filename if exc.filename is not None else path
+        return cls(f"{where}: {exc.strerror or exc}")
+
+
 class ConfigError(HessbenchError, ValueError):
     """An unknown estimator, a bad hyper-parameter or a malformed configuration."""
 

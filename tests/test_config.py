@@ -212,6 +212,20 @@ def test_unknown_and_empty_hyper_parameters():
     ]
 
 
+def test_every_problem_of_one_params_block_is_reported_together():
+    ests = [{"name": "hutchinson", "params": {"samples": 3, "num_samples": 0, "method": "hvpp"}}]
+    lines = problems(suite(estimators=ests))
+    assert lines[0] == (
+        f"{SRC}: estimators[0].params.samples: not a hyper-parameter of hutchinson; "
+        "allowed: num_samples, method"
+    )
+    assert (
+        f"{SRC}: estimators[0].params.num_samples: Input should be greater than 0 (got 0)" in lines
+    )
+    assert any(line.startswith(f"{SRC}: estimators[0].params.method: ") for line in lines)
+    assert len(lines) == 3
+
+
 def test_hyper_parameter_values_must_be_plain_data():
     ests = [{"name": "hutchinson", "params": {"num_samples": {"a": 1}}}]
     (line,) = problems(suite(estimators=ests))

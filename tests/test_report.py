@@ -331,6 +331,7 @@ def test_compare_a_run_with_itself(run_dir):
     result = cli_compare(run_dir, run_dir)
     assert result.exit_code == 0, result.output
     assert "0 worse, 0 better" in result.output
+    assert "not judged on time" in result.output  # timed once: no spread
 
 
 def test_compare_flags_a_worse_cell(run_dir, tmp_path):
@@ -360,8 +361,10 @@ def test_compare_flags_a_worse_cell(run_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "2 better" in result.output
     assert "only in B (1 cells)" in result.output
-    # within a larger factor only the status change is worse
+    # accuracy is compared exactly, whatever the factor; only a wider --tol hides it
     result = cli_compare(run_dir, doctored, "--factor", "2.5")
+    assert "2 worse" in result.output
+    result = cli_compare(run_dir, doctored, "--tol", "0.6")
     assert result.exit_code == 1
     assert "1 worse" in result.output
     assert target not in result.output
@@ -377,3 +380,37 @@ def test_compare_counts_status_changes(frames):
     assert verdicts == {"tiny/hesscale/seed=0": "worse", UNSUPPORTED: "better"}
     with pytest.raises(ValueError, match="factor"):
         compare(df, b, factor=1.0)
+
+
+def test_report_defaults_to_the_run_folder_not_the_committed_reports(
+    run_dir, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # where `reports/<suite>` used to be written
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "report" / "report.md").is_file()
+    assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize("kind", ["train", "rl"])
+def test_train_and_rl_reports_default_to_the_run_folder(kind, tmp_path, monkeypatch):
+    import hessbench.rl.report
+    import hessbench.train.report
+    from hessbench.rl.cli import rl_report_command
+    from hessbench.train.cli import train_report_command
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metadata.json").write_text(json.dumps({"kind": kind, "suite": "s"}))
+    written = []
+
+    def render(run_dir, out):
+        written.append(Path(out))
+        return type("R", (), {"figures": [], "tables": []})()
+
+    monkeypatch.setattr(hessbench.train.report, "render_train_report", render)
+    monkeypatch.setattr(hessbench.rl.report, "render_rl_report", render)
+    command = {"train": train_report_command, "rl": rl_report_command}[kind]
+    assert command(run) == 0
+    assert command(run, tmp_path / "reports" / "s") == 0
+    assert written == [run / "report", tmp_path / "reports" / "s"]

@@ -268,7 +268,7 @@ class AccuracyKind:
         df = add_estimator_facts(load(run_dir))
         if df.empty:
             raise HessbenchError(f"{run_dir}: no finished cells to report")
-        out = output if output is not None else default_output(meta)
+        out = output if output is not None else default_output(run_dir)
         command = f"hessbench report {shlex.quote(str(run_dir))} -o {shlex.quote(str(out))}"
         rendered = render_report(df, load_parts(run_dir), meta, command)
         write_files(out, rendered.files, OUTPUTS)

@@ -13,8 +13,17 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Column, Table
+from rich.text import Text
 
 from hessbench.errors import HessbenchError
 
@@ -30,15 +39,37 @@ __all__ = [
 S = TypeVar("S")
 
 
+class RateColumn(ProgressColumn):
+    """How fast units finish: ``12.3 s/it`` (or ``4.5 it/s`` when faster than one a second)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if not speed:
+            return Text("- s/it", style="progress.data.speed")
+        text = f"{1 / speed:.1f} s/it" if speed < 1 else f"{speed:.1f} it/s"
+        return Text(text, style="progress.data.speed")
+
+
 def progress_bar(console: Console, item: str) -> Progress:
-    """A bar with a count, the time left and the task field ``item`` (the current cell or run)."""
+    """A bar with a count, the rate, the time left and the current cell or run (``item``).
+
+    The count, rate and time left keep their full width at any terminal width; a
+    long ``item`` is cut with an ellipsis instead.
+    """
+    fixed = {"no_wrap": True}
     return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn(f"{{task.fields[{item}]}}", markup=False),
+        TextColumn("{task.description}", table_column=Column(**fixed)),
+        BarColumn(bar_width=10, table_column=Column(**fixed)),
+        MofNCompleteColumn(table_column=Column(**fixed)),
+        RateColumn(table_column=Column(**fixed)),
+        TimeRemainingColumn(table_column=Column(**fixed)),
+        TextColumn(
+            f"{{task.fields[{item}]}}",
+            markup=False,
+            table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis", min_width=1),
+        ),
         console=console,
+        expand=True,
     )
 
 

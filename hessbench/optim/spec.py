@@ -37,8 +37,8 @@ def _lr_tag(value: object) -> str:
 
 
 LrGrid = Annotated[
-    Annotated[list[Annotated[float, Field(gt=0)]], Tag("list")]
-    | Annotated[Annotated[float, Field(gt=0)], Tag("one")],
+    Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Tag("list")]
+    | Annotated[Annotated[float, Field(gt=0, allow_inf_nan=False)], Tag("one")],
     Discriminator(_lr_tag),
 ]
 

@@ -8,13 +8,16 @@ time or the machine making the report.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from hessbench.errors import StorageError
 from hessbench.report.figures import FigureResult, figure_bytes, make_figures
 from hessbench.report.tables import Table, accuracy_table, cost_table, layer_table
 
@@ -23,6 +26,7 @@ __all__ = [
     "Report",
     "default_output",
     "figure_sections",
+    "hessbench_provenance",
     "render_report",
     "table_links",
     "write_files",
@@ -64,11 +68,12 @@ class Report:
     figures: list[FigureResult]
 
 
-def default_output(meta: dict) -> Path:
-    """``reports/<suite>`` (``reports/<suite>-quick`` for a ``--quick`` run)."""
-    return Path("reports") / (
-        str(meta.get("suite", "run")) + ("-quick" if meta.get("quick") else "")
-    )
+def default_output(run_dir: Path) -> Path:
+    """``<run_dir>/report``: a report never overwrites the committed ``reports/`` unless asked.
+
+    ``reports/<suite>`` is written only with an explicit ``-o reports/<suite>``.
+    """
+    return Path(run_dir) / "report"
 
 
 def _run_commands(meta: dict) -> list[str]:
@@ -85,6 +90,20 @@ def _run_commands(meta: dict) -> list[str]:
     return out
 
 
+def hessbench_provenance(meta: dict) -> str:
+    """Which hessbench made a run: a checkout's version and commit, or the installed version.
+
+    Metadata written before ``hessbench_source`` existed shows its commit.
+    """
+    version = meta.get("hessbench_version") or "?"
+    if meta.get("hessbench_source") == "installed":
+        dist = meta.get("hessbench_distribution")
+        return f"{version}, installed package" + (f" (distribution {dist})" if dist else "")
+    commit = str(meta.get("git_commit") or "?")[:12]
+    dirty = " with uncommitted changes" if meta.get("git_dirty") else ""
+    return f"{version}, git commit {commit}{dirty}"
+
+
 def _environment(meta: dict) -> list[tuple[str, str]]:
     g = meta.get
 
@@ -94,8 +113,7 @@ def _environment(meta: dict) -> list[tuple[str, str]]:
     sessions = meta.get("sessions") or [{}]
     return [
         ("suite file", f"{v('suite_file')} (SHA-256 {str(g('suite_hash') or '?')[:12]})"),
-        ("hessbench", f"{v('hessbench_version')}, git commit {str(g('git_commit') or '?')[:12]}"
-                      + (" with uncommitted changes" if g("git_dirty") else "")),
+        ("hessbench", hessbench_provenance(meta)),
         ("Python, torch, numpy", f"{v('python')}, {v('torch')}, {v('numpy')}"),
         ("platform", v("platform")),
         ("CPU", f"{v('cpu')}, {v('cpu_count')} cores"),
@@ -168,13 +186,30 @@ def write_files(out: Path, files: dict[str, bytes], known: tuple[str, ...] = ())
     """
     for name in known:
         if name not in files and (out / name).exists():
-            (out / name).unlink()
+            _fs(lambda name=name: (out / name).unlink(), out / name)
     for name, data in files.items():
         path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+
+        def write(path: Path = path, tmp: Path = tmp, data: bytes = data) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                tmp.write_bytes(data)
+                tmp.replace(path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                raise
+
+        _fs(write, path)
+
+
+def _fs(action: Callable[[], object], path: Path) -> None:
+    """Run ``action``; an OSError (read-only or full disk) becomes ``PATH: cause``."""
+    try:
+        action()
+    except OSError as exc:
+        raise StorageError.from_os(exc, path) from None
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;

@@ -76,12 +76,13 @@ def rl_validate_command(suite_path: str | Path) -> int:
 
 
 def rl_report_command(run_dir: str | Path, output: Path | None = None) -> int:
-    """Write the report of an rl run folder (default ``reports/<suite>``); return 0."""
+    """Write the report of an rl run folder (default ``<run_dir>/report``); return 0."""
+    from hessbench.report.page import default_output
     from hessbench.rl.report import render_rl_report
 
     run_dir = Path(run_dir)
-    meta = run_metadata(run_dir)
-    out = output or Path("reports") / str(meta.get("suite", "rl"))
+    run_metadata(run_dir)  # refuses a folder that is not a run
+    out = output or default_output(run_dir)
     render_rl_report(run_dir, out)
     print(f"report: {out / 'report.md'}")
     return 0

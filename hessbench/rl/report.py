@@ -32,7 +32,12 @@ from matplotlib.lines import Line2D
 from hessbench.errors import HessbenchError
 from hessbench.optim.spec import format_lr
 from hessbench.report.figures import figure_bytes
-from hessbench.report.page import figure_sections, table_links, write_files
+from hessbench.report.page import (
+    figure_sections,
+    hessbench_provenance,
+    table_links,
+    write_files,
+)
 from hessbench.report.plotting import FigureResult, grid, legend
 from hessbench.report.style import figure_context, optimizer_style
 from hessbench.report.table import Table, fmt
@@ -224,9 +229,7 @@ def _markdown(meta: dict, command: str, runs: pd.DataFrame, table: Table, figure
         "",
         f"Environment: Python {meta.get('python')}, torch {meta.get('torch')}, gymnasium "
         f"{meta.get('gymnasium')}, {meta.get('cpu_count')} CPU cores; hessbench "
-        f"{meta.get('hessbench_version')}, git commit {str(meta.get('git_commit') or '?')[:12]}"
-        + (" with uncommitted changes" if meta.get("git_dirty") else "")
-        + ".",
+        f"{hessbench_provenance(meta)}.",
         "",
         *(f"The run: `{cmd}`." for cmd in session_commands(meta)),
         "",

@@ -23,13 +23,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-import hessbench
 from hessbench.errors import ConfigError
 from hessbench.rl.a2c import require_gymnasium, run_a2c
 from hessbench.rl.schema import RLRunSpec, RLSuite, load_rl_suite, plan_rl_runs
 from hessbench.run.sessions import RUN_FIELDS, RUNS, crashed_record, run_frames, run_session
-from hessbench.store.provenance import git_commit, git_dirty
-from hessbench.store.records import read_last_records, run_kind, run_lock
+from hessbench.store.provenance import source
+from hessbench.store.records import ensure_dir, read_last_records, run_kind, run_lock
 from hessbench.suite import suite_text_hash
 
 __all__ = [
@@ -104,9 +103,7 @@ def _metadata(suite: RLSuite, text: str, path: Path) -> dict:
         "suite_file": str(path),
         "suite_hash": suite_text_hash(text),
         "suite_text": text,
-        "hessbench_version": hessbench.__version__,
-        "git_commit": git_commit(),
-        "git_dirty": git_dirty(),
+        **source(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -143,7 +140,7 @@ def run_rl_suite(
     text = path.read_text(encoding="utf-8")
     run_dir = Path(output) if output is not None else default_run_dir(suite, text)
     runs = plan_rl_runs(suite)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir)
     with run_lock(run_dir):
         meta_path = run_dir / "metadata.json"
         if meta_path.exists():

@@ -14,6 +14,7 @@ deterministic share of the cells into its own shard file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import secrets
@@ -29,10 +30,18 @@ from pathlib import Path
 
 import torch
 
-from hessbench.errors import ConfigError
+from hessbench.errors import ConfigError, StorageError
 from hessbench.run.cells import Group, run_groups
 from hessbench.store.provenance import environment, now
-from hessbench.store.records import DONE, FAILED, CellStore, atomic_write, load, run_lock
+from hessbench.store.records import (
+    DONE,
+    FAILED,
+    CellStore,
+    atomic_write,
+    ensure_dir,
+    load,
+    run_lock,
+)
 from hessbench.store.shards import SHARDS, Collector, Shard, merged_records, shard_path
 from hessbench.suite import CellSpec, Cluster, Suite, load_suite, plan_cells, suite_text_hash
 from hessbench.suite.parsing import validate
@@ -234,7 +243,7 @@ def run_suite(
     check_options(suite, opts)
     if opts.shard is not None and opts.shard.n > 1:
         return _run_share(path, opts, suite, text, run_dir, cells, on_plan, on_start, on_record)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir)
     with run_lock(run_dir):
         meta = _prepare(run_dir, suite, text, Path(path), opts)
         collector = Collector(run_dir)
@@ -261,6 +270,7 @@ def run_suite(
 
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, _raise_interrupt)
+        storage_failed = False
         try:
             if opts.executor == "local":
                 _run_here(run_dir, suite, todo, opts, on_start, record, store_path=None)
@@ -268,12 +278,16 @@ def run_suite(
                 _run_cluster(run_dir, suite, todo, opts, session, summary, on_submit, record)
         except KeyboardInterrupt:
             summary.interrupted = True
+        except StorageError:
+            storage_failed = True  # report the first failure, not the summary files'
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
             session["finished"] = now()
             session["interrupted"] = summary.interrupted
-            atomic_write(run_dir / "metadata.json", json.dumps(meta, indent=2))
-            atomic_write(run_dir / "results.csv", load(run_dir).to_csv(index=False))
+            with contextlib.suppress(StorageError) if storage_failed else contextlib.nullcontext():
+                atomic_write(run_dir / "metadata.json", json.dumps(meta, indent=2))
+                atomic_write(run_dir / "results.csv", load(run_dir).to_csv(index=False))
     return summary
 
 
@@ -391,7 +405,7 @@ def _run_share(
     out = shard_path(run_dir, opts.shard)
     groups = _groups(cells)
     mine = {cid for g in groups[opts.shard.i - 1 :: opts.shard.n] for cid, _ in g.cells}
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir)
     with run_lock(run_dir, wait_s=60):
         meta = _prepare(run_dir, suite, text, Path(path), opts)
         meta["sessions"].append(
@@ -403,7 +417,7 @@ def _run_share(
             }
         )
         atomic_write(run_dir / "metadata.json", json.dumps(meta, indent=2))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent)
     with run_lock(run_dir, lock_file=out.with_suffix(".lock")):
         todo = [c for c in _pending(cells, merged_records(run_dir), opts) if c.id in mine]
         summary = RunSummary(run_dir, [c for c in cells if c.id in mine], todo, shard_file=out)

@@ -8,6 +8,7 @@ appended to ``runs.jsonl`` (:func:`run_session`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from hessbench.errors import HessbenchError
+from hessbench.errors import HessbenchError, StorageError
 from hessbench.run.pool import Batch, run_batches
 from hessbench.store.provenance import now
 from hessbench.store.records import RecordStore, atomic_write
@@ -74,16 +75,21 @@ def run_session(
         summary.statuses[rec["status"]] += 1
         on_record(rec)
 
+    storage_failed = False
     try:
         run_all(summary.todo, jobs, threads, fn, on_start, record, crashed)
     except KeyboardInterrupt:
         summary.interrupted = True
+    except StorageError:
+        storage_failed = True  # report the first failure, not the summary files'
+        raise
     finally:
         store.close()
         session["finished"] = now()
         session["interrupted"] = summary.interrupted
-        atomic_write(meta_path, json.dumps(meta, indent=2))
-        atomic_write(run_dir / "runs.csv", table(run_dir).to_csv(index=False))
+        with contextlib.suppress(StorageError) if storage_failed else contextlib.nullcontext():
+            atomic_write(meta_path, json.dumps(meta, indent=2))
+            atomic_write(run_dir / "runs.csv", table(run_dir).to_csv(index=False))
 
 
 def crashed_record(run: Any, message: str, **fields: object) -> dict:

@@ -29,7 +29,7 @@ import torch
 from hessbench.bench.cell import base_record
 from hessbench.errors import ConfigError
 from hessbench.run.cells import Group, run_groups
-from hessbench.store.records import CellStore, atomic_write
+from hessbench.store.records import CellStore, atomic_write, ensure_dir
 from hessbench.store.shards import SHARDS
 from hessbench.suite import Cluster, Defaults
 
@@ -193,7 +193,7 @@ def submit(
 ) -> dict:
     """Submit one array task per chunk of ``groups``; write and return the manifest."""
     shards = run_dir / SHARDS
-    shards.mkdir(parents=True, exist_ok=True)
+    ensure_dir(shards)
     folder = run_dir / "submitit"
     ex = _executor(executor, folder, cluster, defaults, jobs, name)
     parts = chunk_groups(groups, cluster.chunks)

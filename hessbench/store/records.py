@@ -28,13 +28,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from hessbench.errors import HessbenchError
+from hessbench.errors import HessbenchError, StorageError
 
 __all__ = [
     "SCHEMA_VERSION",
     "CellStore",
     "RecordStore",
     "atomic_write",
+    "ensure_dir",
     "frame",
     "iter_records",
     "load",
@@ -43,6 +44,7 @@ __all__ = [
     "read_records",
     "run_kind",
     "run_lock",
+    "storage",
 ]
 
 SCHEMA_VERSION = 1
@@ -56,14 +58,43 @@ class ResultsError(HessbenchError):
     """A run folder that cannot be read or written."""
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a synced temporary file and a rename."""
+@contextlib.contextmanager
+def storage(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` into a one-line StorageError naming the path.
+
+    A read-only or full disk, a missing permission: ``PATH: cause``.
+    """
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError.from_os(exc, path) from None
+
+
+def ensure_dir(path: Path) -> None:
+    """Create the folder ``path`` (and its parents) if missing; a failure is a StorageError."""
+    with storage(path):
+        path.mkdir(parents=True, exist_ok=True)
+
+
+def atomic_write(path: Path, text: str | bytes) -> None:
+    """Write ``text`` to ``path`` through a synced temporary file and a rename.
+
+    On failure (e.g. a full disk) ``path`` is unchanged, the temporary file is
+    removed, and a :class:`~hessbench.errors.StorageError` names ``path``.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    with storage(path):
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
 
 
 @contextlib.contextmanager
@@ -72,10 +103,12 @@ def run_lock(run_dir: Path, *, wait_s: float = 0, lock_file: Path | None = None)
 
     ``wait_s``: how long to retry a held lock before failing (default: fail at once).
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = lock_file or run_dir / ".lock"
+    ensure_dir(path.parent)
     deadline = time.monotonic() + wait_s
-    with open(path, "a+", encoding="utf-8") as fh:
+    with storage(path):
+        fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed below
+    with fh:
         while True:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -88,10 +121,11 @@ def run_lock(run_dir: Path, *, wait_s: float = 0, lock_file: Path | None = None)
                 holder = fh.read().strip() or "another process"
                 what = run_dir if lock_file is None else path
                 raise ResultsError(f"{what} is being written by {holder}; wait or use -o") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
+        with storage(path):
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}")
+            fh.flush()
         yield
 
 
@@ -110,15 +144,19 @@ class RecordStore:
     """Appends records to a JSONL file, each flushed and fsynced.
 
     Every record gets ``schema_version``; non-finite floats become ``null``. A
-    half-written last line left by a killed run is dropped on opening.
+    half-written last line left by a killed run is dropped on opening. A record
+    that cannot be written in full (a full disk) is cut off again, so the file
+    keeps every earlier record and no torn line; the error is a
+    :class:`~hessbench.errors.StorageError` naming the file.
     """
 
     def __init__(self, path: Path, *, schema_version: int = SCHEMA_VERSION):
         self.path = path
         self.schema_version = schema_version
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair_tail()
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run
+        ensure_dir(self.path.parent)
+        with storage(self.path):
+            self._repair_tail()
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def _repair_tail(self) -> None:
         """Drop a half-written last line left by a killed run."""
@@ -130,15 +168,28 @@ class RecordStore:
                 fh.truncate(data.rfind(b"\n") + 1)
 
     def append(self, record: dict) -> None:
-        """Append one record, flushed and fsynced before returning."""
+        """Append one record, written and fsynced before returning."""
         line = json.dumps(_clean({"schema_version": self.schema_version, **record}), sort_keys=True)
-        self._fh.write(line + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        data = (line + "\n").encode("utf-8")
+        if self._fd is None:
+            raise ValueError(f"{self.path}: the record store is closed")
+        with storage(self.path):
+            size = os.fstat(self._fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                os.fsync(self._fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, size)
+                raise
 
     def close(self) -> None:
         """Close the file."""
-        self._fh.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 class CellStore(RecordStore):

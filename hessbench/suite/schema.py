@@ -103,7 +103,12 @@ class EstimatorSpec(StrictModel):
                 problems["params", key] = f"not a hyper-parameter of {self.name}; allowed: {known}"
             elif value == []:
                 problems["params", key] = "an empty list of values"
-        for params in [] if problems else self.grid():
+        # the values of the known hyper-parameters are checked too, so one run of
+        # `validate` reports every problem of the block
+        valid = {k: v for k, v in self.params.items() if ("params", k) not in problems}
+        values = [v if isinstance(v, list) else [v] for v in valid.values()]
+        for combo in itertools.product(*values):
+            params = dict(zip(valid, combo, strict=True))
             try:
                 cls(**params)
             except pydantic.ValidationError as exc:

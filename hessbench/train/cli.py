@@ -112,14 +112,13 @@ def train_validate_command(suite_path: str | Path) -> int:
 
 
 def train_report_command(run_dir: str | Path, output: Path | None = None) -> int:
-    """Write the report of a train run folder (default ``reports/<suite>``); return 0."""
+    """Write the report of a train run folder (default ``<run_dir>/report``); return 0."""
+    from hessbench.report.page import default_output
     from hessbench.train.report import render_train_report
 
     run_dir = Path(run_dir)
-    meta = run_metadata(run_dir)
-    out = output or Path("reports") / (
-        str(meta.get("suite", "run")) + ("-quick" if meta.get("quick") else "")
-    )
+    run_metadata(run_dir)  # refuses a folder that is not a run
+    out = output or default_output(run_dir)
     report = render_train_report(run_dir, out)
     for f in report.figures:
         if f.figure is None:

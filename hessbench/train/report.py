@@ -39,7 +39,12 @@ from matplotlib.lines import Line2D
 from hessbench.errors import HessbenchError
 from hessbench.optim.spec import format_lr
 from hessbench.report.figures import figure_bytes
-from hessbench.report.page import figure_sections, table_links, write_files
+from hessbench.report.page import (
+    figure_sections,
+    hessbench_provenance,
+    table_links,
+    write_files,
+)
 from hessbench.report.plotting import FigureResult, grid, legend, log_axis, needs_log
 from hessbench.report.style import figure_context, optimizer_style
 from hessbench.report.table import Table, fmt
@@ -445,7 +450,7 @@ def _markdown(meta, command, runs, tables, figures) -> str:
     sessions = meta.get("sessions") or [{}]
     env = [
         ("suite file", f"{meta.get('suite_file', '?')} (SHA-256 {str(meta.get('suite_hash'))[:12]})"),
-        ("hessbench", f"{meta.get('hessbench_version')}, git commit {str(meta.get('git_commit'))[:12]}"),
+        ("hessbench", hessbench_provenance(meta)),
         ("Python, torch, numpy", f"{meta.get('python')}, {meta.get('torch')}, {meta.get('numpy')}"),
         ("platform", str(meta.get("platform"))),
         ("CPU", f"{meta.get('cpu')}, {meta.get('cpu_count')} cores"),

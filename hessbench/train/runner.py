@@ -21,7 +21,7 @@ import pandas as pd
 from hessbench.errors import ConfigError
 from hessbench.run.sessions import RUN_FIELDS, RUNS, crashed_record, run_frames, run_session
 from hessbench.store.provenance import environment
-from hessbench.store.records import read_last_records, run_kind, run_lock
+from hessbench.store.records import ensure_dir, read_last_records, run_kind, run_lock
 from hessbench.suite import suite_text_hash
 from hessbench.train.schema import RunSpec, TrainSuite, load_train_suite, plan_runs
 
@@ -183,7 +183,7 @@ def run_train_suite(
     from hessbench.train.loop import train_run
 
     suite, text, run_dir, runs = plan_train(path, opts)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir)
     with run_lock(run_dir):
         meta = _prepare(run_dir, suite, text, Path(path), opts)
         done = read_runs(run_dir)
