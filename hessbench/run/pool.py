@@ -151,20 +151,23 @@ def run_batches(
             wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=0.2)
             for w in busy:
                 alive = True
-                try:
-                    while w.conn.poll():
+                while True:
+                    try:  # only the pipe: a failing callback is the caller's error
+                        if not w.conn.poll():
+                            break
                         kind, payload = w.conn.recv()
-                        if kind == "start":
-                            w.current, w.started = payload, time.monotonic()
-                            on_start(payload)
-                        elif kind == "done":
-                            w.done.add(w.current or "")
-                            w.current = None
-                            on_record(payload)
-                        else:
-                            w.batch = None
-                except (EOFError, OSError):
-                    alive = False
+                    except (EOFError, OSError):
+                        alive = False
+                        break
+                    if kind == "start":
+                        w.current, w.started = payload, time.monotonic()
+                        on_start(payload)
+                    elif kind == "done":
+                        w.done.add(w.current or "")
+                        w.current = None
+                        on_record(payload)
+                    else:
+                        w.batch = None
                 if w.batch is None:
                     continue
                 if not alive or not w.process.is_alive():
