@@ -75,6 +75,23 @@ def _load_plugins() -> None:
             raise HessbenchError(f"HESSBENCH_PLUGINS: cannot import {name!r}: {exc}") from None
 
 
+@list_app.command("suites")
+@_one_line_errors
+def list_suites() -> None:
+    """The suites shipped with hessbench: name, kind, size and description (run one by name)."""
+    from hessbench.kinds import kind_of_suite
+    from hessbench.suite.shipped import shipped_suites
+
+    table = Table(title="hessbench suites (hessbench run NAME)")
+    for col in ("name", "kind", "size", "description"):
+        table.add_column(col, overflow="fold")
+    for name, path in shipped_suites().items():
+        kind = kind_of_suite(path)
+        size, description = kind.describe(path)
+        table.add_row(name, kind.name, size, escape(description))
+    Console(width=max(100, Console().width)).print(table)
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"hessbench {__version__}")
@@ -116,17 +133,23 @@ def list_estimators() -> None:
 
 @app.command("validate")
 @_one_line_errors
-def validate(suite: Path = typer.Argument(..., help="Suite YAML file.")) -> None:
+def validate(
+    suite: Path = typer.Argument(..., help="Suite YAML file, or a shipped suite's name."),
+) -> None:
     """Check a suite file and print what it would run (no computation)."""
     from hessbench.kinds import kind_of_suite
+    from hessbench.suite.shipped import find_suite
 
+    suite = find_suite(suite)
     raise typer.Exit(kind_of_suite(suite).validate(suite))
 
 
 @app.command("run")
 @_one_line_errors
 def run(
-    suite: Path = typer.Argument(..., help="Suite YAML file, e.g. suites/small_mlp.yaml."),
+    suite: Path = typer.Argument(
+        ..., help="Suite YAML file (suites/small_mlp.yaml) or a shipped suite's name (small_mlp)."
+    ),
     output: Path = typer.Option(
         None, "-o", "--output", help="Run folder (default: results/<suite>/<suite-hash>)."
     ),
@@ -181,7 +204,9 @@ def run(
     (docs/rl.md) suites are handed to their own runners.
     """
     from hessbench.kinds import RunRequest, check_request, kind_of_suite
+    from hessbench.suite.shipped import find_suite
 
+    suite = find_suite(suite)
     request = RunRequest(
         suite, output, jobs, tuple(estimator or ()), tuple(task or ()), tuple(seed or ()),
         dry_run, retry_failed, force, quick, device, executor, shard, no_wait, chunks,

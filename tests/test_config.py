@@ -94,7 +94,7 @@ def test_bad_activation_is_one_exact_line():
     bad = task(MLP_MSE, model={"activation": "tahn"})
     assert problems(suite(tasks=[MLP_CE, bad])) == [
         "suites/x.yaml: tasks[1].model.activation: 'tahn' is not one of "
-        "tanh, relu, sigmoid, leaky_relu, elu, selu, softplus, logsigmoid"
+        "tanh, relu, sigmoid, leaky_relu, elu, selu, softplus, logsigmoid, gelu, silu"
     ]
 
 
@@ -137,7 +137,10 @@ def test_missing_fields():
 def test_bad_discriminator_and_types():
     bad = task(MLP_CE, model={"kind": "mpl"}, data={"input_shape": [0]})
     lines = problems(suite(tasks=[bad], defaults={"seeds": [0, -1]}))
-    assert f"{SRC}: tasks[0].model.kind: 'mpl' is not one of mlp, cnn, sequential" in lines
+    assert (
+        f"{SRC}: tasks[0].model.kind: 'mpl' is not one of mlp, cnn, sequential, resmlp, resnet, transformer"
+        in lines
+    )
     assert any(line.startswith(f"{SRC}: tasks[0].data.input_shape[0]: ") for line in lines)
     assert any(line.startswith(f"{SRC}: defaults.seeds[1]: ") for line in lines)
 

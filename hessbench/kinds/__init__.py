@@ -28,6 +28,7 @@ __all__ = [
     "SuiteKind",
     "check_request",
     "declared_kind",
+    "first_line",
     "get_kind",
     "kind_of_run",
     "kind_of_suite",
@@ -115,6 +116,10 @@ class SuiteKind(Protocol):
         """Check a suite file and print what it would run."""
         ...
 
+    def describe(self, suite: Path) -> tuple[str, str]:
+        """The suite's size (``"285 cells"``) and its one-line description."""
+        ...
+
     def run(self, request: RunRequest) -> int:
         """Run (or resume) a suite with progress, then print a summary."""
         ...
@@ -126,6 +131,12 @@ class SuiteKind(Protocol):
     def report(self, run_dir: Path, output: Path | None) -> int:
         """Write a run folder's report (tables, figures, report.md)."""
         ...
+
+
+def first_line(text: str) -> str:
+    """The first sentence-ish line of a suite's description (folded YAML text)."""
+    text = " ".join(text.split())
+    return text.split(". ")[0].rstrip(".") if text else ""
 
 
 def get_kind(name: str) -> SuiteKind:

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hessbench.errors import HessbenchError
-from hessbench.kinds import RunRequest
+from hessbench.kinds import RunRequest, first_line
 from hessbench.kinds.console import progress_bar
 
 __all__ = ["KIND", "AccuracyKind", "add_estimator_facts", "summary_table"]
@@ -129,6 +129,13 @@ class AccuracyKind:
         )
 
         return 0
+
+    def describe(self, suite: Path) -> tuple[str, str]:
+        """The number of cells and the description's first line."""
+        from hessbench.suite import load_suite, plan_cells
+
+        s = load_suite(suite)
+        return f"{len(plan_cells(s))} cells", first_line(s.description)
 
     def run(self, request: RunRequest) -> int:
         """Run (or resume) the suite's cells with a progress bar, then print the summary."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from hessbench.kinds import RunRequest, declared_kind
+from hessbench.kinds import RunRequest, declared_kind, first_line
 from hessbench.kinds.console import (
     chosen_lrs_table,
     finish_runs,
@@ -97,6 +97,13 @@ class RlKind:
     def validate(self, suite: Path) -> int:
         """Check an rl suite and print how many runs it plans."""
         return rl_validate_command(suite)
+
+    def describe(self, suite: Path) -> tuple[str, str]:
+        """The number of runs and the description's first line."""
+        from hessbench.rl.schema import load_rl_suite, plan_rl_runs
+
+        s = load_rl_suite(suite)
+        return f"{len(plan_rl_runs(s))} runs", first_line(s.description)
 
     def run(self, request: RunRequest) -> int:
         """Run (or resume) an rl suite with a progress bar."""

@@ -38,6 +38,7 @@ from hessbench.suite.schema import (
     parse_suite,
     suite_text_hash,
 )
+from hessbench.suite.shipped import find_suite, shipped_suites
 from hessbench.suite.task import (
     DataSpec,
     DigitsData,
@@ -78,10 +79,12 @@ __all__ = [
     "check_model",
     "derive_seed",
     "evaluation_data",
+    "find_suite",
     "load_digits",
     "load_suite",
     "parse_suite",
     "plan_cells",
+    "shipped_suites",
     "suite_text_hash",
     "task_variants",
     "training_data",

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hessbench.errors import HessbenchError
-from hessbench.kinds import RunRequest, declared_kind
+from hessbench.kinds import RunRequest, declared_kind, first_line
 from hessbench.kinds.console import (
     chosen_lrs_table,
     finish_runs,
@@ -139,6 +139,13 @@ class TrainKind:
     def validate(self, suite: Path) -> int:
         """Check a train suite and print how many runs it plans."""
         return train_validate_command(suite)
+
+    def describe(self, suite: Path) -> tuple[str, str]:
+        """The number of runs and the description's first line."""
+        from hessbench.train.schema import load_train_suite, plan_runs
+
+        s = load_train_suite(suite)
+        return f"{len(plan_runs(s))} runs", first_line(s.description)
 
     def run(self, request: RunRequest) -> int:
         """Run (or resume) a train suite with a progress bar."""
