@@ -38,6 +38,7 @@ Problems (float32; ``exact`` with ``compute_dtype="model"``):
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import platform
 import statistics
 import subprocess
@@ -153,12 +154,11 @@ def measure(fn_a, fn_b, *, min_time: float, max_repeats: int, min_repeats: int =
 
 def _versions() -> str:
     parts = [f"torch {torch.__version__}"]
-    for lib in ("backpack", "curvlinops"):
+    for dist in ("backpack-for-pytorch", "curvlinops-for-pytorch"):
         try:
-            mod = __import__(lib)
-            parts.append(f"{lib} {getattr(mod, '__version__', '?')}")
-        except ImportError:
-            parts.append(f"{lib} not installed")
+            parts.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{dist} not installed")
     return ", ".join(parts)
 
 

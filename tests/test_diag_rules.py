@@ -188,3 +188,32 @@ def test_elementwise_diag_step_equals_generic_formula(cls, residual):
         none_g, h_only = rule.backward_diag(m, cache, None, h, residual)
         assert none_g is None
         assert relerr(h_only, want_h) <= TOL_ROUNDING
+
+
+POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
+POOL_CASES = [c for c in CASES if any(isinstance(m, POOLS) for m in c.model().modules())]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: c.name)
+def test_pool_rules_match_the_jacobian(case):
+    """Pooling ``vjp`` = ``J^T v`` and ``vjp_sq`` = ``(J o J)^T h``, J from autograd."""
+    model = case.model()
+    x = torch.randn(
+        2, *case.in_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9)
+    )
+    gen = torch.Generator().manual_seed(10)
+    for mod in model:
+        if isinstance(mod, POOLS):
+            rule = RULES[type(mod)]
+            with torch.no_grad():
+                y, cache = rule.forward(mod, x, None)
+            jac = torch.autograd.functional.jacobian(lambda t, mod=mod: mod(t), x)
+            jac = jac.reshape(y.numel(), x.numel())  # across the batch: block diagonal
+            v = torch.randn(y.shape, dtype=y.dtype, generator=gen)
+            h = torch.rand(y.shape, dtype=y.dtype, generator=gen)
+            want_v = (v.reshape(1, -1) @ jac).view_as(x)
+            want_h = (h.reshape(1, -1) @ jac.square()).view_as(x)
+            with torch.no_grad():
+                assert relerr(rule.vjp(mod, cache, v), want_v) <= TOL_ROUNDING
+                assert relerr(rule.vjp_sq(mod, cache, h), want_h) <= TOL_ROUNDING
+        x = mod(x).detach()

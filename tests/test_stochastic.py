@@ -427,3 +427,27 @@ def test_adahessian_conv_spatial_averaging():
         assert torch.equal(raw[n], hut[n].abs()), n
         if n != "0.weight":
             assert torch.equal(avg[n], raw[n]), n
+
+
+# ------------------------------------------------------------ the Rademacher draw
+def _rademacher_by_bits(sizes: list[int], gen: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """The published draw: bit ``j`` of 32-bit word ``w`` gives entry ``32 w + j``."""
+    total = sum(sizes)
+    words = torch.randint(0, 2**32, ((total + 31) // 32, 1), generator=gen)
+    bits = (words >> torch.arange(32)) & 1
+    return bits.view(-1)[:total].to(dtype).mul_(2).sub_(1)
+
+
+@pytest.mark.parametrize("sizes", [[1], [5, 3], [31, 1], [32], [64, 33, 7], [1000, 4099]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rademacher_signs_are_the_bits_of_the_words(sizes, dtype):
+    """Same signs for the same generator state (published Hutchinson numbers depend on it)."""
+    from hessbench.estimators._autograd import rademacher
+
+    params = [torch.zeros(n, dtype=dtype) for n in sizes]
+    g1, g2 = torch.Generator().manual_seed(12), torch.Generator().manual_seed(12)
+    got = rademacher(params, g1)
+    assert [t.shape for t in got] == [p.shape for p in params]
+    assert all(t.dtype == dtype for t in got)
+    assert torch.equal(torch.cat(got), _rademacher_by_bits(sizes, g2, dtype))
+    assert torch.equal(g1.get_state(), g2.get_state())  # the same amount drawn
