@@ -244,7 +244,7 @@ def test_hesscale_sums_the_diagonals_of_a_fan_out():
     c = 1.0 / 3
     h_z = c * (p - p * p)
     g_z = c * (p - F.one_hot(y, 3).double())
-    W0, W1, Wo = w0.weight.detach(), w1.weight.detach(), wo.weight.detach()
+    W1, Wo = w1.weight.detach(), wo.weight.detach()
     h_y, g_y = h_z @ Wo.square(), g_z @ Wo
     d1, d2 = 1 - t * t, -2 * t * (1 - t * t)
     h_u = d1 * d1 * h_y + d2 * g_y
