@@ -399,3 +399,30 @@ def test_graph_engine_refuses_in_one_line(cls, match):
     # auto falls back to the generic path
     want = reference.hessian_diag(model, nn.CrossEntropyLoss(), x, y)
     _close(get_estimator("exact")(model, nn.CrossEntropyLoss(), x, y), want)
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3)])
+def test_layernorm_closed_form_equals_the_generic_local_rule(shape):
+    from hessbench.estimators._graph import _LNSpec
+    from hessbench.estimators._rules_norm import LayerNormRule, LocalRule
+
+    torch.manual_seed(5)
+    spec = _LNSpec(1e-5, shape)
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    g = torch.randn(3, *shape, dtype=torch.float64)
+    v = torch.randn(3, 4, *shape, dtype=torch.float64)
+    closed, generic = LayerNormRule(), LocalRule()
+    yc, cc = closed.forward(spec, x, None)
+    yg, cg = generic.forward(spec, x, None)
+    assert len(cc) == 3
+    torch.testing.assert_close(yc, yg, rtol=1e-12, atol=1e-12)
+    for meth, arg in [
+        ("vjp", g),
+        ("vjp_cols", v),
+        ("vjp_sq", g.abs()),
+        ("residual", g),
+        ("residual_diag", g),
+    ]:
+        got = getattr(closed, meth)(spec, cc, arg)
+        want = getattr(generic, meth)(spec, cg, arg)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=meth)

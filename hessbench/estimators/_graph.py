@@ -22,6 +22,7 @@ inputs and their parameter keys. Anything else raises a one-line
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -45,6 +46,7 @@ from hessbench.estimators._rules_norm import (
     AffineRule,
     AffineSpec,
     GELURule,
+    LayerNormRule,
     LocalRule,
     LocalSpec,
     ReshapeRule,
@@ -64,6 +66,17 @@ GRAPH_RULES: dict[type[nn.Module], Rule] = {
 
 _AFFINE = AffineRule()
 _LOCAL = LocalRule()
+_LAYERNORM = LayerNormRule()
+
+
+class _LNSpec(LocalSpec):
+    """LayerNorm's normalization: the closed form when it spans every non-batch feature."""
+
+    def __init__(self, eps: float, shape):
+        super().__init__(lambda v: F.layer_norm(v, shape, None, None, eps), "layer_norm")
+        self.eps, self.shape = eps, tuple(shape)
+
+
 _RESHAPE = ReshapeRule()
 _SCALE = ScaleRule()
 
@@ -141,6 +154,29 @@ class GraphPlan:
     """fx nodes that compute non-tensor values (``x.size(0)``), evaluated in the forward pass."""
 
 
+_PLANS: dict[int, tuple[Any, tuple, GraphPlan]] = {}
+_CACHED = 8
+"""Plans of the last few models (a plan holds their modules, so the cache is bounded)."""
+
+
+def _key(model: nn.Module) -> tuple:
+    """What a plan depends on besides the code: the modules, their training flags, the parameters."""
+    mods = tuple((id(m), m.training) for m in model.modules())
+    return mods, tuple((id(p), p.requires_grad) for p in model.parameters())
+
+
+def _trace(model: nn.Module):
+    """``symbolic_trace(model)`` as a one-line :class:`UnsupportedError` when it fails."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as exc:  # any tracing failure means "not capturable"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedError(
+            f"model {type(model).__name__} cannot be traced by torch.fx ({first[:200]})"
+        ) from None
+    return gm
+
+
 def _fail(node, what: str) -> UnsupportedError:
     return UnsupportedError(f"node '{node.name}' ({what}) is not supported by the graph engine")
 
@@ -160,14 +196,24 @@ def build_graph_plan(model: nn.Module) -> GraphPlan:
         UnsupportedError: one line naming the reason (untraceable model, the first
             unsupported node, train-mode batch norm, tied parameters, parameters
             used outside a supported layer, no trainable parameter).
+
+    Plans of the last few models are cached while the model's modules, their
+    training flags and its parameters (objects and ``requires_grad``) are
+    unchanged; batch-norm statistics are read at every forward pass.
     """
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedError(
-            f"model {type(model).__name__} cannot be traced by torch.fx ({first[:200]})"
-        ) from None
+    key = _key(model)
+    hit = _PLANS.get(id(model))
+    if hit is not None and hit[0]() is model and hit[1] == key:
+        return hit[2]
+    plan = _build(model, _trace(model))
+    _PLANS.pop(id(model), None)
+    while len(_PLANS) >= _CACHED:
+        del _PLANS[next(iter(_PLANS))]
+    _PLANS[id(model)] = (weakref.ref(model), key, plan)
+    return plan
+
+
+def _build(model: nn.Module, gm) -> GraphPlan:
     modules = dict(model.named_modules())
     nodes: list[GNode] = []
     index: dict[Any, int] = {}  # fx node -> tensor node index
@@ -243,8 +289,7 @@ def build_graph_plan(model: nn.Module) -> GraphPlan:
                         f"layer '{path}' ({t.__name__}) uses batch statistics (training mode or "
                         "track_running_stats=False); only eval-mode batch norm is supported"
                     )
-                invstd = (m.running_var + m.eps).rsqrt()
-                spec = AffineSpec(m.weight, m.bias, None, m.running_mean, invstd)
+                spec = AffineSpec(m.weight, m.bias, None, m)
                 add(GNode(node.name, "rule", (x,), _AFFINE, spec, wk, bk), node)
             elif t in (nn.LayerNorm, nn.GroupNorm):
                 if t is nn.LayerNorm:
@@ -258,6 +303,8 @@ def build_graph_plan(model: nn.Module) -> GraphPlan:
                     view = None  # per channel, set below from the input rank
                     affine = m.affine
                 norm = GNode(node.name + ".normalize", "rule", (x,), _LOCAL, LocalSpec(fn, path))
+                if t is nn.LayerNorm:  # closed form where it normalizes every non-batch feature
+                    norm = replace(norm, rule=_LAYERNORM, module=_LNSpec(m.eps, shape))
                 if not affine:
                     add(norm, node)
                 else:

@@ -86,22 +86,30 @@ class ReshapeRule(FlattenRule):
 class AffineSpec:
     """``y = weight * (x - mean) * invstd + bias``, one parameter per channel or per feature.
 
-    Eval-mode BatchNorm (``mean``, ``invstd`` its running statistics, per channel)
+    Eval-mode BatchNorm ``bn`` (``mean``, ``invstd`` from its running statistics, read at
+    every forward pass, per channel)
     and the affine part of LayerNorm (per feature of the trailing ``shape``) or
     GroupNorm (per channel), where ``mean = invstd = None``: ``x`` is already
     normalized. ``weight``/``bias`` are the module's parameters (or None).
     ``shape`` None means per channel (dimension 1 of the input).
     """
 
-    def __init__(self, weight, bias, shape=None, mean=None, invstd=None):
-        self.weight, self.bias, self.shape = weight, bias, shape
-        self.mean, self.invstd = mean, invstd
+    def __init__(self, weight, bias, shape=None, bn=None):
+        self.weight, self.bias, self.shape, self.bn = weight, bias, shape, bn
+
+    @property
+    def mean(self):
+        return None if self.bn is None else self.bn.running_mean
+
+    @property
+    def invstd(self):
+        return None if self.bn is None else (self.bn.running_var + self.bn.eps).rsqrt()
 
     def view(self, x: Tensor) -> tuple[int, ...]:
         """The parameters' broadcast shape against ``x`` (N, *S), right-aligned."""
         if self.shape is not None:
             return tuple(self.shape)
-        c = (self.weight if self.weight is not None else self.invstd).numel()
+        c = (self.weight if self.weight is not None else self.bn.running_var).numel()
         return (c,) + (1,) * (x.dim() - 2)
 
 
@@ -118,16 +126,17 @@ class AffineRule(Parametric):
     def forward(self, m: AffineSpec, x, generator):
         view = m.view(x)
         xhat = x
-        if m.mean is not None:
-            xhat = (x - m.mean.view(view)) * m.invstd.view(view)
+        invstd = m.invstd
+        if invstd is not None:
+            xhat = (x - m.mean.view(view)) * invstd.view(view)
         y = xhat if m.weight is None else xhat * m.weight.view(view)
         if m.bias is not None:
             y = y + m.bias.view(view)
         scale = None
         if m.weight is not None:
             scale = m.weight.view(view)
-        if m.invstd is not None:
-            inv = m.invstd.view(view)
+        if invstd is not None:
+            inv = invstd.view(view)
             scale = inv if scale is None else scale * inv
         return y, (xhat, scale, view)
 
@@ -296,3 +305,85 @@ class LocalRule(LinearMap):
         n, f = lam.shape
         cols = (vec * lam.abs().sqrt().unsqueeze(1)).transpose(1, 2)  # (N, F cols, F)
         return cols.reshape(n, f, *cache[2]), torch.sign(lam)
+
+
+class LayerNormRule(LocalRule):
+    """LayerNorm's normalization ``x_hat = (x - mean) / sigma`` over all non-batch features, closed form.
+
+    With ``D`` features, ``J = (I - (1 1^T + x_hat x_hat^T) / D) / sigma`` (symmetric), so
+    ``J^T v = (v - mean(v) - x_hat mean(v x_hat)) / sigma`` and
+    ``(J o J)^T h = (h (1 - 2 (1 + x_hat^2) / D) + (S0 + 2 x_hat S1 + x_hat^2 S2) / D^2) / sigma^2``
+    with ``Sk = sum h x_hat^k``. The residual ``nabla^2 (g . x_hat)`` is
+    ``(-m I + m (1 1^T + x_hat x_hat^T) / D - (x_hat a^T + a x_hat^T) / D) / sigma^2``,
+    ``m = mean(g x_hat)``, ``a = g - mean(g) - x_hat m``. The cache is ``(x_hat, 1/sigma, shape)``.
+    """
+
+    def forward(self, m, x, generator):
+        if tuple(x.shape[1:]) != m.shape:  # leading positions: the generic per-sample rule
+            return LocalRule.forward(self, m, x, generator)
+        n = x.shape[0]
+        flat = x.reshape(n, -1)
+        mu = flat.mean(1, keepdim=True)
+        var = (flat - mu).square().mean(1, keepdim=True)
+        inv = (var + m.eps).rsqrt()
+        xhat = (flat - mu) * inv
+        return xhat.view(x.shape), (xhat, inv, x.shape[1:])
+
+    def vjp(self, m, cache, v):
+        if len(cache) == 4:  # the generic rule's cache
+            return LocalRule.vjp(self, m, cache, v)
+        xhat, inv, shape = cache
+        n = v.shape[0]
+        vf = v.reshape(n, -1)
+        out = vf - vf.mean(1, keepdim=True) - xhat * (vf * xhat).mean(1, keepdim=True)
+        return (out * inv).view(n, *shape)
+
+    def vjp_cols(self, m, cache, v):
+        if len(cache) == 4:  # the generic rule's cache
+            return LocalRule.vjp_cols(self, m, cache, v)
+        xhat, inv, shape = cache
+        n, k = v.shape[:2]
+        vf = v.reshape(n, k, -1)
+        xh = xhat.unsqueeze(1)
+        out = vf - vf.mean(2, keepdim=True) - xh * (vf * xh).mean(2, keepdim=True)
+        return (out * inv.unsqueeze(1)).view(n, k, *shape)
+
+    def vjp_sq(self, m, cache, h):
+        if len(cache) == 4:  # the generic rule's cache
+            return LocalRule.vjp_sq(self, m, cache, h)
+        xhat, inv, shape = cache
+        n = h.shape[0]
+        hf = h.reshape(n, -1)
+        d = hf.shape[1]
+        s0 = hf.sum(1, keepdim=True)
+        s1 = (hf * xhat).sum(1, keepdim=True)
+        s2 = (hf * xhat * xhat).sum(1, keepdim=True)
+        out = hf * (1 - 2 * (1 + xhat * xhat) / d) + (s0 + 2 * xhat * s1 + xhat * xhat * s2) / d**2
+        return (out * inv * inv).view(n, *shape)
+
+    def _terms(self, cache, g):
+        xhat, inv, _ = cache
+        gf = g.reshape(g.shape[0], -1)
+        mm = (gf * xhat).mean(1, keepdim=True)
+        a = gf - gf.mean(1, keepdim=True) - xhat * mm
+        return xhat, inv, mm, a
+
+    def residual(self, m, cache, g):
+        if len(cache) == 4:  # the generic rule's cache
+            return LocalRule.residual(self, m, cache, g)
+        xhat, inv, mm, a = self._terms(cache, g)
+        d = xhat.shape[1]
+        ones = torch.ones_like(xhat)
+        low = (ones.unsqueeze(2) * ones.unsqueeze(1) + xhat.unsqueeze(2) * xhat.unsqueeze(1)) / d
+        cross = (xhat.unsqueeze(2) * a.unsqueeze(1) + a.unsqueeze(2) * xhat.unsqueeze(1)) / d
+        res = mm.unsqueeze(2) * low - cross
+        res.diagonal(dim1=1, dim2=2).sub_(mm)
+        return res * (inv * inv).unsqueeze(2)
+
+    def residual_diag(self, m, cache, g):
+        if len(cache) == 4:  # the generic rule's cache
+            return LocalRule.residual_diag(self, m, cache, g)
+        xhat, inv, mm, a = self._terms(cache, g)
+        d = xhat.shape[1]
+        out = -mm + mm * (1 + xhat * xhat) / d - 2 * xhat * a / d
+        return (out * inv * inv).view(g.shape[0], *cache[2])
