@@ -339,6 +339,16 @@ def test_kfac_exact_at_batch_one_equals_ggn_exact_on_a_linear_graph(loss):
     _close(get_estimator("kfac", backward="exact")(model, loss_fn, x, y), want)
 
 
+def test_kfac_gives_norm_parameters_their_ggn_diagonal():
+    """Per-channel affine parameters have no Kronecker factors: the GGN diagonal of the same columns."""
+    model, loss_fn, x, y = _problem("conv", 3, "ce")
+    got = get_estimator("kfac", backward="exact")(model, loss_fn, x, y)
+    want = reference.ggn_diag(model, loss_fn, x, y)
+    assert got.keys() == want.keys()
+    for k in ("gn.weight", "gn.bias", "bn.weight", "bn.bias"):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
 # ------------------------------------------------------------------ refusals
 class Untraceable(nn.Module):
     def __init__(self):

@@ -33,7 +33,7 @@ from torch import Tensor
 from hessbench.estimators._base import check_output
 from hessbench.estimators._curvature import _diag_cols
 from hessbench.estimators._graph import GraphPlan, graph_forward
-from hessbench.estimators._rules_norm import LocalRule
+from hessbench.estimators._rules_norm import AffineRule, LocalRule
 
 __all__ = ["graph_diag_pass", "graph_factor_pass"]
 
@@ -285,7 +285,7 @@ def graph_factor_pass(plan: GraphPlan, problem, mode, *, with_grad: bool = False
             shape = outs[i].shape[1:]
             if gn.has_params:
                 rule, m = gn.rule, gn.module
-                if mode.kfac and hasattr(rule, "kfac_input"):
+                if mode.kfac and not isinstance(rule, AffineRule):
                     v = torch.cat([_materialize(b).v for b in blocks.values()], 1)
                     a = rule.kfac_input(m, c)
                     gdiag = rule.kfac_output(m, c, v)
