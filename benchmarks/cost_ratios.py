@@ -30,6 +30,12 @@ Problems (float32; ``exact`` with ``compute_dtype="model"``):
 - ``cnn``: ``Conv2d(3,16,3)-ReLU-MaxPool2d(2)-Conv2d(16,32,3)-Tanh-Flatten-Linear(800,10)``,
   cross-entropy, 3x16x16 inputs, batch 1, 8 and 32;
 - ``mlp``: a 784-128-64-10 tanh MLP with cross-entropy at batch 1, 32 and 128;
+- ``resnet``: ``hessbench.suite.architectures.ResNet`` (channels [8, 16], one basic
+  block per stage, eval-mode BatchNorm, ReLU), 3x16x16 inputs, cross-entropy, batch 1 and 32;
+- ``resmlp``: ``ResidualMLP`` (64 inputs, width 128, hidden 256, 2 pre-LayerNorm blocks,
+  GELU), cross-entropy, batch 1 and 32. Both are plain ``nn.Module`` s (the graph
+  engine); for them the table also gives the cost of ``exact[method=hvp]``
+  estimated as ``P`` times one timed Hessian-vector product;
 - ``costnet``: the HesScale paper's cost net ``Linear(64,512)`` + L x
   [``Linear(512,512)``, ``Tanh``] + ``Linear(512,100)``, no biases, MSE, at
   batch 1 and 64 for L = 1, 4, 16.
@@ -114,6 +120,56 @@ def cost_net_problem(layers: int, batch: int) -> Problem:
     x = torch.randn(batch, 64, generator=gen)
     y = torch.randn(batch, 100, generator=gen)
     return f"costnet L={layers} MSE batch={batch}", nn.Sequential(*mods), nn.MSELoss(), x, y
+
+
+def resnet_problem(batch: int) -> Problem:
+    from hessbench.suite.architectures import ResNet
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = ResNet((3, 16, 16), 10, channels=[8, 16], blocks=1, act=nn.ReLU, bn=True).eval()
+    x = torch.randn(batch, 3, 16, 16, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    return (
+        f"resnet [8,16] 3x16x16 relu eval-BN CE batch={batch}",
+        model,
+        nn.CrossEntropyLoss(),
+        x,
+        y,
+    )
+
+
+def resmlp_problem(batch: int) -> Problem:
+    from hessbench.suite.architectures import ResidualMLP
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = ResidualMLP(
+        (64,), 10, width=128, hidden=256, blocks=2, act=nn.GELU, norm=True, bias=True
+    )
+    x = torch.randn(batch, 64, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    return (
+        f"resmlp 64-128(256)x2 LayerNorm GELU CE batch={batch}",
+        model,
+        nn.CrossEntropyLoss(),
+        x,
+        y,
+    )
+
+
+def hvp_ratio(problem: Problem, grad, min_time: float) -> float:
+    """``P`` times one double-backprop Hessian-vector product, over one gradient."""
+    _, model, loss_fn, x, y = problem
+    params = [p for p in model.parameters() if p.requires_grad]
+    vec = [torch.randn_like(p) for p in params]
+
+    def hvp():
+        gs = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+        return torch.autograd.grad(sum((g * v).sum() for g, v in zip(gs, vec, strict=True)), params)
+
+    r = measure(hvp, grad, min_time=min_time, max_repeats=2000)
+    return r["cpu_ratio"] * sum(p.numel() for p in params)
 
 
 def _timed(fn: Callable[[], object]) -> tuple[float, float]:
@@ -207,7 +263,9 @@ def _cell(spec: Spec | None, problem: Problem, grad, grad_mem: int, args) -> lis
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (0.3 s per cell)")
-    parser.add_argument("--only", choices=["cnn", "mlp", "costnet"], help="one problem family")
+    parser.add_argument(
+        "--only", choices=["cnn", "mlp", "costnet", "resnet", "resmlp"], help="one problem family"
+    )
     parser.add_argument("--estimators", nargs="*", help="rows whose hessbench estimator is named")
     parser.add_argument("--output", type=Path, help="also write the Markdown to this file")
     args = parser.parse_args(argv)
@@ -218,6 +276,10 @@ def main(argv: list[str] | None = None) -> None:
         problems += [lambda b=b: cnn_problem(b) for b in (1, 8, 32)]
     if args.only in (None, "mlp"):
         problems += [lambda b=b: mlp_problem(b) for b in (1, 32, 128)]
+    if args.only in (None, "resnet"):
+        problems += [lambda b=b: resnet_problem(b) for b in (1, 32)]
+    if args.only in (None, "resmlp"):
+        problems += [lambda b=b: resmlp_problem(b) for b in (1, 32)]
     if args.only in (None, "costnet"):
         problems += [
             lambda la=la, b=b: cost_net_problem(la, b) for la in (1, 4, 16) for b in (1, 64)
@@ -258,6 +320,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{nparams} parameters; one gradient: {g['grad_ms']:.3f} ms CPU, "
             f"{grad_mem / 1e6:.2f} MB peak."
         )
+        if not isinstance(model, nn.Sequential):
+            emit(
+                f"Graph model: `exact[method=hvp]` would cost about "
+                f"{hvp_ratio(problem, grad, args.min_time):.0f}x a gradient ({nparams} HVPs)."
+            )
         emit()
         emit(
             "| quantity | hessbench | CPU | wall | memory | peer | CPU | wall | memory |\n"

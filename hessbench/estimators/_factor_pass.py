@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from hessbench.estimators._curvature import Curvature, Diagonal, Factored, Full
+from hessbench.estimators._graph import GraphPlan
+from hessbench.estimators._graph_pass import graph_factor_pass
 from hessbench.estimators._losses import LossSpec, LossState
 from hessbench.estimators._sequential import Plan, ordered, run_start, store
 
@@ -217,7 +219,7 @@ def _convert(rep: Curvature, kind: Kind) -> Curvature:
 
 
 def factor_pass(
-    plan: Plan,
+    plan: Plan | GraphPlan,
     problem: Problem,
     mode: Mode,
     *,
@@ -232,6 +234,8 @@ def factor_pass(
     (step index -> ``factored``/``full``) overrides the planner's choice, for
     tests and measurements; every schedule gives the same numbers to rounding.
     """
+    if isinstance(plan, GraphPlan):  # the graph engine: always factored, exact at fan-outs
+        return PassResult(*graph_factor_pass(plan, problem, mode, with_grad=with_grad))
     p = problem
     with torch.no_grad():
         out, caches, shapes, state = run_start(

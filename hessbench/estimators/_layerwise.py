@@ -54,7 +54,7 @@ class LayerwiseEstimator(Estimator):
     def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
         """Also refuse any model the layer-by-layer pass cannot run."""
         super().check_supported(model, loss_fn)
-        build_plan(model)
+        build_plan(model, graph=True)
 
 
 class DiagPassEstimator(LayerwiseEstimator):
@@ -79,7 +79,7 @@ class DiagPassEstimator(LayerwiseEstimator):
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], LossState]:
         output, residual = self._diag_options()
         return diag_pass(
-            build_plan(model),
+            build_plan(model, graph=True),
             model,
             loss,
             inputs,
@@ -125,6 +125,8 @@ class DualPathEstimator(Estimator):
 
     method: str
     uses_model_forward: ClassVar[bool] = False  # only the generic path does: guarded there
+    graph_plans: ClassVar[bool] = False
+    """Whether ``_structured`` also runs the graph engine (non-``Sequential`` models)."""
     passes_grad: ClassVar[bool] = False
     """Whether ``_structured`` and ``_generic`` take ``extras=`` and may store the gradient
     and the loss there (``extras["grad"]``, ``extras["loss"]``) for :meth:`estimate_with_grad`;
@@ -134,7 +136,7 @@ class DualPathEstimator(Estimator):
         """Also refuse models the layer-by-layer pass cannot run when it is forced."""
         super().check_supported(model, loss_fn)
         if self.method == "structured":
-            build_plan(model)
+            build_plan(model, graph=self.graph_plans)
 
     def _estimate(
         self,
@@ -176,7 +178,7 @@ class DualPathEstimator(Estimator):
         kw = {} if extras is None else {"extras": extras}
         if self.method in ("auto", "structured"):
             try:
-                plan = build_plan(model)
+                plan = build_plan(model, graph=self.graph_plans)
                 return self._structured(plan, model, loss, inputs, targets, generator, **kw)
             except UnsupportedError:
                 if self.method == "structured":

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 from hessbench.errors import UnsupportedError
 from hessbench.estimators._base import check_output
+from hessbench.estimators._graph import GraphPlan, build_graph_plan
+from hessbench.estimators._graph_pass import graph_diag_pass
 from hessbench.estimators._layers import RULES, Rule
 from hessbench.estimators._losses import LossSpec, LossState
 
@@ -67,13 +69,21 @@ def _flatten(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]]) -
             out.append((path, child))
 
 
-def build_plan(model: nn.Module) -> Plan:
+def build_plan(model: nn.Module, *, graph: bool = False) -> Plan | GraphPlan:
     """Check ``model`` against the rule table and list its steps.
+
+    With ``graph``, a model that is not an ``nn.Sequential`` is captured by
+    ``torch.fx`` into a :class:`~hessbench.estimators._graph.GraphPlan` (for the
+    engines that take one: ``diag_pass`` and ``factor_pass``); an
+    ``nn.Sequential`` always gets the sequential plan.
 
     Raises:
         UnsupportedError: naming the first unsupported layer's path and type, or
-            when the model is not an ``nn.Sequential`` or has no trainable parameter.
+            when the model is not an ``nn.Sequential`` (without ``graph``) or has
+            no trainable parameter.
     """
+    if graph and type(model) is not nn.Sequential:
+        return build_graph_plan(model)
     if type(model) is not nn.Sequential:
         raise UnsupportedError(
             f"model {type(model).__name__} is not an nn.Sequential; this estimator's "
@@ -165,7 +175,7 @@ def store(res: dict, step: Step, w: Tensor, b: Tensor | None) -> None:
 
 
 def diag_pass(
-    plan: Plan,
+    plan: Plan | GraphPlan,
     model: nn.Module,
     loss: LossSpec,
     x: Tensor,
@@ -182,6 +192,18 @@ def diag_pass(
         the parameter diagonals, the parameter gradients (empty unless
         ``with_grad``) and the loss state.
     """
+    if isinstance(plan, GraphPlan):
+        return graph_diag_pass(
+            plan,
+            model,
+            loss,
+            x,
+            targets,
+            output=output,
+            residual=residual,
+            generator=generator,
+            with_grad=with_grad,
+        )
     with torch.no_grad():
         out, caches, _, state = run_start(plan, model, loss, x, targets, generator)
         if output == "exact":

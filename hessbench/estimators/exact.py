@@ -78,6 +78,7 @@ class Exact(DualPathEstimator):
     compute_dtype: Literal["float64", "model"] = "float64"
     max_params: Count = 50_000
     passes_grad: ClassVar[bool] = True
+    graph_plans: ClassVar[bool] = True
 
     def _structured(
         self,
@@ -92,7 +93,7 @@ class Exact(DualPathEstimator):
         dtype = torch.float64 if self.compute_dtype == "float64" else None
         problem = Problem(model, loss, inputs, targets, generator).cast(dtype)
         if problem.model is not model:
-            plan = build_plan(problem.model)
+            plan = build_plan(problem.model, graph=True)
         mode = Mode(columns="exact", residual=True, representation=self.representation)
         res = factor_pass(plan, problem, mode, with_grad=extras is not None)
         params = trainable_parameters(model)

@@ -56,6 +56,7 @@ class GGNExact(DualPathEstimator):
     impl_fields: ClassVar[tuple[str, ...]] = ("method",)
     method: Literal["auto", "structured", "jacobian"] = "auto"
     passes_grad: ClassVar[bool] = True
+    graph_plans: ClassVar[bool] = True
 
     def _structured(
         self,

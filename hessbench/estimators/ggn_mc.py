@@ -53,6 +53,7 @@ class GGNMC(DualPathEstimator):
     num_samples: Count = 1
     method: Literal["auto", "structured", "jacobian"] = "auto"
     passes_grad: ClassVar[bool] = True
+    graph_plans: ClassVar[bool] = True
 
     def _structured(
         self,

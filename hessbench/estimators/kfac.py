@@ -88,4 +88,4 @@ class KFAC(LayerwiseEstimator):
     def _pass(self, model, loss, inputs, targets, generator, *, with_grad: bool) -> PassResult:
         mode = Mode(columns=self.backward, residual=False, kfac=True, num_samples=self.num_samples)
         problem = Problem(model, loss, inputs, targets, generator)
-        return factor_pass(build_plan(model), problem, mode, with_grad=with_grad)
+        return factor_pass(build_plan(model, graph=True), problem, mode, with_grad=with_grad)

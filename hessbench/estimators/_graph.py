@@ -1,0 +1,493 @@
+"""Capture of an arbitrary ``nn.Module`` as a graph plan for the one-pass engines.
+
+:func:`build_graph_plan` traces the model with ``torch.fx.symbolic_trace`` and maps
+every node to a rule:
+
+- ``call_module`` of a layer in :data:`~hessbench.estimators._layers.RULES` or
+  :data:`GRAPH_RULES` (BatchNorm1d/2d in eval mode, GELU, SiLU, AdaptiveAvgPool1d/2d);
+  LayerNorm and GroupNorm become two nodes, the normalization (a generic
+  local-derivative rule) and the per-feature affine map (its parameters);
+- ``call_function``/``call_method`` activations (``torch.relu``, ``F.gelu``,
+  ``x.tanh()`` ...) to the activation rules; ``flatten``/``view``/``reshape``
+  (keeping the batch dimension) to a reshape; ``x + y``/``torch.add``/``x - y``
+  of two tensors to an add node; ``torch.cat`` along a non-batch dimension to a
+  cat node; scalings by constants (``2 * x``, ``x + 1``, ``-x``) to a constant
+  affine rule; ``x.size(...)``/``x.shape`` to values.
+
+The plan lists the tensor nodes in topological order with the indices of their
+inputs and their parameter keys. Anything else raises a one-line
+:class:`UnsupportedError` naming the node.
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hessbench.errors import UnsupportedError
+from hessbench.estimators._layers import RULES, Rule
+from hessbench.estimators._rules_activations import (
+    ELURule,
+    LeakyReLURule,
+    LogSigmoidRule,
+    ReLURule,
+    SigmoidRule,
+    SoftplusRule,
+    TanhRule,
+)
+from hessbench.estimators._rules_norm import (
+    AdaptiveAvgPoolRule,
+    AffineRule,
+    AffineSpec,
+    GELURule,
+    LayerNormRule,
+    LocalRule,
+    LocalSpec,
+    ReshapeRule,
+    ScaleRule,
+    SiLURule,
+)
+
+__all__ = ["GRAPH_RULES", "GNode", "GraphPlan", "build_graph_plan"]
+
+GRAPH_RULES: dict[type[nn.Module], Rule] = {
+    nn.GELU: GELURule(),
+    nn.SiLU: SiLURule(),
+    nn.AdaptiveAvgPool1d: AdaptiveAvgPoolRule(1),
+    nn.AdaptiveAvgPool2d: AdaptiveAvgPoolRule(2),
+}
+"""Layers only the graph engine supports (besides BatchNorm, LayerNorm and GroupNorm)."""
+
+_AFFINE = AffineRule()
+_LOCAL = LocalRule()
+_LAYERNORM = LayerNormRule()
+
+
+class _LNSpec(LocalSpec):
+    """LayerNorm's normalization: the closed form when it spans every non-batch feature."""
+
+    def __init__(self, eps: float, shape):
+        super().__init__(lambda v: F.layer_norm(v, shape, None, None, eps), "layer_norm")
+        self.eps, self.shape = eps, tuple(shape)
+
+
+_RESHAPE = ReshapeRule()
+_SCALE = ScaleRule()
+
+# call_function / call_method activations: name -> (rule, module factory from args)
+_ACTS: dict[Any, tuple[Rule, Any]] = {
+    torch.relu: (ReLURule(), lambda a, k: nn.ReLU()),
+    F.relu: (ReLURule(), lambda a, k: nn.ReLU()),
+    "relu": (ReLURule(), lambda a, k: nn.ReLU()),
+    torch.tanh: (TanhRule(), lambda a, k: nn.Tanh()),
+    F.tanh: (TanhRule(), lambda a, k: nn.Tanh()),
+    "tanh": (TanhRule(), lambda a, k: nn.Tanh()),
+    torch.sigmoid: (SigmoidRule(), lambda a, k: nn.Sigmoid()),
+    F.sigmoid: (SigmoidRule(), lambda a, k: nn.Sigmoid()),
+    "sigmoid": (SigmoidRule(), lambda a, k: nn.Sigmoid()),
+    F.gelu: (GELURule(), lambda a, k: nn.GELU(approximate=k.get("approximate", "none"))),
+    F.silu: (SiLURule(), lambda a, k: nn.SiLU()),
+    F.elu: (ELURule(), lambda a, k: nn.ELU(a[0] if a else k.get("alpha", 1.0))),
+    F.leaky_relu: (
+        LeakyReLURule(),
+        lambda a, k: nn.LeakyReLU(a[0] if a else k.get("negative_slope", 0.01)),
+    ),
+    F.softplus: (
+        SoftplusRule(),
+        lambda a, k: nn.Softplus(k.get("beta", a[0] if a else 1.0), k.get("threshold", 20.0)),
+    ),
+    F.logsigmoid: (LogSigmoidRule(), lambda a, k: nn.LogSigmoid()),
+}
+_RESHAPES = {torch.flatten, torch.reshape, "flatten", "view", "reshape"}
+_ADDS = {
+    operator.add: 1.0,
+    torch.add: 1.0,
+    "add": 1.0,
+    operator.sub: -1.0,
+    torch.sub: -1.0,
+    "sub": -1.0,
+}
+_VALUE_METHODS = {"size", "dim"}
+
+
+@dataclass(frozen=True, slots=True)
+class GNode:
+    """One tensor node: ``kind`` is ``input``, ``rule``, ``reshape``, ``add`` or ``cat``.
+
+    ``inputs`` are indices of earlier tensor nodes; ``fx`` is the traced node
+    (reshapes resolve their arguments from it); ``coef`` the second operand's
+    sign of an add; ``dim`` a cat's dimension.
+    """
+
+    name: str
+    kind: str
+    inputs: tuple[int, ...]
+    rule: Rule | None = None
+    module: Any = None
+    weight_key: str | None = None
+    bias_key: str | None = None
+    fx: Any = None
+    coef: float = 1.0
+    dim: int = 0
+
+    @property
+    def has_params(self) -> bool:
+        return self.weight_key is not None or self.bias_key is not None
+
+
+@dataclass(frozen=True, slots=True)
+class GraphPlan:
+    """Tensor nodes in topological order, the output node, and which nodes lead to a parameter."""
+
+    nodes: tuple[GNode, ...]
+    output: int
+    keys: tuple[str, ...]
+    need: tuple[bool, ...]
+    """``need[i]``: node ``i`` has parameters or an input that leads to one."""
+    values: tuple[Any, ...]
+    """fx nodes that compute non-tensor values (``x.size(0)``), evaluated in the forward pass."""
+
+
+_PLANS: dict[int, tuple[Any, tuple, GraphPlan]] = {}
+_CACHED = 8
+"""Plans of the last few models (a plan holds their modules, so the cache is bounded)."""
+
+
+def _key(model: nn.Module) -> tuple:
+    """What a plan depends on besides the code: the modules, their training flags, the parameters."""
+    mods = tuple((id(m), m.training) for m in model.modules())
+    return mods, tuple((id(p), p.requires_grad) for p in model.parameters())
+
+
+def _trace(model: nn.Module):
+    """``symbolic_trace(model)`` as a one-line :class:`UnsupportedError` when it fails."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as exc:  # any tracing failure means "not capturable"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedError(
+            f"model {type(model).__name__} cannot be traced by torch.fx ({first[:200]})"
+        ) from None
+    return gm
+
+
+def _fail(node, what: str) -> UnsupportedError:
+    return UnsupportedError(f"node '{node.name}' ({what}) is not supported by the graph engine")
+
+
+def _keys(path: str, m: nn.Module) -> tuple[str | None, str | None]:
+    w = getattr(m, "weight", None)
+    b = getattr(m, "bias", None)
+    wk = f"{path}.weight" if isinstance(w, nn.Parameter) and w.requires_grad else None
+    bk = f"{path}.bias" if isinstance(b, nn.Parameter) and b.requires_grad else None
+    return wk, bk
+
+
+def build_graph_plan(model: nn.Module) -> GraphPlan:
+    """Trace ``model`` and map its nodes to rules (see the module docstring).
+
+    Raises:
+        UnsupportedError: one line naming the reason (untraceable model, the first
+            unsupported node, train-mode batch norm, tied parameters, parameters
+            used outside a supported layer, no trainable parameter).
+
+    Plans of the last few models are cached while the model's modules, their
+    training flags and its parameters (objects and ``requires_grad``) are
+    unchanged; batch-norm statistics are read at every forward pass.
+    """
+    key = _key(model)
+    hit = _PLANS.get(id(model))
+    if hit is not None and hit[0]() is model and hit[1] == key:
+        return hit[2]
+    plan = _build(model, _trace(model))
+    _PLANS.pop(id(model), None)
+    while len(_PLANS) >= _CACHED:
+        del _PLANS[next(iter(_PLANS))]
+    _PLANS[id(model)] = (weakref.ref(model), key, plan)
+    return plan
+
+
+def _build(model: nn.Module, gm) -> GraphPlan:
+    modules = dict(model.named_modules())
+    nodes: list[GNode] = []
+    index: dict[Any, int] = {}  # fx node -> tensor node index
+    values: list[Any] = []
+    value_set: set[Any] = set()
+    keys: list[str] = []
+    seen_params: dict[int, str] = {}
+    called: set[str] = set()
+    output = -1
+
+    def tensor_input(node, arg) -> int:
+        if isinstance(arg, torch.fx.Node) and arg in index:
+            return index[arg]
+        raise _fail(node, f"{node.op} {node.target!r} with a non-tensor input")
+
+    def add(gn: GNode, fxn) -> None:
+        index[fxn] = len(nodes)
+        nodes.append(replace(gn, fx=fxn))
+
+    for node in gm.graph.nodes:
+        op, target = node.op, node.target
+        if op == "placeholder":
+            if index:
+                raise _fail(node, "a second input")
+            add(GNode(node.name, "input", ()), node)
+            continue
+        if op == "output":
+            out = node.args[0]
+            if not isinstance(out, torch.fx.Node) or out not in index:
+                raise _fail(node, "an output that is not one tensor")
+            output = index[out]
+            continue
+        if op == "get_attr":
+            raise UnsupportedError(
+                f"node '{node.name}' reads attribute '{target}' directly; parameters and "
+                "tensors used outside a supported layer are not supported by the graph engine"
+            )
+        tensor_args = [a for a in node.all_input_nodes if a in index]
+        if not tensor_args:
+            # a value computed from shapes (x.size(0), x.shape[1]) or constants
+            if all(a in value_set for a in node.all_input_nodes) and node.all_input_nodes:
+                values.append(node)
+                value_set.add(node)
+                continue
+            raise _fail(node, f"{op} {getattr(target, '__name__', target)!r}")
+        if (op == "call_method" and target in _VALUE_METHODS) or (
+            op == "call_function" and target is getattr and node.args[1] == "shape"
+        ):
+            values.append(node)
+            value_set.add(node)
+            continue
+        if op == "call_module":
+            path = str(target)
+            m = modules[path]
+            x = (
+                tensor_input(node, node.args[0])
+                if len(node.args) == 1 and not node.kwargs
+                else None
+            )
+            if x is None:
+                raise _fail(node, f"{type(m).__name__} called with extra arguments")
+            wk, bk = _keys(path, m)
+            if (wk or bk) and path in called:
+                raise UnsupportedError(
+                    f"node '{node.name}': layer '{path}' ({type(m).__name__}) is called twice; "
+                    "tied parameters are not supported by the graph engine"
+                )
+            called.add(path)
+            t = type(m)
+            if t in (nn.BatchNorm1d, nn.BatchNorm2d):
+                if m.training or not m.track_running_stats or m.running_var is None:
+                    raise UnsupportedError(
+                        f"layer '{path}' ({t.__name__}) uses batch statistics (training mode or "
+                        "track_running_stats=False); only eval-mode batch norm is supported"
+                    )
+                spec = AffineSpec(m.weight, m.bias, None, m)
+                add(GNode(node.name, "rule", (x,), _AFFINE, spec, wk, bk), node)
+            elif t in (nn.LayerNorm, nn.GroupNorm):
+                if t is nn.LayerNorm:
+                    shape, eps = tuple(m.normalized_shape), m.eps
+                    fn = lambda v, shape=shape, eps=eps: F.layer_norm(v, shape, None, None, eps)  # noqa: E731
+                    view: tuple[int, ...] | None = shape
+                    affine = m.elementwise_affine
+                else:
+                    groups, eps = m.num_groups, m.eps
+                    fn = lambda v, groups=groups, eps=eps: F.group_norm(v, groups, None, None, eps)  # noqa: E731
+                    view = None  # per channel, set below from the input rank
+                    affine = m.affine
+                norm = GNode(node.name + ".normalize", "rule", (x,), _LOCAL, LocalSpec(fn, path))
+                if t is nn.LayerNorm:  # closed form where it normalizes every non-batch feature
+                    norm = replace(norm, rule=_LAYERNORM, module=_LNSpec(m.eps, shape))
+                if not affine:
+                    add(norm, node)
+                else:
+                    nodes.append(norm)
+                    spec = AffineSpec(m.weight, m.bias, view)
+                    add(GNode(node.name, "rule", (len(nodes) - 1,), _AFFINE, spec, wk, bk), node)
+            else:
+                rule = RULES.get(t) or GRAPH_RULES.get(t)
+                if rule is None:
+                    supported = sorted(
+                        [c.__name__ for c in (*RULES, *GRAPH_RULES)]
+                        + ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "GroupNorm"]
+                    )
+                    raise UnsupportedError(
+                        f"layer '{path}' ({t.__name__}) is not supported; supported layers: "
+                        + ", ".join(supported)
+                    )
+                rule.check(m, path)
+                if not rule.parametric:
+                    stray = [n for n, p in m.named_parameters() if p.requires_grad]
+                    if stray:
+                        raise UnsupportedError(
+                            f"layer '{path}' ({t.__name__}) has trainable parameters {stray} "
+                            "that this estimator cannot handle"
+                        )
+                    wk = bk = None
+                add(GNode(node.name, "rule", (x,), rule, m, wk, bk), node)
+            for k, p in ((wk, getattr(m, "weight", None)), (bk, getattr(m, "bias", None))):
+                if k is None:
+                    continue
+                if id(p) in seen_params:
+                    raise UnsupportedError(
+                        f"node '{node.name}': layer '{path}' shares a parameter with "
+                        f"'{seen_params[id(p)]}'; tied parameters are not supported by the graph engine"
+                    )
+                seen_params[id(p)] = k
+                keys.append(k)
+            continue
+        # call_function / call_method on tensors
+        key = target
+        fname = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+        if key in _ACTS and len(tensor_args) == 1 and node.args and node.args[0] in index:
+            rule, make = _ACTS[key]
+            rest = [a for a in node.args[1:]]
+            kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+            if any(isinstance(a, torch.fx.Node) for a in [*rest, *kwargs.values()]):
+                raise _fail(node, f"{fname} with computed arguments")
+            m = make(rest, kwargs)
+            rule.check(m, node.name)
+            add(GNode(node.name, "rule", (index[node.args[0]],), rule, m), node)
+        elif key in _RESHAPES and node.args and node.args[0] in index and len(tensor_args) == 1:
+            add(GNode(node.name, "reshape", (index[node.args[0]],), _RESHAPE, None, fx=node), node)
+        elif key in _ADDS and not node.kwargs and len(node.args) == 2:
+            a, b = node.args
+            if a in index and b in index:
+                add(GNode(node.name, "add", (index[a], index[b]), coef=_ADDS[key]), node)
+            elif isinstance(a, (int, float)) or isinstance(b, (int, float)):
+                const = a if isinstance(a, (int, float)) else b
+                x = b if isinstance(a, (int, float)) else a
+                if x not in index:
+                    raise _fail(node, fname)
+                sign = -1.0 if (_ADDS[key] < 0 and x is b) else 1.0
+                shift = float(const) * (_ADDS[key] if x is a else 1.0)
+                add(GNode(node.name, "rule", (index[x],), _SCALE, (sign, shift)), node)
+            else:
+                raise _fail(node, f"{fname} of these operands")
+        elif key in (operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div") and (
+            len(node.args) == 2 and not node.kwargs
+        ):
+            a, b = node.args
+            div = key in (operator.truediv, torch.div, "div")
+            if a in index and isinstance(b, (int, float)):
+                add(
+                    GNode(
+                        node.name, "rule", (index[a],), _SCALE, (1.0 / b if div else float(b), 0.0)
+                    ),
+                    node,
+                )
+            elif b in index and isinstance(a, (int, float)) and not div:
+                add(GNode(node.name, "rule", (index[b],), _SCALE, (float(a), 0.0)), node)
+            else:
+                raise _fail(node, f"{fname} of these operands (only scalings by constants)")
+        elif (
+            key in (operator.neg, torch.neg, "neg")
+            and len(node.args) == 1
+            and node.args[0] in index
+        ):
+            add(GNode(node.name, "rule", (index[node.args[0]],), _SCALE, (-1.0, 0.0)), node)
+        elif key is torch.cat:
+            seq = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if not isinstance(seq, (list, tuple)) or not all(a in index for a in seq):
+                raise _fail(node, "cat of non-tensor operands")
+            if not isinstance(dim, int) or dim == 0:
+                raise _fail(node, "cat along the batch dimension")
+            add(GNode(node.name, "cat", tuple(index[a] for a in seq), dim=dim), node)
+        elif key is F.adaptive_avg_pool2d or key is F.adaptive_avg_pool1d:
+            nd = 2 if key is F.adaptive_avg_pool2d else 1
+            size = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
+            pool = (nn.AdaptiveAvgPool2d if nd == 2 else nn.AdaptiveAvgPool1d)(size)
+            add(
+                GNode(node.name, "rule", (index[node.args[0]],), GRAPH_RULES[type(pool)], pool),
+                node,
+            )
+        elif key in (operator.getitem,) and all(a in value_set for a in node.all_input_nodes):
+            values.append(node)
+            value_set.add(node)
+        else:
+            raise _fail(node, f"{op} {fname!r}")
+    if output < 0:
+        raise UnsupportedError(f"model {type(model).__name__}: no output node")
+    for n, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen_params:
+            raise UnsupportedError(
+                f"parameter '{n}' is not used by a supported layer of the graph engine"
+            )
+    if not keys:
+        raise UnsupportedError("the model has no trainable parameters")
+    need: list[bool] = []
+    for gn in nodes:
+        need.append(gn.has_params or any(need[j] for j in gn.inputs))
+    order = [n for n, p in model.named_parameters() if p.requires_grad]
+    return GraphPlan(tuple(nodes), output, tuple(order), tuple(need), tuple(values))
+
+
+def graph_forward(plan: GraphPlan, x, generator):
+    """The forward pass: every tensor node's output and cache."""
+    outs: list[Any] = [None] * len(plan.nodes)
+    caches: list[Any] = [None] * len(plan.nodes)
+    by_fx = {gn.fx: i for i, gn in enumerate(plan.nodes) if gn.fx is not None}
+    env: dict[Any, Any] = {}
+
+    def value(arg):
+        if isinstance(arg, torch.fx.Node):
+            if arg in by_fx:
+                return outs[by_fx[arg]]
+            if arg not in env:
+                args = value(arg.args)
+                kwargs = {k: value(v) for k, v in arg.kwargs.items()}
+                if arg.op == "call_method":
+                    env[arg] = getattr(args[0], arg.target)(*args[1:], **kwargs)
+                else:
+                    env[arg] = arg.target(*args, **kwargs)
+            return env[arg]
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(value(a) for a in arg)
+        return arg
+
+    n = x.shape[0]
+    for i, gn in enumerate(plan.nodes):
+        if gn.kind == "input":
+            outs[i] = x
+        elif gn.kind == "rule":
+            try:
+                outs[i], caches[i] = gn.rule.forward(gn.module, outs[gn.inputs[0]], generator)
+            except UnsupportedError as exc:
+                raise UnsupportedError(f"node '{gn.name}': {exc}") from None
+        elif gn.kind == "reshape":
+            fxn = gn.fx
+            args, kwargs = value(fxn.args), {k: value(v) for k, v in fxn.kwargs.items()}
+            if fxn.op == "call_method":
+                y = getattr(args[0], fxn.target)(*args[1:], **kwargs)
+            else:
+                y = fxn.target(*args, **kwargs)
+            if y.dim() == 0 or y.shape[0] != n:
+                raise UnsupportedError(
+                    f"node '{gn.name}' ({fxn.target}) mixes samples (output shape "
+                    f"{tuple(y.shape)}); only reshapes keeping the batch dimension are supported"
+                )
+            outs[i], caches[i] = y, outs[gn.inputs[0]].shape[1:]
+        elif gn.kind == "add":
+            a, b = outs[gn.inputs[0]], outs[gn.inputs[1]]
+            if a.shape != b.shape:
+                raise UnsupportedError(
+                    f"node '{gn.name}' adds tensors of shapes {tuple(a.shape)} and "
+                    f"{tuple(b.shape)}; broadcasting is not supported"
+                )
+            outs[i] = a + b if gn.coef > 0 else a - b
+        elif gn.kind == "cat":
+            parts = [outs[j] for j in gn.inputs]
+            dim = gn.dim if gn.dim > 0 else gn.dim + parts[0].dim()
+            if dim <= 0:
+                raise UnsupportedError(f"node '{gn.name}': cat along the batch dimension")
+            outs[i] = torch.cat(parts, dim)
+            caches[i] = (dim, [p.shape[dim] for p in parts])
+    return outs, caches

@@ -1,0 +1,366 @@
+"""The one-pass engines over a graph plan (:mod:`hessbench.estimators._graph`).
+
+Both walk the tensor nodes in reverse topological order; every node
+accumulates what its consumers send back, so a node is processed once all its
+consumers are.
+
+- :func:`graph_diag_pass` (HesScale, HesScaleGN, BL89): each node receives
+  ``(g, h)``; at a fan-out the gradients are summed (exact) and so are the
+  backpropagated diagonals, ``h_x = sum_c h_x^(c)`` (the cross terms
+  ``2 sum_{c<c'} diag(J_c^T H J_c')`` are dropped). An add node passes
+  ``(g, h)`` to both inputs, a cat node splits them.
+- :func:`graph_factor_pass` (exact Hessian, exact/MC GGN, K-FAC, empirical
+  Fisher): the curvature at a node is a set of *column blocks keyed by their
+  origin*: the loss's factor is one block; every curved node's residual is its
+  own block (``f''(u) g`` of an element-wise node as *diagonal columns*
+  ``u = sqrt|d|`` with signs, a generic node's ``nabla^2 (g . f)`` as its signed
+  eigen-columns). Backpropagating columns is linear, so blocks arriving along
+  different paths are **added** when they share an origin (the same columns,
+  pushed through the sum of the path Jacobians) and concatenated otherwise:
+  the pass is exact at fan-outs. A block is *complete* at a node when no other
+  pending node holds its origin; complete blocks are merged (columns
+  concatenated, diagonal blocks summed into one diagonal ``sum s u^2``), which
+  on a chain reproduces the sequential factored pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from hessbench.estimators._base import check_output
+from hessbench.estimators._curvature import _diag_cols
+from hessbench.estimators._graph import GraphPlan, graph_forward
+from hessbench.estimators._rules_norm import AffineRule, LocalRule
+
+__all__ = ["graph_diag_pass", "graph_factor_pass"]
+
+
+def _start(plan: GraphPlan, model, loss, x, targets, generator):
+    outs, caches = graph_forward(plan, x, generator)
+    out = outs[plan.output]
+    check_output(model, out)
+    loss.check_targets(out, targets)
+    return outs, caches, loss.evaluate(out, targets)
+
+
+def _store(res: dict, gn, w, b) -> None:
+    if gn.weight_key and w is not None:
+        res[gn.weight_key] = w
+    if gn.bias_key and b is not None:
+        res[gn.bias_key] = b
+
+
+def _ordered(plan: GraphPlan, res: dict) -> dict:
+    return {k: res[k] for k in plan.keys}
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _split_cat(cache, t: Tensor | None, lead: int) -> list:
+    if t is None:
+        return [None] * len(cache[1])
+    return list(torch.split(t, cache[1], dim=cache[0] + lead))
+
+
+# --------------------------------------------------------------- diagonal pass
+def graph_diag_pass(
+    plan: GraphPlan, model, loss, x, targets, *, output, residual, generator=None, with_grad=False
+):
+    """HesScale-style diagonal backprop over a graph (see the module docstring).
+
+    Returns:
+        the parameter diagonals, the parameter gradients (empty unless
+        ``with_grad``) and the loss state.
+    """
+    with torch.no_grad():
+        outs, caches, state = _start(plan, model, loss, x, targets, generator)
+        out = outs[plan.output]
+        if output == "exact":
+            h0 = loss.hess_diag(out, state)
+        elif output == "bl89":
+            h0 = loss.target_hess_diag(out, targets, state)
+        else:
+            h0 = torch.zeros_like(out)
+        need_g = residual or with_grad
+        acc: list[list | None] = [None] * len(plan.nodes)
+        acc[plan.output] = [state.grad if need_g else None, h0]
+        diag: dict[str, Tensor] = {}
+        grads: dict[str, Tensor] = {}
+        need = plan.need
+
+        def send(j, g, h):
+            if not need[j]:
+                return
+            if acc[j] is None:
+                acc[j] = [g, h]
+            else:
+                acc[j] = [_add(acc[j][0], g), _add(acc[j][1], h)]
+
+        for i in range(len(plan.nodes) - 1, -1, -1):
+            gn = plan.nodes[i]
+            if acc[i] is None or gn.kind == "input":
+                continue
+            g, h = acc[i]
+            acc[i] = None
+            c = caches[i]
+            need_in = any(need[j] for j in gn.inputs)
+            if gn.kind == "add":
+                a, b = gn.inputs
+                send(a, g, h)
+                send(b, None if g is None else g * gn.coef, h)
+                continue
+            if gn.kind == "cat":
+                for j, gj, hj in zip(
+                    gn.inputs, _split_cat(c, g, 0), _split_cat(c, h, 0), strict=True
+                ):
+                    send(j, gj, hj)
+                continue
+            rule, m = gn.rule, gn.module
+            j = gn.inputs[0]
+            if gn.has_params:
+                hw, hb, gw, gb, h_in, g_in = rule.diag_backward(
+                    m, c, g, h, need_input=need_in, with_grad=with_grad
+                )
+                _store(diag, gn, hw, hb)
+                if with_grad:
+                    _store(grads, gn, gw, gb)
+                if need_in:
+                    send(j, g_in if need_g else None, h_in)
+                continue
+            if not need_in:
+                continue
+            if rule.elementwise:
+                g_in, h_in = rule.backward_diag(m, c, g, h, residual)
+            elif isinstance(rule, LocalRule):
+                h_in = rule.vjp_sq(m, c, h)
+                if residual:
+                    h_in = h_in + rule.residual_diag(m, c, g)
+                g_in = None if g is None else rule.vjp(m, c, g)
+            else:
+                h_in = rule.vjp_sq(m, c, h)
+                g_in = None if g is None else rule.vjp(m, c, g)
+            send(j, g_in, h_in)
+    return _ordered(plan, diag), (_ordered(plan, grads) if with_grad else grads), state
+
+
+# ----------------------------------------------------------------- factor pass
+class Block(NamedTuple):
+    """Columns of one origin at a node.
+
+    ``cols``: (N, K, *shape) with signs (N, K) or None; ``diag``: the columns ``u_i e_i`` given by ``v`` = u (N, *shape), signs (N, *shape) or None.
+    """
+
+    kind: str
+    v: Tensor
+    s: Tensor | None
+
+
+def _materialize(b: Block) -> Block:
+    """Diagonal columns as explicit columns (N, F, *shape)."""
+    if b.kind == "cols":
+        return b
+    n = b.v.shape[0]
+    f = b.v[0].numel()
+    v = torch.diag_embed(b.v.reshape(n, f)).reshape(n, f, *b.v.shape[1:])
+    return Block("cols", v, None if b.s is None else b.s.reshape(n, f))
+
+
+def _signs_or_ones(b: Block) -> Tensor:
+    if b.s is not None:
+        return b.s
+    return torch.ones(b.v.shape[:2], dtype=b.v.dtype, device=b.v.device)
+
+
+def _sum_same_origin(a: Block, b: Block) -> Block:
+    if a.kind == "diag" and b.kind == "diag":
+        return Block("diag", a.v + b.v, a.s)
+    a, b = _materialize(a), _materialize(b)
+    return Block("cols", a.v + b.v, a.s)
+
+
+def _diag_of(b: Block) -> Tensor:
+    """``s u^2`` of a diagonal block."""
+    d = b.v.square()
+    return d if b.s is None else d * b.s
+
+
+def _merge(blocks: list[Block], key) -> dict:
+    """Complete blocks merged: columns concatenated, diagonal blocks summed."""
+    out: dict[Any, Block] = {}
+    cols = [b for b in blocks if b.kind == "cols"]
+    diags = [b for b in blocks if b.kind == "diag"]
+    if len(cols) == 1:
+        out[("c", key)] = cols[0]
+    elif cols:
+        v = torch.cat([b.v for b in cols], 1)
+        s = None
+        if any(b.s is not None for b in cols):
+            s = torch.cat([_signs_or_ones(b) for b in cols], 1)
+        out[("c", key)] = Block("cols", v, s)
+    if len(diags) == 1:
+        out[("d", key)] = diags[0]
+    elif diags:
+        d = _diag_of(diags[0])
+        for b in diags[1:]:
+            d = d + _diag_of(b)
+        out[("d", key)] = Block("diag", d.abs().sqrt(), d.sign())
+    return out
+
+
+def _through(rule, m, c, b: Block, out_shape) -> Block:
+    """A block at a rule node's output, pushed to its input (``J^T`` on the columns)."""
+    if b.kind == "cols":
+        return Block("cols", rule.vjp_cols(m, c, b.v), b.s)
+    if rule.elementwise:
+        return Block("diag", b.v * rule.derivs(m, c)[0], b.s)
+    if getattr(rule, "diag_jacobian", False):
+        return Block("diag", b.v * rule.jac_diag(m, c), b.s)
+    n = b.v.shape[0]
+    cols = _diag_cols(rule, m, c, b.v, out_shape)
+    return Block("cols", cols, None if b.s is None else b.s.reshape(n, -1))
+
+
+def graph_factor_pass(plan: GraphPlan, problem, mode, *, with_grad: bool = False):
+    """Backpropagate the output Hessian's factor columns over a graph, exactly at fan-outs.
+
+    ``mode`` is the sequential pass's :class:`~hessbench.estimators._factor_pass.Mode`
+    (columns, residual, kfac, num_samples; the representation is always factored).
+
+    Returns:
+        ``(diagonals, gradients, loss state)``.
+    """
+    p = problem
+    with torch.no_grad():
+        outs, caches, state = _start(plan, p.model, p.loss, p.inputs, p.targets, p.generator)
+        out = outs[plan.output]
+        start = mode.start(p.loss, out, state, p.generator)
+        need = plan.need
+        grads_at: list[Tensor | None] = [None] * len(plan.nodes)
+        blocks_at: list[dict | None] = [None] * len(plan.nodes)
+        holders: dict[Any, int] = {"loss": 1}
+        blocks_at[plan.output] = {"loss": Block("cols", start.v, start.s)}
+        grads_at[plan.output] = state.grad
+        res: dict[str, Tensor] = {}
+        grads: dict[str, Tensor] = {}
+
+        def send(j, g, blocks: dict):
+            if not need[j]:
+                return
+            grads_at[j] = _add(grads_at[j], g)
+            if blocks_at[j] is None:
+                blocks_at[j] = {}
+            here = blocks_at[j]
+            for o, b in blocks.items():
+                if o in here:
+                    here[o] = _sum_same_origin(here[o], b)
+                else:
+                    here[o] = b
+                    holders[o] = holders.get(o, 0) + 1
+
+        for i in range(len(plan.nodes) - 1, -1, -1):
+            gn = plan.nodes[i]
+            if blocks_at[i] is None or gn.kind == "input":
+                continue
+            here, g = blocks_at[i], grads_at[i]
+            blocks_at[i] = grads_at[i] = None
+            complete, pending = [], {}
+            for o, b in here.items():
+                holders[o] -= 1
+                if holders[o] == 0:
+                    del holders[o]
+                    complete.append(b)
+                else:
+                    pending[o] = b
+            blocks = {**pending, **_merge(complete, i)}
+            c = caches[i]
+            shape = outs[i].shape[1:]
+            if gn.has_params:
+                rule, m = gn.rule, gn.module
+                if mode.kfac and not isinstance(rule, AffineRule):
+                    v = torch.cat([_materialize(b).v for b in blocks.values()], 1)
+                    a = rule.kfac_input(m, c)
+                    gdiag = rule.kfac_output(m, c, v)
+                    w = (gdiag.view(a.shape[0], -1, 1) * a.unsqueeze(1)).reshape(m.weight.shape)
+                    _store(res, gn, w, gdiag)
+                else:
+                    w = b_ = None
+                    d = None
+                    for b in blocks.values():
+                        if b.kind == "diag":
+                            d = _add(d, _diag_of(b))
+                        else:
+                            wi, bi = rule.param_diag_cols(m, c, b.v, b.s)
+                            w, b_ = _add(w, wi), _add(b_, bi)
+                    if d is not None:
+                        wi, bi = rule.param_diag(m, c, d)
+                        w, b_ = _add(w, wi), _add(b_, bi)
+                    _store(res, gn, w, b_)
+                if with_grad:
+                    _store(grads, gn, *rule.param_grad(m, c, g))
+            if not any(need[j] for j in gn.inputs):
+                continue
+            if gn.kind == "add":
+                a, b2 = gn.inputs
+                send(a, g, blocks)
+                if gn.coef > 0:
+                    send(b2, g, blocks)
+                else:
+                    send(b2, -g, {o: Block(b.kind, -b.v, b.s) for o, b in blocks.items()})
+                continue
+            if gn.kind == "cat":
+                dim = c[0]
+                parts: list[dict] = [{} for _ in gn.inputs]
+                for o, b in blocks.items():
+                    if b.kind == "diag" and o not in holders:
+                        # complete diagonal columns: one new origin per part (disjoint columns)
+                        for k, (u, s) in enumerate(
+                            zip(_split_cat(c, b.v, 0), _split_cat(c, b.s, 0), strict=True)
+                        ):
+                            parts[k][("cat", i, k, o)] = Block("diag", u, s)
+                        continue
+                    b = _materialize(b)
+                    for k, v in enumerate(_split_cat(c, b.v, 1)):
+                        parts[k][o] = Block("cols", v, b.s)
+                for j, gj, blk in zip(gn.inputs, _split_cat(c, g, 0), parts, strict=True):
+                    send(j, gj, blk)
+                del dim
+                continue
+            j = gn.inputs[0]
+            if gn.kind == "reshape":
+                n = outs[j].shape[0]
+                ins = outs[j].shape[1:]
+                new = {}
+                for o, b in blocks.items():
+                    if b.kind == "cols":
+                        new[o] = Block("cols", b.v.reshape(n, b.v.shape[1], *ins), b.s)
+                    else:
+                        s = None if b.s is None else b.s.reshape(n, *ins)
+                        new[o] = Block("diag", b.v.reshape(n, *ins), s)
+                send(j, None if g is None else g.reshape(n, *ins), new)
+                continue
+            rule, m = gn.rule, gn.module
+            new = {o: _through(rule, m, c, b, shape) for o, b in blocks.items()}
+            if rule.elementwise:
+                d1, d2 = rule.derivs(m, c)
+                if mode.residual and getattr(rule, "curved", True) and d2 is not None:
+                    r = d2 * g
+                    new[("r", i)] = Block("diag", r.abs().sqrt(), r.sign())
+                g_in = g * d1
+            elif isinstance(rule, LocalRule):
+                if mode.residual:
+                    cols, signs = rule.residual_cols(m, c, g)
+                    new[("r", i)] = Block("cols", cols, signs)
+                g_in = rule.vjp(m, c, g)
+            else:
+                g_in = rule.vjp(m, c, g)
+            send(j, g_in, new)
+    return _ordered(plan, res), (_ordered(plan, grads) if with_grad else {}), state
