@@ -256,6 +256,13 @@ class Full(Curvature):
         balanced magnitudes), ``H = (U W^T + W U^T) / 2 = (P P^T - M M^T)``,
         ``P = (U + W) / 2``, ``M = (U - W) / 2``: the columns of ``P`` with sign
         +1 and of ``M`` with sign -1.
+
+        Example:
+            >>> h = torch.randn(2, 3, 3, dtype=torch.float64)
+            >>> h = h + h.transpose(1, 2)
+            >>> f = Full(h, (3,)).to_factored()
+            >>> f.columns, torch.allclose(f.to_full().hmat, h, rtol=0, atol=1e-12)
+            (6, True)
         """
         h = self.hmat
         n, f = h.shape[:2]

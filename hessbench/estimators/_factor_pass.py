@@ -19,6 +19,7 @@ outnumber features and back to columns before a layer that widens the tensor
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
@@ -45,6 +46,11 @@ class Problem:
     targets: Tensor
     generator: torch.Generator | None = None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the pass computes in: the model's (its first parameter's)."""
+        return next(self.model.parameters()).dtype
+
     def cast(self, dtype: torch.dtype | None) -> Problem:
         """The problem in ``dtype`` (a cast copy of the model only where needed)."""
         if dtype is None:
@@ -55,8 +61,6 @@ class Problem:
         if y.is_floating_point():
             y = y.to(dtype)
         if any(p.dtype != dtype for p in model.parameters()):
-            import copy
-
             model = copy.deepcopy(model).to(dtype)
         return replace(self, model=model, inputs=x, targets=y)
 
