@@ -49,8 +49,11 @@ class Curvature(abc.ABC):
         return math.prod(self.shape)
 
     @abc.abstractmethod
-    def backprop_through(self, rule, m, cache, in_shape) -> Curvature:
-        """``J^T H J`` at the layer's input (``f' f'^T o H`` for element-wise layers)."""
+    def backprop_through(self, rule, m, cache, in_shape, d1=None) -> Curvature:
+        """``J^T H J`` at the layer's input (``f' f'^T o H`` for element-wise layers).
+
+        ``d1``: the element-wise layer's ``f'(x)``, where the caller has it already.
+        """
 
     def diagonal_through(self, rule, m, cache, in_shape) -> Diagonal:
         """``diag(J^T H J)`` only, for a layer linear in its input."""
@@ -85,11 +88,11 @@ class Diagonal(Curvature):
         self.d = d
         self.shape = tuple(d.shape[1:])
 
-    def backprop_through(self, rule, m, cache, in_shape) -> Curvature:
+    def backprop_through(self, rule, m, cache, in_shape, d1=None) -> Curvature:
         if rule.elementwise:
-            d1 = rule.derivs(m, cache)[0]
+            d1 = rule.derivs(m, cache)[0] if d1 is None else d1
             return Diagonal(self.d * d1 * d1)
-        return Factored(None, None, self.shape).add(self).backprop_through(rule, m, cache, in_shape)
+        return Factored(None, None, self.shape, self.d).backprop_through(rule, m, cache, in_shape)
 
     def diagonal_through(self, rule, m, cache, in_shape) -> Diagonal:
         return Diagonal(rule.vjp_sq(m, cache, self.d))
@@ -133,13 +136,14 @@ class Factored(Curvature):
             return self.s
         return torch.ones(self.v.shape[:2], dtype=self.v.dtype, device=self.v.device)
 
-    def backprop_through(self, rule, m, cache, in_shape) -> Curvature:
+    def backprop_through(self, rule, m, cache, in_shape, d1=None) -> Curvature:
         if rule.elementwise:
-            if self.d is None:
+            if self.d is None and d1 is None:
                 return Factored(rule.vjp_cols(m, cache, self.v), self.s, in_shape)
-            d1 = rule.derivs(m, cache)[0]
+            d1 = rule.derivs(m, cache)[0] if d1 is None else d1
             v = None if self.v is None else self.v * d1.unsqueeze(1)
-            return Factored(v, self.s, in_shape, self.d * d1 * d1)
+            d = None if self.d is None else self.d * d1 * d1
+            return Factored(v, self.s, in_shape, d)
         v, s = None, None
         if self.v is not None:
             v, s = rule.vjp_cols(m, cache, self.v), self.s
@@ -165,8 +169,8 @@ class Factored(Curvature):
         return Diagonal(diag)
 
     def param_diagonals(self, rule, m, cache):
-        if self.v is None:
-            return rule.param_diag(m, cache, self.d)
+        if self.v is None or (self.d is not None and rule.diag_suffices):
+            return rule.param_diag(m, cache, self.to_diagonal().d)  # one product, not two
         w, b = rule.param_diag_cols(m, cache, self.v, self.s)
         if self.d is not None:
             wd, bd = rule.param_diag(m, cache, self.d)
@@ -221,11 +225,11 @@ class Full(Curvature):
         self.hmat = hmat
         self.shape = tuple(shape)
 
-    def backprop_through(self, rule, m, cache, in_shape) -> Curvature:
+    def backprop_through(self, rule, m, cache, in_shape, d1=None) -> Curvature:
         hmat = self.hmat
         n, dout = hmat.shape[:2]
         if rule.elementwise:
-            f = rule.derivs(m, cache)[0].reshape(n, -1)
+            f = (rule.derivs(m, cache)[0] if d1 is None else d1).reshape(n, -1)
             return Full(hmat * f.unsqueeze(2) * f.unsqueeze(1), in_shape)
         din = math.prod(in_shape)
         left = rule.vjp_cols(m, cache, hmat.reshape(n, dout, *self.shape))  # H J, (N, dout, *in)

@@ -214,6 +214,30 @@ def choose_representations(
     return best[1]
 
 
+_SCHEDULES: dict[tuple, dict[int, Kind]] = {}
+
+
+def _planned(plan: Plan, shapes: list, out_shape, columns: int, mode: Mode, collapse: int):
+    """:func:`choose_representations`, memoised on everything it reads.
+
+    Planning a small net costs tens of microseconds, a noticeable share of the
+    pass at batch size 1; the key (layer types and shapes) is cheaper.
+    """
+    if len(mode.kinds) == 1:  # nothing to choose
+        return dict.fromkeys(range(plan.first_param, len(plan.steps)), mode.kinds[0])
+    # A stale or colliding key could only cost speed: every schedule gives the same numbers.
+    types = tuple(type(st.module) for st in plan.steps)
+    key = (mode, columns, collapse, tuple(out_shape), tuple(shapes), types)
+    kinds = _SCHEDULES.get(key)
+    if kinds is None:
+        if len(_SCHEDULES) > 256:
+            _SCHEDULES.clear()
+        kinds = _SCHEDULES[key] = choose_representations(
+            plan, shapes, out_shape, columns, mode, collapse
+        )
+    return kinds
+
+
 def _convert(rep: Curvature, kind: Kind) -> Curvature:
     if isinstance(rep, Diagonal) or (kind == "full") == isinstance(rep, Full):
         return rep
@@ -244,7 +268,7 @@ def factor_pass(
         rep: Curvature = mode.start(p.loss, out, state, p.generator)
         collapse = collapse_step(plan) if mode.may_collapse else -1
         if schedule is None:
-            kinds = choose_representations(plan, shapes, out.shape[1:], rep.columns, mode, collapse)
+            kinds = _planned(plan, shapes, out.shape[1:], rep.columns, mode, collapse)
         else:
             kinds = {i: k for i, k in schedule.items() if collapse < 0 or i >= collapse}
         need_g = mode.residual or with_grad
@@ -271,15 +295,17 @@ def factor_pass(
                     store(grads, st, *rule.param_grad(m, c, g))
             if i == plan.first_param:
                 break
+            if rule.elementwise and mode.residual and rule.curved:
+                d1, d2 = rule.derivs(m, c)
+                rep = rep.backprop_through(rule, m, c, shapes[i], d1)
+                if d2 is not None:
+                    rep = rep.add(Diagonal(d2 * g))
+                g = g * d1
+                continue
             if i == collapse:
                 rep = rep.diagonal_through(rule, m, c, shapes[i])
             else:
                 rep = rep.backprop_through(rule, m, c, shapes[i])
-            if rule.elementwise and mode.residual and rule.curved:
-                d1, d2 = rule.derivs(m, c)
-                if d2 is not None:
-                    rep = rep.add(Diagonal(d2 * g))
-                g = g * d1
-            elif need_g:
+            if need_g:
                 g = rule.vjp(m, c, g)
     return PassResult(ordered(plan, res), ordered(plan, grads) if with_grad else {}, state)
