@@ -271,7 +271,10 @@ def factor_pass(
             kinds = _planned(plan, shapes, out.shape[1:], rep.columns, mode, collapse)
         else:
             kinds = {i: k for i, k in schedule.items() if collapse < 0 or i >= collapse}
-        need_g = mode.residual or with_grad
+        # the gradient is needed down to the lowest curved activation (its f'' g), or everywhere
+        curved = [i for i, st in enumerate(plan.steps) if st.rule.elementwise and st.rule.curved]
+        g_down_to = plan.first_param if with_grad or not curved else curved[0]
+        need_g = with_grad or (mode.residual and bool(curved))
         g = state.grad
         res: dict[str, Tensor] = {}
         grads: dict[str, Tensor] = {}
@@ -306,6 +309,6 @@ def factor_pass(
                 rep = rep.diagonal_through(rule, m, c, shapes[i])
             else:
                 rep = rep.backprop_through(rule, m, c, shapes[i])
-            if need_g:
+            if need_g and i > g_down_to:
                 g = rule.vjp(m, c, g)
     return PassResult(ordered(plan, res), ordered(plan, grads) if with_grad else {}, state)
