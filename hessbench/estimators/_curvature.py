@@ -52,6 +52,8 @@ class Curvature(abc.ABC):
     def backprop_through(self, rule, m, cache, in_shape, d1=None) -> Curvature:
         """``J^T H J`` at the layer's input (``f' f'^T o H`` for element-wise layers).
 
+        Consumes ``self``: an element-wise layer may scale its tensors in place.
+
         ``d1``: the element-wise layer's ``f'(x)``, where the caller has it already.
         """
 
@@ -138,10 +140,9 @@ class Factored(Curvature):
 
     def backprop_through(self, rule, m, cache, in_shape, d1=None) -> Curvature:
         if rule.elementwise:
-            if self.d is None and d1 is None:
-                return Factored(rule.vjp_cols(m, cache, self.v), self.s, in_shape)
             d1 = rule.derivs(m, cache)[0] if d1 is None else d1
-            v = None if self.v is None else self.v * d1.unsqueeze(1)
+            # in place: the columns are consumed (one block alive, not two, at peak)
+            v = None if self.v is None else self.v.mul_(d1.unsqueeze(1))
             d = None if self.d is None else self.d * d1 * d1
             return Factored(v, self.s, in_shape, d)
         v, s = None, None

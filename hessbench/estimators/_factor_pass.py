@@ -103,11 +103,12 @@ class Mode:
         s = None
         if self.columns == "exact":
             # the exact Hessian takes signed columns (negative per-sample loss weights)
-            v = loss.sqrt_factor(out, state, signed=self.residual)
+            # contiguous: MSE's factor is an expanded identity, and columns are scaled in place
+            v = loss.sqrt_factor(out, state, signed=self.residual).contiguous()
             signs = loss.factor_signs(out) if self.residual else None
             s = None if signs is None else signs.expand(v.shape[:2]).contiguous()
         elif self.columns == "grad":
-            v = state.grad.unsqueeze(1)
+            v = state.grad.unsqueeze(1).clone()  # owned: the pass scales columns in place
         else:
             assert gen is not None
             v = loss.mc_factor(out, state, self.num_samples, gen)
