@@ -119,7 +119,7 @@ def main() -> None:
             mem = peak_memory(fn) / 2**20
             print(
                 f"  {name:22s} cpu {r['cpu_ratio']:8.2f}x  wall {r['wall_ratio']:8.2f}x  "
-                f"est {r['est_ms']:9.3f} ms  peak {mem:8.2f} MiB  (grad {r['grad_ms']:.3f} ms)",
+                f"est {r['est_ms']:9.3f} ms  peak {mem:9.3f} MiB  (grad {r['grad_ms']:.3f} ms)",
                 flush=True,
             )
 

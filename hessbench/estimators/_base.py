@@ -244,6 +244,11 @@ class Estimator(abc.ABC):
             the call).
         impl_fields: fields that choose an implementation, not the quantity;
             they are left out of :attr:`label`.
+        grad_in_pass: whether :meth:`_estimate_with_grad` takes the gradient
+            from its own pass and calls the module's ``forward`` only inside a
+            :func:`preserve_state` of its own; then, like :meth:`__call__`,
+            :meth:`estimate_with_grad` skips the state guard where neither
+            ``uses_model_forward`` nor active dropout needs it.
     """
 
     name: ClassVar[str]
@@ -251,6 +256,7 @@ class Estimator(abc.ABC):
     stochastic: ClassVar[bool] = False
     uses_model_forward: ClassVar[bool] = True
     impl_fields: ClassVar[tuple[str, ...]] = ()
+    grad_in_pass: ClassVar[bool] = False
 
     @property
     def params(self) -> dict[str, object]:
@@ -345,8 +351,10 @@ class Estimator(abc.ABC):
             ``(diag, grad, loss)``.
         """
         loss, dropout, generator = self._prepare(model, loss_fn, inputs, generator)
-        with preserve_state(model, inputs.device, generator if dropout else None):
-            return self._estimate_with_grad(model, loss, inputs, targets, generator)
+        if self.uses_model_forward or dropout or not self.grad_in_pass:
+            with preserve_state(model, inputs.device, generator if dropout else None):
+                return self._estimate_with_grad(model, loss, inputs, targets, generator)
+        return self._estimate_with_grad(model, loss, inputs, targets, generator)
 
     def _estimate_with_grad(
         self,

@@ -49,8 +49,13 @@ class Curvature(abc.ABC):
         return math.prod(self.shape)
 
     @abc.abstractmethod
-    def backprop_through(self, rule, m, cache, in_shape) -> Curvature:
-        """``J^T H J`` at the layer's input (``f' f'^T o H`` for element-wise layers)."""
+    def backprop_through(self, rule, m, cache, in_shape, d1=None) -> Curvature:
+        """``J^T H J`` at the layer's input (``f' f'^T o H`` for element-wise layers).
+
+        Consumes ``self``: an element-wise layer may scale its tensors in place.
+
+        ``d1``: the element-wise layer's ``f'(x)``, where the caller has it already.
+        """
 
     def diagonal_through(self, rule, m, cache, in_shape) -> Diagonal:
         """``diag(J^T H J)`` only, for a layer linear in its input."""
@@ -85,11 +90,11 @@ class Diagonal(Curvature):
         self.d = d
         self.shape = tuple(d.shape[1:])
 
-    def backprop_through(self, rule, m, cache, in_shape) -> Curvature:
+    def backprop_through(self, rule, m, cache, in_shape, d1=None) -> Curvature:
         if rule.elementwise:
-            d1 = rule.derivs(m, cache)[0]
+            d1 = rule.derivs(m, cache)[0] if d1 is None else d1
             return Diagonal(self.d * d1 * d1)
-        return Factored(None, None, self.shape).add(self).backprop_through(rule, m, cache, in_shape)
+        return Factored(None, None, self.shape, self.d).backprop_through(rule, m, cache, in_shape)
 
     def diagonal_through(self, rule, m, cache, in_shape) -> Diagonal:
         return Diagonal(rule.vjp_sq(m, cache, self.d))
@@ -133,13 +138,13 @@ class Factored(Curvature):
             return self.s
         return torch.ones(self.v.shape[:2], dtype=self.v.dtype, device=self.v.device)
 
-    def backprop_through(self, rule, m, cache, in_shape) -> Curvature:
+    def backprop_through(self, rule, m, cache, in_shape, d1=None) -> Curvature:
         if rule.elementwise:
-            if self.d is None:
-                return Factored(rule.vjp_cols(m, cache, self.v), self.s, in_shape)
-            d1 = rule.derivs(m, cache)[0]
-            v = None if self.v is None else self.v * d1.unsqueeze(1)
-            return Factored(v, self.s, in_shape, self.d * d1 * d1)
+            d1 = rule.derivs(m, cache)[0] if d1 is None else d1
+            # in place: the columns are consumed (one block alive, not two, at peak)
+            v = None if self.v is None else self.v.mul_(d1.unsqueeze(1))
+            d = None if self.d is None else self.d * d1 * d1
+            return Factored(v, self.s, in_shape, d)
         v, s = None, None
         if self.v is not None:
             v, s = rule.vjp_cols(m, cache, self.v), self.s
@@ -165,8 +170,8 @@ class Factored(Curvature):
         return Diagonal(diag)
 
     def param_diagonals(self, rule, m, cache):
-        if self.v is None:
-            return rule.param_diag(m, cache, self.d)
+        if self.v is None or (self.d is not None and rule.diag_suffices):
+            return rule.param_diag(m, cache, self.to_diagonal().d)  # one product, not two
         w, b = rule.param_diag_cols(m, cache, self.v, self.s)
         if self.d is not None:
             wd, bd = rule.param_diag(m, cache, self.d)
@@ -221,11 +226,11 @@ class Full(Curvature):
         self.hmat = hmat
         self.shape = tuple(shape)
 
-    def backprop_through(self, rule, m, cache, in_shape) -> Curvature:
+    def backprop_through(self, rule, m, cache, in_shape, d1=None) -> Curvature:
         hmat = self.hmat
         n, dout = hmat.shape[:2]
         if rule.elementwise:
-            f = rule.derivs(m, cache)[0].reshape(n, -1)
+            f = (rule.derivs(m, cache)[0] if d1 is None else d1).reshape(n, -1)
             return Full(hmat * f.unsqueeze(2) * f.unsqueeze(1), in_shape)
         din = math.prod(in_shape)
         left = rule.vjp_cols(m, cache, hmat.reshape(n, dout, *self.shape))  # H J, (N, dout, *in)
@@ -256,6 +261,13 @@ class Full(Curvature):
         balanced magnitudes), ``H = (U W^T + W U^T) / 2 = (P P^T - M M^T)``,
         ``P = (U + W) / 2``, ``M = (U - W) / 2``: the columns of ``P`` with sign
         +1 and of ``M`` with sign -1.
+
+        Example:
+            >>> h = torch.randn(2, 3, 3, dtype=torch.float64)
+            >>> h = h + h.transpose(1, 2)
+            >>> f = Full(h, (3,)).to_factored()
+            >>> f.columns, torch.allclose(f.to_full().hmat, h, rtol=0, atol=1e-12)
+            (6, True)
         """
         h = self.hmat
         n, f = h.shape[:2]

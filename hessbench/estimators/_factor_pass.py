@@ -19,6 +19,7 @@ outnumber features and back to columns before a layer that widens the tensor
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
@@ -47,6 +48,11 @@ class Problem:
     targets: Tensor
     generator: torch.Generator | None = None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the pass computes in: the model's (its first parameter's)."""
+        return next(self.model.parameters()).dtype
+
     def cast(self, dtype: torch.dtype | None) -> Problem:
         """The problem in ``dtype`` (a cast copy of the model only where needed)."""
         if dtype is None:
@@ -57,8 +63,6 @@ class Problem:
         if y.is_floating_point():
             y = y.to(dtype)
         if any(p.dtype != dtype for p in model.parameters()):
-            import copy
-
             model = copy.deepcopy(model).to(dtype)
         return replace(self, model=model, inputs=x, targets=y)
 
@@ -101,11 +105,12 @@ class Mode:
         s = None
         if self.columns == "exact":
             # the exact Hessian takes signed columns (negative per-sample loss weights)
-            v = loss.sqrt_factor(out, state, signed=self.residual)
+            # contiguous: MSE's factor is an expanded identity, and columns are scaled in place
+            v = loss.sqrt_factor(out, state, signed=self.residual).contiguous()
             signs = loss.factor_signs(out) if self.residual else None
             s = None if signs is None else signs.expand(v.shape[:2]).contiguous()
         elif self.columns == "grad":
-            v = state.grad.unsqueeze(1)
+            v = state.grad.unsqueeze(1).clone()  # owned: the pass scales columns in place
         else:
             assert gen is not None
             v = loss.mc_factor(out, state, self.num_samples, gen)
@@ -212,6 +217,30 @@ def choose_representations(
     return best[1]
 
 
+_SCHEDULES: dict[tuple, dict[int, Kind]] = {}
+
+
+def _planned(plan: Plan, shapes: list, out_shape, columns: int, mode: Mode, collapse: int):
+    """:func:`choose_representations`, memoised on everything it reads.
+
+    Planning a small net costs tens of microseconds, a noticeable share of the
+    pass at batch size 1; the key (layer types and shapes) is cheaper.
+    """
+    if len(mode.kinds) == 1:  # nothing to choose
+        return dict.fromkeys(range(plan.first_param, len(plan.steps)), mode.kinds[0])
+    # A stale or colliding key could only cost speed: every schedule gives the same numbers.
+    types = tuple(type(st.module) for st in plan.steps)
+    key = (mode, columns, collapse, tuple(out_shape), tuple(shapes), types)
+    kinds = _SCHEDULES.get(key)
+    if kinds is None:
+        if len(_SCHEDULES) > 256:
+            _SCHEDULES.clear()
+        kinds = _SCHEDULES[key] = choose_representations(
+            plan, shapes, out_shape, columns, mode, collapse
+        )
+    return kinds
+
+
 def _convert(rep: Curvature, kind: Kind) -> Curvature:
     if isinstance(rep, Diagonal) or (kind == "full") == isinstance(rep, Full):
         return rep
@@ -244,10 +273,13 @@ def factor_pass(
         rep: Curvature = mode.start(p.loss, out, state, p.generator)
         collapse = collapse_step(plan) if mode.may_collapse else -1
         if schedule is None:
-            kinds = choose_representations(plan, shapes, out.shape[1:], rep.columns, mode, collapse)
+            kinds = _planned(plan, shapes, out.shape[1:], rep.columns, mode, collapse)
         else:
             kinds = {i: k for i, k in schedule.items() if collapse < 0 or i >= collapse}
-        need_g = mode.residual or with_grad
+        # the gradient is needed down to the lowest curved activation (its f'' g), or everywhere
+        curved = [i for i, st in enumerate(plan.steps) if st.rule.elementwise and st.rule.curved]
+        g_down_to = plan.first_param if with_grad or not curved else curved[0]
+        need_g = with_grad or (mode.residual and bool(curved))
         g = state.grad
         res: dict[str, Tensor] = {}
         grads: dict[str, Tensor] = {}
@@ -271,15 +303,17 @@ def factor_pass(
                     store(grads, st, *rule.param_grad(m, c, g))
             if i == plan.first_param:
                 break
+            if rule.elementwise and mode.residual and rule.curved:
+                d1, d2 = rule.derivs(m, c)
+                rep = rep.backprop_through(rule, m, c, shapes[i], d1)
+                if d2 is not None:
+                    rep = rep.add(Diagonal(d2 * g))
+                g = g * d1
+                continue
             if i == collapse:
                 rep = rep.diagonal_through(rule, m, c, shapes[i])
             else:
                 rep = rep.backprop_through(rule, m, c, shapes[i])
-            if rule.elementwise and mode.residual and rule.curved:
-                d1, d2 = rule.derivs(m, c)
-                if d2 is not None:
-                    rep = rep.add(Diagonal(d2 * g))
-                g = g * d1
-            elif need_g:
+            if need_g and i > g_down_to:
                 g = rule.vjp(m, c, g)
     return PassResult(ordered(plan, res), ordered(plan, grads) if with_grad else {}, state)

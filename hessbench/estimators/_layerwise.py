@@ -64,6 +64,8 @@ class DiagPassEstimator(LayerwiseEstimator):
     comes out of the same pass (no extra backprop).
     """
 
+    grad_in_pass: ClassVar[bool] = True
+
     @abc.abstractmethod
     def _diag_options(self) -> tuple[Literal["exact", "bl89", "zero"], bool]:
         """``diag_pass``'s ``output`` and ``residual`` options."""
@@ -132,6 +134,11 @@ class DualPathEstimator(Estimator):
     and the loss there (``extras["grad"]``, ``extras["loss"]``) for :meth:`estimate_with_grad`;
     a path that leaves them out is followed by one autograd gradient."""
 
+    @property
+    def grad_in_pass(self) -> bool:  # type: ignore[override]
+        """Estimators passing the gradient guard their own autograd fallbacks."""
+        return self.passes_grad
+
     def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
         """Also refuse models the layer-by-layer pass cannot run when it is forced."""
         super().check_supported(model, loss_fn)
@@ -163,7 +170,8 @@ class DualPathEstimator(Estimator):
         diag = self._dispatch(model, loss, inputs, targets, generator, extras)
         if "grad" not in extras:  # this path has no gradient on the way
             set_rng_state(inputs.device, rng)  # replay the estimate's dropout masks
-            extras["grad"], extras["loss"] = loss_and_grad(model, loss, inputs, targets)
+            with preserve_state(model, inputs.device, None):
+                extras["grad"], extras["loss"] = loss_and_grad(model, loss, inputs, targets)
         return diag, extras["grad"], extras["loss"]  # type: ignore[return-value]
 
     def _dispatch(

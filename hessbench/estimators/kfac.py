@@ -57,6 +57,7 @@ class KFAC(LayerwiseEstimator):
     cost: ClassVar[str] = "~1 backprop + k columns"
     backward: Literal["mc", "exact"] = "mc"
     num_samples: Count = 1
+    grad_in_pass: ClassVar[bool] = True
 
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
