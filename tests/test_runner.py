@@ -157,11 +157,17 @@ def test_failures_are_isolated_per_cell(tmp_path):
         "RuntimeError: deliberate failure"
     )
     assert "non-finite estimate" in df[df["estimator"] == "test_nan"]["message"].iloc[0]
-    # --retry-failed runs only the failed cells again
+    # --retry-failed runs only the failed cells again (healed now, so they complete)
     res = cli(
-        "run", str(suite), "-o", str(out), "--seed", "0", "--task", "mlp", "--retry-failed", env=env
-    )
+        "run", str(suite), "-o", str(out), "--seed", "0", "--task", "mlp", "--retry-failed",
+        env={**env, "HESSBENCH_TEST_HEALED": "1"},
+    )  # fmt: skip
     assert "6 cells, 2 already done" in res.stderr, res.stderr
+    assert res.returncode == 0, res.stderr
+    assert set(load(out)["status"]) == {"ok"}
+    ids = [json.loads(line)["cell_id"] for line in (out / "cells.jsonl").read_text().splitlines()]
+    assert len(ids) == 6 + 4  # the 4 failures once more, now ok; the 2 ok cells not re-run
+    assert sorted(ids[6:]) == sorted(df.index[df["status"] != "ok"])
 
 
 def test_unsupported_cells_carry_the_reason(tmp_path):
