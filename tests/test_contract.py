@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pairwise import covering
+from pairwise import covering, uncovered
 from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
 
@@ -341,6 +341,18 @@ OUTPUT_CONTRACT_PARAMS = _covering_params(
     loss={loss: loss for loss in ("ce", "mse")},
     dtype={"f32": torch.float32, "f64": torch.float64},
 )
+
+
+def test_output_contract_params_cover_every_pair():
+    factors = {
+        "cfg": CONFIGS,
+        "arch": ["mlp", "cnn"],
+        "loss": ["ce", "mse"],
+        "dtype": [torch.float32, torch.float64],
+    }
+    rows = [dict(zip(factors, p.values, strict=True)) for p in OUTPUT_CONTRACT_PARAMS]
+    assert uncovered(rows, factors) == []
+    assert len(rows) < 2 * 2 * 2 * len(CONFIGS)
 
 
 @pytest.mark.parametrize(("cfg", "arch", "loss", "dtype"), OUTPUT_CONTRACT_PARAMS)
