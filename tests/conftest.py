@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pytest
 import reference
 import torch
+from pairwise import covering
 from torch import Tensor, nn
 
 # Every tensor here is tiny: intra-op threads only add synchronisation, and on a
@@ -306,6 +307,36 @@ def variants(
         for n in batches
         for v in [Variant(c, loss, red, n)]
     ]
+
+
+def covering_variants(
+    cases: Iterable[Case],
+    losses: Iterable[str] = LOSSES,
+    reductions: Iterable[str] = REDUCTIONS,
+    batches: Iterable[int] = BATCHES,
+    **extra: dict[str, object],
+) -> list:
+    """A pairwise covering subset of :func:`variants` x the ``extra`` factors.
+
+    Every case appears with every loss it fits, every reduction, every batch size and
+    every value of every extra factor (``name={id: value}``), and every pair of values
+    of any two factors appears in some param: the full product is only needed for
+    three-way interactions. Params are ``pytest.param(v, *extra values)``.
+    """
+    factors: dict[str, list] = {
+        "case": list(cases),
+        "loss": list(losses),
+        "reduction": list(reductions),
+        "n": list(batches),
+    }
+    factors.update({name: list(values) for name, values in extra.items()})
+    rows = covering(factors, valid=lambda r: r["loss"] in r["case"].losses)
+    out = []
+    for r in rows:
+        v = Variant(r["case"], r["loss"], r["reduction"], r["n"])
+        ids = [v.id, *(str(r[name]) for name in extra)]
+        out.append(pytest.param(v, *(extra[name][r[name]] for name in extra), id="-".join(ids)))
+    return out
 
 
 def problem(v: Variant) -> tuple[nn.Sequential, nn.Module, Tensor, Tensor]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pairwise import covering, uncovered
 from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
 
@@ -316,10 +317,45 @@ def check_output(model: nn.Module, out: dict[str, Tensor]) -> None:
 # ------------------------------------------------------- output contract
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("loss", ["ce", "mse"])
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
-@pytest.mark.parametrize("cfg", CFG_PARAMS)
+def _covering_params(**factors: dict) -> list:
+    """A pairwise covering set of the factors (``name={id: value}``), as pytest params.
+
+    Every value of every factor, and every pair of values of any two factors, appears
+    in at least one param (tests/pairwise.py); the full product is not needed for that.
+    """
+    rows = covering({name: list(values) for name, values in factors.items()})
+    return [
+        pytest.param(
+            *(factors[name][r[name]] for name in factors), id="-".join(r[name] for name in factors)
+        )
+        for r in rows
+    ]
+
+
+# Every configuration on both architectures, both losses and both dtypes; every pair
+# of those values (e.g. every configuration in float32 and float64, the CNN in float32
+# with both losses) in at least one case.
+OUTPUT_CONTRACT_PARAMS = _covering_params(
+    cfg={_cfg_id(c): c for c in CONFIGS},
+    arch={a: a for a in ("mlp", "cnn")},
+    loss={loss: loss for loss in ("ce", "mse")},
+    dtype={"f32": torch.float32, "f64": torch.float64},
+)
+
+
+def test_output_contract_params_cover_every_pair():
+    factors = {
+        "cfg": CONFIGS,
+        "arch": ["mlp", "cnn"],
+        "loss": ["ce", "mse"],
+        "dtype": [torch.float32, torch.float64],
+    }
+    rows = [dict(zip(factors, p.values, strict=True)) for p in OUTPUT_CONTRACT_PARAMS]
+    assert uncovered(rows, factors) == []
+    assert len(rows) < 2 * 2 * 2 * len(CONFIGS)
+
+
+@pytest.mark.parametrize(("cfg", "arch", "loss", "dtype"), OUTPUT_CONTRACT_PARAMS)
 def test_output_contract_and_no_side_effects(cfg, arch, loss, dtype):
     est = build(cfg)
     model, loss_fn, x, y = make_problem(arch, loss, dtype)

@@ -15,6 +15,7 @@ from conftest import (
     TOL,
     Variant,
     assert_close,
+    covering_variants,
     gen,
     is_linear_only,
     is_piecewise_linear,
@@ -28,13 +29,15 @@ from torch import nn
 from hessbench.errors import UnsupportedError
 from hessbench.estimators import get_estimator
 
-ALL = variants(CASES)
-EXACT_METHODS = [
-    pytest.param({"method": "structured", "representation": "factored"}, id="structured-factored"),
-    pytest.param({"method": "structured", "representation": "full"}, id="structured-full"),
-    pytest.param({"method": "structured", "representation": "auto"}, id="structured-auto"),
-    pytest.param({"method": "hvp"}, id="hvp"),
-]
+# Every case (and so every layer rule and layer option the cases hold) with every loss,
+# reduction, batch size and method, and every pair of those: a pairwise covering set of
+# the full product (see conftest.covering_variants).
+EXACT_METHODS = {
+    "structured-factored": {"method": "structured", "representation": "factored"},
+    "structured-full": {"method": "structured", "representation": "full"},
+    "structured-auto": {"method": "structured", "representation": "auto"},
+    "hvp": {"method": "hvp"},
+}
 
 
 # ------------------------------------------------------------ the reference itself
@@ -50,7 +53,7 @@ def test_reference_single_linear_closed_form():
         torch.testing.assert_close(h["bias"], torch.full((3,), 10.0, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("v", variants(CASES, batches=(3,)))
+@pytest.mark.parametrize("v", covering_variants(CASES, batches=(3,)))
 def test_reference_hessian_vs_ggn(v):
     """Piecewise-linear nets have Hessian == GGN; curved MLPs do not."""
     h, g = reference_diag(v, "hessian"), reference_diag(v, "ggn")
@@ -61,8 +64,7 @@ def test_reference_hessian_vs_ggn(v):
 
 
 # ------------------------------------------------------------------- exact
-@pytest.mark.parametrize("params", EXACT_METHODS)
-@pytest.mark.parametrize("v", ALL)
+@pytest.mark.parametrize(("v", "params"), covering_variants(CASES, params=EXACT_METHODS))
 def test_exact_matches_reference(v, params):
     model, loss_fn, x, y = problem(v)
     got = get_estimator("exact", **params)(model, loss_fn, x, y, generator=gen())
@@ -70,9 +72,13 @@ def test_exact_matches_reference(v, params):
     assert_close(got, reference_diag(v, "hessian"), TOL["exact"])
 
 
-@pytest.mark.parametrize("method", ["structured", "hvp", "auto"])
 @pytest.mark.parametrize(
-    "v", variants([c for c in CASES if c.name in ("mlp_tanh", "nested", "conv2d")], batches=(3,))
+    ("v", "method"),
+    covering_variants(
+        [c for c in CASES if c.name in ("mlp_tanh", "nested", "conv2d")],
+        batches=(3,),
+        method={m: m for m in ("structured", "hvp", "auto")},
+    ),
 )
 def test_exact_float32_model(v, method):
     """A float32 model gets float32 results computed in float64 (only the final rounding differs)."""
@@ -135,8 +141,9 @@ def test_train_dropout_same_mask_across_implementations(case, name, fast, slow):
 
 
 # --------------------------------------------------------------- ggn_exact, kfac
-@pytest.mark.parametrize("method", ["structured", "jacobian"])
-@pytest.mark.parametrize("v", ALL)
+@pytest.mark.parametrize(
+    ("v", "method"), covering_variants(CASES, method={m: m for m in ("structured", "jacobian")})
+)
 def test_ggn_exact_matches_reference(v, method):
     model, loss_fn, x, y = problem(v)
     got = get_estimator("ggn_exact", method=method)(model, loss_fn, x, y, generator=gen())
@@ -144,7 +151,7 @@ def test_ggn_exact_matches_reference(v, method):
 
 
 @pytest.mark.parametrize(
-    "v", variants([c for c in CASES if is_linear_only(c.model())], batches=(1,))
+    "v", covering_variants([c for c in CASES if is_linear_only(c.model())], batches=(1,))
 )
 def test_kfac_exact_backward_equals_ggn_at_batch_one(v):
     model, loss_fn, x, y = problem(v)
@@ -153,11 +160,12 @@ def test_kfac_exact_backward_equals_ggn_at_batch_one(v):
 
 
 # -------------------------------------------------------------- efisher, zero
-EFISHER_METHODS = ["structured", "vmap"]
+EFISHER_METHODS = {m: m for m in ("structured", "vmap")}
 
 
-@pytest.mark.parametrize("method", EFISHER_METHODS)
-@pytest.mark.parametrize("v", variants(CASES, batches=(1,)))
+@pytest.mark.parametrize(
+    ("v", "method"), covering_variants(CASES, batches=(1,), method=EFISHER_METHODS)
+)
 def test_efisher_is_grad_sq_over_c_at_batch_one(v, method):
     """``efisher = grad_sq / c`` at N = 1: equal for CE and sum-MSE, ``D x`` for mean-MSE."""
     model, loss_fn, x, y = problem(v)
@@ -168,8 +176,9 @@ def test_efisher_is_grad_sq_over_c_at_batch_one(v, method):
     assert_close(ef, {k: factor * t for k, t in gsq.items()}, TOL["exact"])
 
 
-@pytest.mark.parametrize("method", EFISHER_METHODS)
-@pytest.mark.parametrize("v", variants(CASES, batches=(3,)))
+@pytest.mark.parametrize(
+    ("v", "method"), covering_variants(CASES, batches=(3,), method=EFISHER_METHODS)
+)
 def test_efisher_matches_per_sample_gradients(v, method):
     model, loss_fn, x, y = problem(v)
     got = get_estimator("efisher", method=method)(model, loss_fn, x, y, generator=gen())
@@ -191,8 +200,15 @@ def test_zero_is_zero(v):
 
 
 # ------------------------------------------------------- hesscale batch structure
-@pytest.mark.parametrize("name", ["hesscale", "hesscale_gn", "bl89"])
-@pytest.mark.parametrize("v", variants(CASES, batches=(3,), reductions=("mean",)))
+@pytest.mark.parametrize(
+    ("v", "name"),
+    covering_variants(
+        CASES,
+        batches=(3,),
+        reductions=("mean",),
+        name={n: n for n in ("hesscale", "hesscale_gn", "bl89")},
+    ),
+)
 def test_layerwise_batch_is_mean_of_single_samples(v, name):
     """A mean batch is the mean of single-sample runs; a sum batch is ``1/c`` times it."""
     model, mean_fn, x, y = problem(v)

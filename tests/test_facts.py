@@ -12,12 +12,12 @@ from conftest import (
     TOL,
     Variant,
     assert_close,
+    covering_variants,
     gen,
     is_piecewise_linear,
     problem,
     reference_diag,
     relerr,
-    variants,
 )
 from torch import nn
 
@@ -57,9 +57,11 @@ def max_relerr(a: dict, b: dict) -> float:
     return max(relerr(a[k], b[k]) for k in b)
 
 
-ALL = variants(CASES)
-ALL_AND_DROPOUT = variants(CASES + DROPOUT_TRAIN_CASES)
-MSE_LINEAR_PAIRS = variants(  # cases with two Linear layers (only element-wise layers between)
+# Pairwise covering sets (conftest.covering_variants): every case with every loss it
+# fits, every reduction and every batch size, and every pair of those.
+ALL = covering_variants(CASES)
+ALL_AND_DROPOUT = covering_variants(CASES + DROPOUT_TRAIN_CASES)
+MSE_LINEAR_PAIRS = covering_variants(  # cases with two Linear layers (only element-wise between)
     [c for c in CASES if sum(isinstance(m, nn.Linear) for m in c.model().modules()) >= 2],
     losses=("mse",),
 )
@@ -74,7 +76,7 @@ def test_last_layer_is_exact(v):
     assert_close(got, reference_diag(v, "hessian"), TOL_FACTS, keys)
 
 
-@pytest.mark.parametrize("v", variants(DROPOUT_TRAIN_CASES))
+@pytest.mark.parametrize("v", covering_variants(DROPOUT_TRAIN_CASES))
 def test_last_layer_is_exact_with_train_dropout(v):
     """With a training-mode Dropout mask (same generator seed), against the exact estimator."""
     keys = last_layer_keys(v.case.model())
@@ -91,7 +93,7 @@ def test_mse_last_two_linear_layers_are_exact(v):
     assert_close(run("hesscale", v), reference_diag(v, "hessian"), TOL_FACTS, keys)
 
 
-@pytest.mark.parametrize("v", variants(ONE_HIDDEN_CASES, losses=("mse",)))
+@pytest.mark.parametrize("v", covering_variants(ONE_HIDDEN_CASES, losses=("mse",)))
 def test_one_hidden_layer_mlp_with_mse_is_exact_everywhere(v):
     assert_close(run("hesscale", v), reference_diag(v, "hessian"), TOL_FACTS)
 
@@ -118,7 +120,7 @@ def test_hesscale_gn_mse_last_two_linear_layers_equal_ggn(v):
 
 
 @pytest.mark.parametrize(
-    "v", variants([c for c in CASES if is_piecewise_linear(c.model())], batches=(1, 3))
+    "v", covering_variants([c for c in CASES if is_piecewise_linear(c.model())])
 )
 def test_hesscale_equals_gn_for_piecewise_linear_nets(v):
     """ReLU / LeakyReLU (and max pooling) have ``f'' = 0``: no residual terms."""
@@ -138,12 +140,12 @@ def test_hesscale_is_gn_plus_bl89_zero(v):
 
 
 # --------------------------------------------------------------------- BL89
-@pytest.mark.parametrize("v", variants(CASES + DROPOUT_TRAIN_CASES, losses=("mse",)))
+@pytest.mark.parametrize("v", covering_variants(CASES + DROPOUT_TRAIN_CASES, losses=("mse",)))
 def test_bl89_equals_hesscale_for_mse(v):
     assert_close(run("bl89", v, seed=2), run("hesscale", v, seed=2), TOL_FACTS)
 
 
-@pytest.mark.parametrize("v", variants(CASES, losses=("ce",)))
+@pytest.mark.parametrize("v", covering_variants(CASES, losses=("ce",)))
 def test_bl89_differs_from_hesscale_for_ce(v):
     bl = run("bl89", v)
     hs = run("hesscale", v)
@@ -152,7 +154,8 @@ def test_bl89_differs_from_hesscale_for_ce(v):
 
 
 @pytest.mark.parametrize(
-    "v", variants([c for c in CASES if isinstance(c.model()[-1], nn.Linear)], losses=("ce",))
+    "v",
+    covering_variants([c for c in CASES if isinstance(c.model()[-1], nn.Linear)], losses=("ce",)),
 )
 def test_bl89_ce_last_layer_closed_form(v):
     """``h_z = c (p_y - p_y^2) e_y``: bias = ``sum_n h_z[n]``, weight = ``sum_n h_z[n] a_n^2``."""

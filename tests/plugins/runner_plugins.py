@@ -2,6 +2,9 @@
 
 Imported by the tests (which registers them) and, through pickling, by the
 worker processes that evaluate their cells.
+
+With ``HESSBENCH_TEST_HEALED`` set, the four always-failing ones behave like the
+zero estimator instead, so that a ``--retry-failed`` re-run can complete their cells.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from hessbench.estimators._base import estimator_dataclass, register
 from hessbench.estimators.zero import Zero
 
 
+def _healed() -> bool:
+    return bool(os.environ.get("HESSBENCH_TEST_HEALED"))
+
+
 @register
 @estimator_dataclass
 class Segfault(Zero):
@@ -23,6 +30,8 @@ class Segfault(Zero):
     name: ClassVar[str] = "test_segfault"
 
     def _estimate(self, model, loss, inputs, targets, generator):
+        if _healed():
+            return super()._estimate(model, loss, inputs, targets, generator)
         os.kill(os.getpid(), signal.SIGSEGV)
         time.sleep(10)
 
@@ -35,6 +44,8 @@ class Hang(Zero):
     name: ClassVar[str] = "test_hang"
 
     def _estimate(self, model, loss, inputs, targets, generator):
+        if _healed():
+            return super()._estimate(model, loss, inputs, targets, generator)
         time.sleep(3600)
 
 
@@ -46,6 +57,8 @@ class Raises(Zero):
     name: ClassVar[str] = "test_raises"
 
     def _estimate(self, model, loss, inputs, targets, generator):
+        if _healed():
+            return super()._estimate(model, loss, inputs, targets, generator)
         raise RuntimeError("deliberate failure\nsecond line")
 
 
@@ -58,6 +71,8 @@ class NaNs(Zero):
 
     def _estimate(self, model, loss, inputs, targets, generator):
         out = super()._estimate(model, loss, inputs, targets, generator)
+        if _healed():
+            return out
         return {k: v + float("nan") for k, v in out.items()}
 
 
