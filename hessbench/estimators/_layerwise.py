@@ -50,11 +50,13 @@ class LayerwiseEstimator(Estimator):
     """
 
     uses_model_forward: ClassVar[bool] = False
+    graph_capable: ClassVar[bool] = True
+    """Whether non-``Sequential`` models run on the graph engine (peer wrappers: no)."""
 
     def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
         """Also refuse any model the layer-by-layer pass cannot run."""
         super().check_supported(model, loss_fn)
-        build_plan(model, graph=True)
+        build_plan(model, graph=self.graph_capable)
 
 
 class DiagPassEstimator(LayerwiseEstimator):

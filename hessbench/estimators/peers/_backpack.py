@@ -90,6 +90,8 @@ class BackpackEstimator(LayerwiseEstimator):
     ``Dropout`` are skipped: they compute the identity).
     """
 
+    graph_capable: ClassVar[bool] = False  # the library needs an nn.Sequential
+
     uses_model_forward: ClassVar[bool] = True
     requires: ClassVar[tuple[str, ...]] = (
         "backpack:backpack",

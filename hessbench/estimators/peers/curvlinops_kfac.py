@@ -67,6 +67,8 @@ class CurvlinopsKFAC(LayerwiseEstimator):
     Neural Network Architectures" (NeurIPS 2023) for expand/reduce.
     """
 
+    graph_capable: ClassVar[bool] = False  # the library needs an nn.Sequential
+
     name: ClassVar[str] = "curvlinops.kfac"
     cost: ClassVar[str] = "~1 backprop + k (or C) backprops (curvlinops)"
     uses_model_forward: ClassVar[bool] = True
