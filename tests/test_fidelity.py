@@ -185,3 +185,62 @@ def test_sophia_preset_keeps_the_paper_schedule():
     p = preset("sophia")
     assert p.schedule == "paper"
     assert p.grad_clip is None
+
+
+# -- item 4: the diagonal rule below average pooling ---------------------------------------------
+
+
+def _pool_net() -> nn.Module:
+    torch.manual_seed(4)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 4)
+    ).double()
+
+
+def _by_hand_pool_net(model, x, y, weight, bl89):
+    """HesScale / BL89 on conv -> AvgPool2d(2) -> flatten -> linear -> CE, batch 1, by hand."""
+    conv, lin = model[0], model[3]
+    with torch.no_grad():
+        p = torch.softmax(model(x), 1)[0]
+        h_out = p - p**2  # exact output diagonal, c = 1
+        if bl89:  # the target logit only
+            h_out = torch.where(torch.arange(4) == y[0], h_out, 0.0)
+        h_pool = ((lin.weight**2).T @ h_out).reshape(3, 2, 2)
+        # each conv output position sits in one 2x2 window: weight 1/K or 1/K^2, K = 4
+        h_conv = h_pool.repeat_interleave(2, 1).repeat_interleave(2, 2) * weight
+        a2 = x[0] ** 2  # (2, 6, 6) -> conv weight (3, 2, 3, 3)
+        hw = torch.zeros_like(conv.weight)
+        for o in range(3):
+            for c in range(2):
+                for i in range(3):
+                    for j in range(3):
+                        hw[o, c, i, j] = (h_conv[o] * a2[c, i : i + 4, j : j + 4]).sum()
+    return {"0.weight": hw, "0.bias": h_conv.sum((1, 2)), "3.bias": h_out}
+
+
+@pytest.mark.parametrize("name", ["hesscale", "hesscale_gn", "bl89"])
+@pytest.mark.parametrize(("rule", "weight"), [("consistent", 1 / 16), ("authors", 1 / 4)])
+def test_avgpool_rule_matches_the_hand_formula(name, rule, weight):
+    model = _pool_net()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 2, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.tensor([2])
+    got = get_estimator(name, avgpool=rule)(model, nn.CrossEntropyLoss(), x, y)
+    want = _by_hand_pool_net(model, x, y, weight, bl89=name == "bl89")
+    for key, w in want.items():
+        torch.testing.assert_close(got[key], w, rtol=1e-10, atol=1e-14)
+
+
+def test_avgpool_rule_is_restored_after_the_pass():
+    from hessbench.estimators._rules_maps import AVGPOOL_RULE
+
+    model = _pool_net()
+    x, y = torch.randn(1, 2, 6, 6, dtype=torch.float64), torch.tensor([0])
+    get_estimator("hesscale", avgpool="authors")(model, nn.CrossEntropyLoss(), x, y)
+    assert AVGPOOL_RULE.get() == "consistent"
+
+
+def test_avgpool_option_leaves_published_labels_alone():
+    assert get_estimator("hesscale").label == "hesscale"
+    assert get_estimator("bl89", output_curvature="zero").label == "bl89[output_curvature=zero]"
+    assert get_estimator("hesscale_gn", avgpool="authors").label == "hesscale_gn[avgpool=authors]"

@@ -244,6 +244,9 @@ class Estimator(abc.ABC):
             the call).
         impl_fields: fields that choose an implementation, not the quantity;
             they are left out of :attr:`label`.
+        quiet_defaults: fields added after results were published (options that
+            restore an author's rule); left out of :attr:`label` while at their
+            default, so earlier labels stay as they were.
     """
 
     name: ClassVar[str]
@@ -251,6 +254,7 @@ class Estimator(abc.ABC):
     stochastic: ClassVar[bool] = False
     uses_model_forward: ClassVar[bool] = True
     impl_fields: ClassVar[tuple[str, ...]] = ()
+    quiet_defaults: ClassVar[tuple[str, ...]] = ()
 
     @property
     def params(self) -> dict[str, object]:
@@ -279,7 +283,12 @@ class Estimator(abc.ABC):
     @property
     def label(self) -> str:
         """A readable, stable label such as ``hutchinson[num_samples=10]``."""
-        shown = [f"{k}={v}" for k, v in self.params.items() if k not in self.impl_fields]
+        quiet = {k: v for k, v in type(self)().params.items() if k in self.quiet_defaults}
+        shown = [
+            f"{k}={v}"
+            for k, v in self.params.items()
+            if k not in self.impl_fields and not (k in quiet and quiet[k] == v)
+        ]
         return f"{self.name}[{','.join(shown)}]" if shown else self.name
 
     def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
