@@ -7,6 +7,7 @@ tests (plain tensor code, the authors' variable names), not the authors' code.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -244,3 +245,124 @@ def test_avgpool_option_leaves_published_labels_alone():
     assert get_estimator("hesscale").label == "hesscale"
     assert get_estimator("bl89", output_curvature="zero").label == "bl89[output_curvature=zero]"
     assert get_estimator("hesscale_gn", avgpool="authors").label == "hesscale_gn[avgpool=authors]"
+
+
+# -- items 5 and 6: the papers' statistic with its interval; the per-cell table -----------------
+
+_SUITE = """
+name: fidtest
+description: A tiny task for the fidelity tests.
+defaults:
+  seeds: [0, 1, 2]
+  timeout_s: 120
+  timing: {warmup: 0, min_repeats: 1, max_repeats: 1, min_time_s: 0.001}
+tasks:
+  - name: tiny
+    model: {kind: mlp, widths: [3], activation: tanh}
+    loss: {kind: cross_entropy}
+    data: {kind: synthetic, input_shape: [2], num_classes: 3}
+    eval: {batch_size: 1, num_batches: 2}
+estimators:
+  - name: exact
+    params: {method: hvp, max_params: 5}
+  - name: hesscale
+  - name: zero
+  - name: hutchinson
+    params: {num_samples: [1, 4]}
+"""
+
+
+def _cells(rows: list[tuple[str, int, float]]):
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {
+                "task": "t",
+                "estimator": label.split("[")[0],
+                "label": label,
+                "seed": seed,
+                "status": "ok",
+                "message": None,
+                "l1": l1,
+                "rel_l1": l1,
+                "l1_over_hesscale": math.nan,
+            }
+            for label, seed, l1 in rows
+        ]
+    )
+
+
+def test_paper_ratio_is_the_ratio_of_seed_means():
+    from hessbench.report.tables import paper_ratios
+
+    hs = [1.0, 2.0, 3.0, 10.0]
+    other = [2.0, 2.0, 9.0, 10.0]
+    df = _cells(
+        [("hesscale", s, v) for s, v in enumerate(hs)]
+        + [("zero", s, v) for s, v in enumerate(other)]
+        + [("zero", 9, 100.0)]  # a seed without HesScale is left out of both means
+    )
+    est = paper_ratios(df)[("t", "zero")]
+    assert est.value == pytest.approx(23 / 16)  # not the mean (1.708) nor median (1.5) of ratios
+    assert est.n == 4
+    assert est.low <= est.value <= est.high
+    assert paper_ratios(df)[("t", "hesscale")].value == 1.0
+    # the interval is the percentile bootstrap over seeds, fixed seed: by hand
+    import numpy as np
+
+    idx = np.random.default_rng(0).integers(0, 4, size=(2000, 4))
+    e, r = np.array(other), np.array(hs)
+    stats = e[idx].mean(1) / r[idx].mean(1)
+    assert (est.low, est.high) == pytest.approx(tuple(np.percentile(stats, [2.5, 97.5])))
+
+
+def test_paired_difference_and_overlap():
+    import numpy as np
+
+    from hessbench.report.stats import mean_ci, paired_diff_ci
+
+    a = np.array([1.0, 1.1, 0.9, 1.05, 0.95])
+    d = paired_diff_ci(a + 0.5, a)  # every seed differs by exactly 0.5
+    assert d.value == pytest.approx(0.5)
+    assert (d.low, d.high) == pytest.approx((0.5, 0.5))
+    assert d.excludes(0.0)
+    assert mean_ci(a).overlaps(mean_ci(a + 0.01))
+    assert not mean_ci(a).overlaps(mean_ci(a + 10))
+
+
+@pytest.fixture(scope="module")
+def fid_run(tmp_path_factory):
+    from hessbench.run.runner import RunOptions, run_suite
+
+    tmp = tmp_path_factory.mktemp("fid")
+    (tmp / "fidtest.yaml").write_text(_SUITE)
+    run_suite(tmp / "fidtest.yaml", RunOptions(output=tmp / "run"))
+    return tmp
+
+
+def test_report_from_results_csv_equals_report_from_run(fid_run):
+    from typer.testing import CliRunner
+
+    from hessbench.cli import app
+
+    runner = CliRunner()
+    a, b, c = fid_run / "ra", fid_run / "rb", fid_run / "rc"
+    assert runner.invoke(app, ["report", str(fid_run / "run"), "-o", str(a)]).exit_code == 0
+    res = runner.invoke(app, ["report", str(a), "-o", str(b)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["report", str(a / "results.csv"), "-o", str(c)])
+    assert res.exit_code == 0, res.output
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert "results.csv" in files
+    assert "results_parts.csv" in files
+    for other in (b, c):
+        assert files == sorted(str(p.relative_to(other)) for p in other.rglob("*") if p.is_file())
+        for name in files:
+            x, y = (a / name).read_bytes(), (other / name).read_bytes()
+            if name in ("report.md", "index.html"):  # the command line names its input
+                x, y = (re.sub(rb"Made by .*?\. ", b"", v) for v in (x, y))
+            assert x == y, name
+    table = (a / "tables" / "accuracy.md").read_text()
+    assert "L1 / HesScale (paper)" in table
+    assert "same seed" in table
