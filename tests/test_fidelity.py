@@ -366,3 +366,26 @@ def test_report_from_results_csv_equals_report_from_run(fid_run):
     table = (a / "tables" / "accuracy.md").read_text()
     assert "L1 / HesScale (paper)" in table
     assert "same seed" in table
+
+
+# -- item 8: claims the data can carry ------------------------------------------------------------
+
+
+def test_compare_to_reference_words_the_verdict_by_the_interval():
+    from hessbench.report.stats import compare_to_reference
+
+    ref = {s: 1.0 + 0.01 * s for s in range(6)}
+    values = {
+        "adam": ref,
+        "fast": {s: v - 0.5 for s, v in ref.items()},  # lower loss on every seed
+        "noisy": {s: v + (0.3 if s % 2 else -0.3) for s, v in ref.items()},
+        "alone": {99: 1.0},  # no seed in common
+    }
+    out = compare_to_reference(values, "adam", higher_is_better=False)
+    assert out["adam"][2] == "reference"
+    assert out["fast"][2] == "better"
+    assert out["fast"][1].value == pytest.approx(-0.5)
+    assert out["noisy"][2] == "no difference detected"
+    assert out["alone"][1] is None
+    higher = compare_to_reference(values, "adam", higher_is_better=True)
+    assert higher["fast"][2] == "worse"

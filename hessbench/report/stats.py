@@ -79,3 +79,36 @@ def ratio_of_means_ci(errors: np.ndarray, reference: np.ndarray) -> Estimate:
 def paired_diff_ci(values: np.ndarray, reference: np.ndarray) -> Estimate:
     """``mean(values - reference)`` over seeds (paired on the same seed), with its interval."""
     return bootstrap([values, reference], lambda v, r: (v - r).mean())
+
+
+def compare_to_reference(
+    values: dict[str, dict[int, float]], reference: str | None, higher_is_better: bool
+) -> dict[str, tuple[Estimate, Estimate | None, str]]:
+    """Per label: the mean over seeds with its CI, and the paired difference to ``reference``.
+
+    ``values[label][seed]`` is one run's final metric. The difference is
+    ``label − reference`` over the seeds both have (paired on the same seed);
+    the verdict says "better"/"worse" only when its interval excludes 0, else
+    "no difference detected"; "reference" for the reference itself and "" when
+    there is none or no common seed.
+    """
+    out: dict[str, tuple[Estimate, Estimate | None, str]] = {}
+    ref = values.get(reference or "", {})
+    for label, by_seed in values.items():
+        mean = mean_ci(np.array(list(by_seed.values()), dtype=float))
+        if not ref or label == reference:
+            out[label] = (mean, None, "reference" if label == reference and ref else "")
+            continue
+        seeds = sorted(set(by_seed) & set(ref))
+        if not seeds:
+            out[label] = (mean, None, "")
+            continue
+        diff = paired_diff_ci(
+            np.array([by_seed[s] for s in seeds]), np.array([ref[s] for s in seeds])
+        )
+        if np.isnan(diff.low) or not diff.excludes(0.0):
+            verdict = "no difference detected"
+        else:
+            verdict = "better" if (diff.value > 0) == higher_is_better else "worse"
+        out[label] = (mean, diff, verdict)
+    return out
