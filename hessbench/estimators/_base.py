@@ -249,6 +249,9 @@ class Estimator(abc.ABC):
             :func:`preserve_state` of its own; then, like :meth:`__call__`,
             :meth:`estimate_with_grad` skips the state guard where neither
             ``uses_model_forward`` nor active dropout needs it.
+        quiet_defaults: fields added after results were published (options that
+            restore an author's rule); left out of :attr:`label` while at their
+            default, so earlier labels stay as they were.
     """
 
     name: ClassVar[str]
@@ -257,6 +260,7 @@ class Estimator(abc.ABC):
     uses_model_forward: ClassVar[bool] = True
     impl_fields: ClassVar[tuple[str, ...]] = ()
     grad_in_pass: ClassVar[bool] = False
+    quiet_defaults: ClassVar[tuple[str, ...]] = ()
 
     @property
     def params(self) -> dict[str, object]:
@@ -285,7 +289,12 @@ class Estimator(abc.ABC):
     @property
     def label(self) -> str:
         """A readable, stable label such as ``hutchinson[num_samples=10]``."""
-        shown = [f"{k}={v}" for k, v in self.params.items() if k not in self.impl_fields]
+        quiet = {k: v for k, v in type(self)().params.items() if k in self.quiet_defaults}
+        shown = [
+            f"{k}={v}"
+            for k, v in self.params.items()
+            if k not in self.impl_fields and not (k in quiet and quiet[k] == v)
+        ]
         return f"{self.name}[{','.join(shown)}]" if shown else self.name
 
     def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:

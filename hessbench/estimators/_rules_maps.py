@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +111,22 @@ class MaxPoolRule(LinearMap):
         return r.reshape(n, c, -1).gather(2, idx.reshape(n, c, -1)).view(idx.shape)
 
 
+# The diagonal rule below average pooling: "consistent" ((J o J)^T h, weights 1/K^2) or
+# "authors" (J^T h, weights 1/K, as the HesScale authors' code does); the HesScale-family
+# estimators' ``avgpool`` option sets it for the duration of their pass.
+AVGPOOL_RULE: contextvars.ContextVar[str] = contextvars.ContextVar("avgpool", default="consistent")
+
+
+@contextlib.contextmanager
+def avgpool_rule(rule: str) -> Iterator[None]:
+    """Use ``rule`` ("consistent" or "authors") below average pooling within the block."""
+    token = AVGPOOL_RULE.set(rule)
+    try:
+        yield
+    finally:
+        AVGPOOL_RULE.reset(token)
+
+
 class AvgPoolRule(LinearMap):
     """Average pooling: ``J`` spreads each output over its window with weight ``1/K``.
 
@@ -146,8 +165,10 @@ class AvgPoolRule(LinearMap):
         return self._backward(m, x, v, None)
 
     def vjp_sq(self, m, x, h):
-        # every window divides by K (no ceil_mode), so a divisor of K^2 gives the weights 1/K^2
-        return self._backward(m, x, h, math.prod(_tuple(m.kernel_size, self.nd)) ** 2)
+        # every window divides by K (no ceil_mode), so a divisor of K^2 gives the weights 1/K^2;
+        # the HesScale authors' code divides by K (AVGPOOL_RULE "authors")
+        k = math.prod(_tuple(m.kernel_size, self.nd))
+        return self._backward(m, x, h, k if AVGPOOL_RULE.get() == "authors" else k**2)
 
     def jvp(self, m, x, r):
         return self.pool(r, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)

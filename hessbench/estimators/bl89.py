@@ -10,6 +10,7 @@ from typing import ClassVar, Literal
 
 from hessbench.estimators._base import estimator_dataclass, register
 from hessbench.estimators._layerwise import DiagPassEstimator
+from hessbench.estimators._rules_maps import avgpool_rule
 
 __all__ = ["BL89"]
 
@@ -29,6 +30,10 @@ class BL89(DiagPassEstimator):
             ``h_z = 0`` at the output, so only the ``f'' g`` terms propagate. The
             HesScale papers' BL89 numbers came from code that effectively did
             this; use ``zero`` to reproduce them.
+        avgpool: below average pooling, ``consistent`` (default) propagates
+            ``(J o J)^T h``, weights ``1/K^2`` for a window of ``K`` inputs;
+            ``authors`` uses ``J^T h``, weights ``1/K``, as the HesScale authors'
+            code does (``hesscale/core/derivatives.py``, "should be _pow(2)").
 
     Cost: about one backprop. Supports: the layers of
     :class:`~hessbench.estimators._layerwise.LayerwiseEstimator`.
@@ -46,6 +51,12 @@ class BL89(DiagPassEstimator):
     name: ClassVar[str] = "bl89"
     cost: ClassVar[str] = "~1 backprop"
     output_curvature: Literal["elementwise", "zero"] = "elementwise"
+    quiet_defaults: ClassVar[tuple[str, ...]] = ("avgpool",)
+    avgpool: Literal["consistent", "authors"] = "consistent"
+
+    def _diag_pass(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with avgpool_rule(self.avgpool):
+            return super()._diag_pass(*args, **kwargs)
 
     def _diag_options(self) -> tuple[Literal["exact", "bl89", "zero"], bool]:
         return ("bl89" if self.output_curvature == "elementwise" else "zero"), True

@@ -11,6 +11,7 @@ from typing import ClassVar, Literal
 
 from hessbench.estimators._base import estimator_dataclass, register
 from hessbench.estimators._layerwise import DiagPassEstimator
+from hessbench.estimators._rules_maps import avgpool_rule
 
 __all__ = ["HesScale"]
 
@@ -35,6 +36,12 @@ class HesScale(DiagPassEstimator):
     Cost: about one backprop (one joint forward/backward pass, no autograd).
     Supports: the layers of :class:`~hessbench.estimators._layerwise.LayerwiseEstimator`.
 
+    Args:
+        avgpool: below average pooling, ``consistent`` (default) propagates
+            ``(J o J)^T h``, weights ``1/K^2`` for a window of ``K`` inputs;
+            ``authors`` uses ``J^T h``, weights ``1/K``, as the HesScale authors'
+            code does (``hesscale/core/derivatives.py``, "should be _pow(2)").
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -47,6 +54,12 @@ class HesScale(DiagPassEstimator):
 
     name: ClassVar[str] = "hesscale"
     cost: ClassVar[str] = "~1 backprop"
+    quiet_defaults: ClassVar[tuple[str, ...]] = ("avgpool",)
+    avgpool: Literal["consistent", "authors"] = "consistent"
+
+    def _diag_pass(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with avgpool_rule(self.avgpool):
+            return super()._diag_pass(*args, **kwargs)
 
     def _diag_options(self) -> tuple[Literal["exact", "bl89", "zero"], bool]:
         return "exact", True

@@ -269,15 +269,21 @@ class AccuracyKind:
     def report(self, run_dir: Path, output: Path | None) -> int:
         """Write the run's tables, figures, report.md and index.html."""
         from hessbench.report.page import OUTPUTS, default_output, render_report, write_files
+        from hessbench.report.results import is_results, read_results
         from hessbench.store.records import load, load_parts
 
-        meta = _read_metadata(run_dir)
-        df = add_estimator_facts(load(run_dir))
+        if is_results(run_dir):  # a report folder's results.csv in place of a run folder
+            df, parts, meta = read_results(run_dir)
+            df = add_estimator_facts(df)
+        else:
+            meta = _read_metadata(run_dir)
+            df = add_estimator_facts(load(run_dir))
+            parts = load_parts(run_dir)
         if df.empty:
             raise HessbenchError(f"{run_dir}: no finished cells to report")
         out = output if output is not None else default_output(run_dir)
         command = f"hessbench report {shlex.quote(str(run_dir))} -o {shlex.quote(str(out))}"
-        rendered = render_report(df, load_parts(run_dir), meta, command)
+        rendered = render_report(df, parts, meta, command)
         write_files(out, rendered.files, OUTPUTS)
         skipped = [f for f in rendered.figures if f.figure is None]
         for f in skipped:

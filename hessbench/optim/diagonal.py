@@ -6,6 +6,7 @@ curvature updates (every ``update_every`` steps, starting with the first):
 .. code-block:: text
 
     d, g, L  = estimator.estimate_with_grad(model, loss_fn, x, y)   # d only when updating
+    g        = g * min(1, grad_clip / (||g|| + 1e-6))  (grad_clip: total norm, torch's rule)
     g        = g + wd * theta                         (weight_decay, decoupled=False)
     m        = b1 m + (1 - b1) g
     v        = b2 v + (1 - b2) c(d),  c(d) = d^2 ("square") or |d| ("abs")
@@ -13,8 +14,15 @@ curvature updates (every ``update_every`` steps, starting with the first):
     D        = sqrt(v_hat) ("square") or v_hat ("abs")       curvature, Hessian units
     u        = lr * m_hat / (D^p + eps)                            (no clipping)
     u        = lr * clip(m_hat / max(gamma * D^p, eps), -clip, clip)   (clip set: Sophia)
-    u        = u * min(max_scale, sqrt(2 delta / sum(D * u^2)))      (step_scaling)
+    u        = u * min(max_scale, sqrt(2 delta / sum(D' * u^2)))     (step_scaling)
     theta    = theta - lr * wd * theta - u            (weight_decay, decoupled=True)
+
+``D'`` is ``D`` (``scale_bias_correction=True``, hessbench's rule) or ``D``
+computed from the raw average ``v`` without the bias correction
+(``scale_bias_correction=False``, the HesScale authors' code). With
+``schedule="paper"`` the curvature is updated on steps 1, 1 + k, 1 + 2k, ...;
+with ``schedule="script"`` (Sophia's training script) on steps k + 1, 2k + 1, ...,
+so ``D = 0`` (Sophia: pure sign steps) until the first estimate.
 
 ``p`` is ``hessian_power`` (AdaHessian's ``k``). With ``curvature="square"``,
 ``grad_sq`` and ``p = 1`` this is Adam; with ``decoupled=True`` and weight
@@ -94,6 +102,24 @@ class DiagonalOptimizer(torch.optim.Optimizer):
             proposal. ``D`` is the averaged, bias-corrected curvature in Hessian
             units (the square root of ``v_hat`` for ``"square"``). The factor of
             the last step is :attr:`last_step_scale`.
+        scale_bias_correction: ``True`` (hessbench): ``D`` in the step-scaling
+            term is bias-corrected, as in the step itself; ``False``: the raw
+            running average, as the HesScale authors' ``*Scaled`` optimizers
+            compute it (``exp_avg_sq.sqrt()`` or ``exp_avg_sq``), which makes
+            their factor ``1 / (1 - b2^k)^(1/4)`` (``"square"``) or
+            ``1 / (1 - b2^k)^(1/2)`` (``"abs"``) larger: 5.6x and 31.6x at the
+            first step with ``b2 = 0.999``.
+        schedule: when the curvature is estimated. ``"paper"`` (default):
+            steps 1, 1 + ``update_every``, ... before the step, on the step's
+            batch (Sophia's paper, Algorithm 3). ``"script"``: Sophia's official
+            training script, which estimates after step ``t`` (``t`` a multiple
+            of ``update_every``) on the next batch at the new parameters; that is
+            the estimate at steps ``update_every + 1``, ``2 update_every + 1``, ...
+            before the step on the step's batch, and ``D = 0`` before the first
+            one (a zero state; bias correction counts estimates, none is 1).
+        grad_clip: ``None``, or clip the gradient's total norm over all
+            parameters to this value before the moments, as
+            ``torch.nn.utils.clip_grad_norm_`` (Sophia's script: 1.0).
         seed: seed of the optimizer's own ``torch.Generator`` (estimator draws,
             dropout masks); ``None`` seeds it non-deterministically. The global
             RNG is never used or changed.
@@ -130,6 +156,9 @@ class DiagonalOptimizer(torch.optim.Optimizer):
         clip: float | None = None,
         gamma: float = 1.0,
         step_scaling: tuple[float, float] | None = None,
+        scale_bias_correction: bool = True,
+        schedule: Literal["paper", "script"] = "paper",
+        grad_clip: float | None = None,
         seed: int | None = None,
     ) -> None:
         _check(lr >= 0.0, f"lr must be >= 0 (got {lr!r})")
@@ -150,6 +179,10 @@ class DiagonalOptimizer(torch.optim.Optimizer):
         _check(clip is None or clip > 0.0, f"clip must be None or > 0 (got {clip!r})")
         _check(gamma > 0.0, f"gamma must be > 0 (got {gamma!r})")
         _check(clip is not None or gamma == 1.0, "gamma applies only with clip (Sophia's rule)")
+        _check(schedule in ("paper", "script"), f"schedule must be paper or script ({schedule!r})")
+        _check(
+            grad_clip is None or grad_clip > 0.0, f"grad_clip must be None or > 0 ({grad_clip!r})"
+        )
         if step_scaling is not None:
             _check(
                 len(step_scaling) == 2 and all(s > 0.0 for s in step_scaling),
@@ -169,6 +202,9 @@ class DiagonalOptimizer(torch.optim.Optimizer):
         self.bias_correction = bias_correction
         self.decoupled_weight_decay = decoupled_weight_decay
         self.step_scaling = None if step_scaling is None else tuple(map(float, step_scaling))
+        self.scale_bias_correction = scale_bias_correction
+        self.schedule = schedule
+        self.grad_clip = grad_clip
         self.last_step_scale: float = 1.0
         defaults: dict[str, Any] = {
             "lr": lr,
@@ -242,7 +278,7 @@ class DiagonalOptimizer(torch.optim.Optimizer):
         if not all_finite(inputs):
             raise InputError("the inputs contain NaN or infinity")
         t = self.steps_taken + 1
-        update_curv = (t - 1) % self.update_every == 0
+        update_curv = (t - 1) % self.update_every == 0 and (self.schedule == "paper" or t > 1)
         diag, grad, loss = self._evaluate(inputs, targets, t, update_curv)
         self._apply(t, update_curv, diag, grad)
         return float(loss)
@@ -301,6 +337,10 @@ class DiagonalOptimizer(torch.optim.Optimizer):
         square = self.curvature == "square"
         pending = []
         quad = 0.0
+        gscale = 1.0
+        if self.grad_clip is not None:  # torch.nn.utils.clip_grad_norm_'s rule
+            norm = math.sqrt(sum(float(g.double().square().sum()) for g in grad.values()))
+            gscale = min(1.0, self.grad_clip / (norm + 1e-6))
         for group, name, p in self._params():
             b1, b2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
@@ -309,7 +349,7 @@ class DiagonalOptimizer(torch.optim.Optimizer):
             m_old = st.get("exp_avg")
             v_old = st.get("exp_curv")
             k = int(st.get("curv_updates", 0))
-            g = grad[name]
+            g = grad[name] if gscale == 1.0 else grad[name] * gscale
             if wd and not self.decoupled_weight_decay:
                 g = g.add(p, alpha=wd)
             m = (1 - b1) * g if m_old is None else m_old.mul(b1).add_(g, alpha=1 - b1)
@@ -319,11 +359,10 @@ class DiagonalOptimizer(torch.optim.Optimizer):
                 c = d.square() if square else d.abs()
                 v = (1 - b2) * c if v_old is None else v_old.mul(b2).add_(c, alpha=1 - b2)
                 k += 1
-            else:
-                assert v_old is not None
-                v = v_old
+            else:  # before the first estimate (schedule="script") the curvature is zero
+                v = torch.zeros_like(p) if v_old is None else v_old
             bc1 = 1 - b1**t if self.bias_correction else 1.0
-            bc2 = 1 - b2**k if self.bias_correction else 1.0
+            bc2 = 1 - b2**k if self.bias_correction and k > 0 else 1.0
             # curvature in Hessian units, computed as torch's Adam does (sqrt(v) / sqrt(bc2))
             dcurv = v.sqrt().div_(math.sqrt(bc2)) if square else v.div(bc2)
             dpow = dcurv if power == 1.0 else dcurv.pow(power)
@@ -333,7 +372,9 @@ class DiagonalOptimizer(torch.optim.Optimizer):
                 ratio = m.div(bc1).div_(dpow.mul(gamma).clamp_(min=eps))
                 u = ratio.clamp_(-clip, clip).mul_(lr)
             if self.step_scaling is not None:
-                quad += float((dcurv * u.square()).sum())
+                # the authors' rule: the raw average, without the bias correction
+                dscale = dcurv if self.scale_bias_correction else (v.sqrt() if square else v)
+                quad += float((dscale * u.square()).sum())
             pending.append((group, p, m, v, k, u, lr * wd if self.decoupled_weight_decay else 0.0))
         scale = 1.0
         if self.step_scaling is not None:

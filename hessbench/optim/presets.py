@@ -56,6 +56,9 @@ class DiagonalPreset:
     clip: Pos | None = None
     gamma: Pos = 1.0
     step_scaling: tuple[Pos, Pos] | None = None
+    scale_bias_correction: Flag = True
+    schedule: Literal["paper", "script"] = "paper"
+    grad_clip: Pos | None = None
     seed: int | None = None
 
     def build(self, model: nn.Module, loss_fn: nn.Module, lr: float) -> DiagonalOptimizer:
@@ -108,6 +111,7 @@ class SGDPreset:
 # 1e-3 at learning rates 1e-3 to 1e-2), so the scaled presets equalled the unscaled ones;
 # 1e-4 starts to shrink steps from a learning rate of about 3e-3 on the digits networks.
 _SCALING = (1e-4, 1.0)
+_AUTHORS: dict[str, Any] = {"step_scaling": (1e-8, 1.0), "scale_bias_correction": False}
 
 PRESETS: dict[str, DiagonalPreset | AdamPreset | SGDPreset] = {
     # Yao et al., "ADAHESSIAN" (AAAI 2021): |z o Hz| with spatial averaging, squared,
@@ -136,6 +140,35 @@ PRESETS: dict[str, DiagonalPreset | AdamPreset | SGDPreset] = {
     "adahesscale_scaled": DiagonalPreset(estimator="hesscale", step_scaling=_SCALING),
     "adahesscale_gn_scaled": DiagonalPreset(estimator="hesscale_gn", step_scaling=_SCALING),
     "adahessian_scaled": DiagonalPreset(estimator="adahessian", eps=1e-4, step_scaling=_SCALING),
+    # The HesScale authors' scaled optimizers (github.com/mohmdelsayed/HesScale, branches
+    # experiments .. homayoon, core/optim/*_with_scaling.py) under their learner names with an
+    # authors_ prefix: the raw running average in the trust-region term (no bias correction),
+    # delta 1e-8 as in their RL runs (their latest class default is 1e-4), max_scale 1. Their
+    # adahesscale_scaled is the |h| (Newton-style) variant; hessbench's is their adamstyle one.
+    "authors_adahesscale_scaled": DiagonalPreset(estimator="hesscale", curvature="abs", **_AUTHORS),
+    "authors_adahesscale_adamstyle_scaled": DiagonalPreset(estimator="hesscale", **_AUTHORS),
+    "authors_adahesscalegn_scaled": DiagonalPreset(
+        estimator="hesscale_gn", curvature="abs", **_AUTHORS
+    ),
+    "authors_adahesscalegn_adamstyle_scaled": DiagonalPreset(estimator="hesscale_gn", **_AUTHORS),
+    # Their AdaHessianScaled: eps 1e-8 (weight decay 0; theirs would enter the scaled step).
+    "authors_adahessian_scaled": DiagonalPreset(estimator="adahessian", **_AUTHORS),
+    # Sophia as its official training script runs it (Liuhong99/Sophia, train_sophiag.py):
+    # the estimate after the step on the next batch (none before step k + 1: sign steps
+    # until then) and the gradient's total norm clipped to 1.
+    "sophia_script": DiagonalPreset(
+        estimator="sophia_gnb",
+        betas=(0.965, 0.99),
+        eps=1e-15,
+        weight_decay=0.1,
+        curvature="abs",
+        update_every=10,
+        bias_correction=False,
+        clip=1.0,
+        gamma=0.04,
+        schedule="script",
+        grad_clip=1.0,
+    ),
     "adam": AdamPreset(),
     "sgd": SGDPreset(),
 }

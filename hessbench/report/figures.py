@@ -39,7 +39,9 @@ from hessbench.report.plotting import (
     tasks_of,
     text_inches,
 )
+from hessbench.report.stats import Estimate
 from hessbench.report.style import figure_context, label_infos, natural_key
+from hessbench.report.tables import paper_ratios
 
 __all__ = [
     "FigureResult",
@@ -72,9 +74,19 @@ def _status_text(cells: pd.DataFrame) -> str:
 
 
 def _bar_panels(
-    df: pd.DataFrame, column: str, how: str, xlabel: str, ref: float, ref_label: str
+    df: pd.DataFrame,
+    column: str,
+    how: str,
+    xlabel: str,
+    ref: float,
+    ref_label: str,
+    estimates: dict[tuple[str, str], Estimate] | None = None,
 ) -> Figure:
-    """Per task a panel, per label a horizontal bar (``how`` over seeds) and a dot per seed."""
+    """Per task a panel, per label a horizontal bar (``how`` over seeds) and a dot per seed.
+
+    With ``estimates`` the bar is ``estimates[task, label].value`` with its interval
+    drawn as a whisker, and ``how`` names that statistic in the legend.
+    """
     infos = label_infos(df)
     labels = list(infos)
     tasks = tasks_of(df)
@@ -88,7 +100,11 @@ def _bar_panels(
             if v.empty:
                 note(ax, i, _status_text(df[(df["task"] == task) & (df["label"] == label)]))
                 continue
-            height = float(v.mean() if how == "mean" else v.median())
+            est = (estimates or {}).get((task, label))
+            if estimates is not None and est is None:
+                note(ax, i, "no value")
+                continue
+            height = est.value if est else float(v.mean() if how == "mean" else v.median())
             info = infos[label]
             (bar,) = ax.barh(
                 i,
@@ -103,6 +119,8 @@ def _bar_panels(
             bar.set_gid(label)
             bar.sticky_edges.x.clear()  # else autoscaling may clip a bar that goes left of ref
             ax.plot(v, np.full(len(v), i), "o", ms=2.5, color="black", alpha=0.7, zorder=3)
+            if est is not None and not np.isnan(est.low):
+                ax.plot([est.low, est.high], [i, i], "-", color="black", lw=1.2, zorder=4)
             if log and height <= 0:
                 note(ax, i, "= 0")
         if log:
@@ -118,9 +136,14 @@ def _bar_panels(
             Line2D([], [], color="black", linestyle="--", linewidth=0.8, label=ref_label),
             Line2D([], [], color="black", marker="o", ms=3, linestyle="none", label="a seed"),
             Patch(facecolor="#999999", label=f"bar: {how} over seeds"),
+            *(
+                [Line2D([], [], color="black", lw=1.2, label="95% bootstrap CI over seeds")]
+                if estimates is not None
+                else []
+            ),
         ],
         loc="outside lower center",
-        ncols=3,
+        ncols=4 if estimates is not None else 3,
         frameon=False,
     )
     return fig
@@ -131,16 +154,24 @@ def headline_figure(df: pd.DataFrame) -> FigureResult:
     r = FigureResult(
         "l1_over_hesscale",
         "L1 error relative to HesScale",
-        "Per task, each estimator's L1 error (sum over parameters of |estimate - exact|) "
-        "divided by HesScale's on the same task and seed: bars are the mean over seeds, "
-        "dots the seeds. Bars start at 1 (HesScale): to the left, more accurate than HesScale.",
+        "Per task, the papers' statistic: each estimator's mean L1 error over seeds (L1: sum "
+        "over parameters of |estimate - exact|) divided by HesScale's mean L1 error over the "
+        "same seeds (bars), with a 95 % percentile-bootstrap interval over seeds (whiskers); "
+        "dots: each seed's L1 divided by HesScale's on the same seed. Bars start at 1 "
+        "(HesScale): to the left, more accurate than HesScale.",
     )
     if ok_cells(df, "l1_over_hesscale").empty:
         r.skipped = "no cell has an L1 / HesScale value (no ok hesscale cell in the run)"
         return r
     with figure_context():
         r.figure = _bar_panels(
-            df, "l1_over_hesscale", "mean", "L1 error / HesScale's L1 error", 1.0, "HesScale (= 1)"
+            df,
+            "l1_over_hesscale",
+            "mean L1 / HesScale's mean L1",
+            "L1 error / HesScale's L1 error",
+            1.0,
+            "HesScale (= 1)",
+            estimates=paper_ratios(df),
         )
     return r
 

@@ -19,6 +19,7 @@ import pandas as pd
 
 from hessbench.errors import StorageError
 from hessbench.report.figures import FigureResult, figure_bytes, make_figures
+from hessbench.report.results import RESULT_FILES, results_files
 from hessbench.report.tables import Table, accuracy_table, cost_table, layer_table
 
 __all__ = [
@@ -47,6 +48,7 @@ _FIGURES = (
 OUTPUTS = (
     "report.md",
     "index.html",
+    *RESULT_FILES,
     *(f"tables/{t}.{f}" for t in _TABLES for f in TABLE_FORMATS),
     *(f"figures/{n}.{f}" for n in _FIGURES for f in FIGURE_FORMATS),
 )
@@ -277,6 +279,7 @@ def render_report(
         if f.figure is not None:
             for fmt in formats:
                 files[f"figures/{f.name}.{fmt}"] = figure_bytes(f.figure, fmt)
+    files.update(results_files(df, parts, meta))
     files["report.md"] = _markdown(df, meta, command, tables, figures).encode()
     files["index.html"] = _html(df, meta, command, tables, figures).encode()
     assert set(files) <= set(OUTPUTS), sorted(set(files) - set(OUTPUTS))

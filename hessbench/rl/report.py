@@ -39,6 +39,7 @@ from hessbench.report.page import (
     write_files,
 )
 from hessbench.report.plotting import FigureResult, grid, legend
+from hessbench.report.stats import compare_to_reference
 from hessbench.report.style import figure_context, optimizer_style
 from hessbench.report.table import Table, fmt
 from hessbench.rl.a2c import FINAL_FRACTION
@@ -108,9 +109,39 @@ def final_table(runs: pd.DataFrame) -> Table:
         "chosen",
         [best.get(o) == lr for o, lr in data[["optimizer", "lr"]].itertuples(index=False)],
     )
-    header = ["optimizer", "lr", "final return (median)", "IQR", "mean", "ok/seeds"]
+    values: dict[str, dict[int, float]] = {}
+    for label, lr in best.items():
+        g = runs[(runs["label"] == label) & (runs["lr"] == lr) & (runs["status"] == "ok")]
+        g = g.dropna(subset=["final_return"])
+        pairs = zip(g["seed"], g["final_return"], strict=True)
+        values[label] = {int(s): float(v) for s, v in pairs}
+    ref = "adam" if "adam" in values else next(iter(values), None)
+    cmp = compare_to_reference(values, ref, higher_is_better=True)
+    grids = {o: sorted(g["lr"]) for o, g in data.groupby("optimizer")}
+    extra: dict[str, list] = {
+        k: []
+        for k in (
+            "mean_ci_low",
+            "mean_ci_high",
+            "diff",
+            "diff_ci_low",
+            "diff_ci_high",
+            "vs_reference",
+        )
+    }
+    header = ["optimizer", "lr", "final return (median)", "IQR", "mean", "mean 95% CI", "ok/seeds"]
+    header += [f"Δ vs {ref} (95% CI, same seeds)" if ref else "Δ vs reference", "vs reference"]
     rows, marks = [], []
+    edge = False
     for r in data.itertuples(index=False):
+        c = cmp.get(str(r.optimizer)) if r.chosen else None
+        mean, diff, verdict = c if c else (None, None, "")
+        extra["mean_ci_low"].append(mean.low if mean else np.nan)
+        extra["mean_ci_high"].append(mean.high if mean else np.nan)
+        extra["diff"].append(diff.value if diff else np.nan)
+        extra["diff_ci_low"].append(diff.low if diff else np.nan)
+        extra["diff_ci_high"].append(diff.high if diff else np.nan)
+        extra["vs_reference"].append(verdict)
         iqr = f"{fmt(r.final_return_q25, '.1f')}–{fmt(r.final_return_q75, '.1f')}"
         lr = format_lr(r.lr) + (" *" if r.chosen else "")
         ok = f"{r.ok}/{r.seeds}" + (f" ({r.diverged} diverged)" if r.diverged else "")
@@ -121,19 +152,42 @@ def final_table(runs: pd.DataFrame) -> Table:
                 fmt(r.final_return_median, ".1f"),
                 iqr,
                 fmt(r.final_return_mean, ".1f"),
+                "" if mean is None or np.isnan(mean.low) else f"{mean.low:.1f} to {mean.high:.1f}",
                 ok,
+                ""
+                if diff is None
+                else fmt(diff.value, ".1f")
+                + ("" if np.isnan(diff.low) else f" ({diff.low:.1f} to {diff.high:.1f})"),
+                verdict,
             ]
         )
-        marks.append([()] * len(header))
+        mark = [()] * len(header)
+        grid = grids[r.optimizer]
+        if r.chosen and len(grid) > 1 and r.lr in (grid[0], grid[-1]):
+            mark[1] = (1,)
+            edge = True
+        marks.append(mark)
     caption = (
         f"Final return: a run's mean return over the last {FINAL_FRACTION:.0%} of the "
         "environment steps; median, interquartile range and mean over the seeds that "
         "ended ok. * marks the learning rate chosen per optimizer (highest mean final "
-        "return among the rates with the fewest failed seeds)."
+        "return among the rates with the fewest failed seeds). On the chosen rows: the "
+        "mean's 95 % percentile-bootstrap interval over seeds, and Δ, the final return "
+        "minus the reference's on the same seed (each at its chosen rate), averaged over "
+        "the seeds both ended ok, with its interval; vs reference says better or worse "
+        "only where that interval excludes 0, else no difference detected."
     )
-    data = data.assign(chosen=data["chosen"].map({True: "yes", False: "no"}))
+    data = data.assign(chosen=data["chosen"].map({True: "yes", False: "no"}), **extra)
+    notes = ["The chosen rate is at the edge of the grid: a wider grid may do better."]
     return Table(
-        "final", "Final return per optimizer and learning rate", caption, data, header, rows, marks
+        "final",
+        "Final return per optimizer and learning rate",
+        caption,
+        data,
+        header,
+        rows,
+        marks,
+        notes if edge else [],
     )
 
 

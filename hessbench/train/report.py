@@ -46,6 +46,7 @@ from hessbench.report.page import (
     write_files,
 )
 from hessbench.report.plotting import FigureResult, grid, legend, log_axis, needs_log
+from hessbench.report.stats import compare_to_reference
 from hessbench.report.style import figure_context, optimizer_style
 from hessbench.report.table import Table, fmt
 from hessbench.store.provenance import session_commands
@@ -162,10 +163,20 @@ def final_table(runs: pd.DataFrame, classification: bool) -> Table:
     columns += ["heldout_loss_median", "heldout_loss_q25", "heldout_loss_q75"]
     columns += ["heldout_accuracy_median"] if classification else []
     columns += ["train_loss_median", "ms_per_step_median", "train_time_s_median"]
-    df = df[columns]
+    df = df[columns].copy()
+    ref, cmp = _seed_comparison(runs, best)
+    df["heldout_loss_mean"] = [cmp[o][0].value for o in df["optimizer"]]
+    df["heldout_loss_mean_ci_low"] = [cmp[o][0].low for o in df["optimizer"]]
+    df["heldout_loss_mean_ci_high"] = [cmp[o][0].high for o in df["optimizer"]]
+    nan = math.nan
+    df["diff_to_reference"] = [cmp[o][1].value if cmp[o][1] else nan for o in df["optimizer"]]
+    df["diff_ci_low"] = [cmp[o][1].low if cmp[o][1] else nan for o in df["optimizer"]]
+    df["diff_ci_high"] = [cmp[o][1].high if cmp[o][1] else nan for o in df["optimizer"]]
+    df["vs_reference"] = [cmp[o][2] for o in df["optimizer"]]
     header = ["optimizer", "lr (grid)", "seeds ok", "held-out loss", "IQR"]
     header += ["held-out acc."] if classification else []
-    header += ["train loss", "ms / step"]
+    header += ["train loss", "ms / step", "mean loss (95% CI)"]
+    header += [f"Δ vs {ref} (95% CI, same seeds)" if ref else "Δ vs reference", "vs reference"]
     rows: list[list[str]] = []
     marks: list[list[tuple[int, ...]]] = []
     for r in df.to_dict("records"):
@@ -178,6 +189,15 @@ def final_table(runs: pd.DataFrame, classification: bool) -> Table:
         ]
         cells += [fmt(r["heldout_accuracy_median"], ".3f")] if classification else []
         cells += [fmt(r["train_loss_median"], ".3g"), fmt(r["ms_per_step_median"], ".3g")]
+        cells += [
+            _ci_text(
+                r["heldout_loss_mean"],
+                r["heldout_loss_mean_ci_low"],
+                r["heldout_loss_mean_ci_high"],
+            ),
+            _ci_text(r["diff_to_reference"], r["diff_ci_low"], r["diff_ci_high"]),
+            r["vs_reference"],
+        ]
         rows.append(cells)
         marks.append([()] * len(cells))
         grid_lrs = sorted(float(v) for v in r["lr_grid"].split())
@@ -188,13 +208,41 @@ def final_table(runs: pd.DataFrame, classification: bool) -> Table:
         "(in brackets among the grid): the rate with the fewest seeds not ending ok, then "
         "the lowest median final held-out loss. Median and inter-quartile range over the "
         "seeds that ended ok; train loss: mean minibatch loss over the last evaluation "
-        f"interval; ms / step: training {clock_name(runs)} per step (evaluation excluded)."
+        f"interval; ms / step: training {clock_name(runs)} per step (evaluation excluded). "
+        "mean loss: mean final held-out loss over the ok seeds with a 95 % percentile-"
+        "bootstrap interval over seeds; Δ: the optimizer's final held-out loss minus the "
+        "reference's on the same seed, averaged over the seeds both ended ok, with its "
+        "interval; vs reference says better or worse only where that interval excludes 0, "
+        "else no difference detected."
     )
     table = _table("final", "Final loss at the chosen learning rate", caption, df, header, rows)
     if any(m[1] for m in marks):
         table.marks = marks
         table.notes = ["The chosen rate is at the edge of the grid: a wider grid may do better."]
     return table
+
+
+def _ci_text(value: float, low: float, high: float) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    if math.isnan(low):
+        return fmt(value, ".4g")
+    return f"{fmt(value, '.4g')} ({fmt(low, '.3g')} to {fmt(high, '.3g')})"
+
+
+def _seed_comparison(runs: pd.DataFrame, best: dict[str, float]):
+    """The reference (``adam`` if compared, else the first optimizer) and the comparison.
+
+    Per label: the mean final held-out loss, its paired difference to the
+    reference on the same seeds and the verdict (:func:`compare_to_reference`).
+    """
+    values: dict[str, dict[int, float]] = {}
+    for label, lr in best.items():
+        g = runs[(runs["label"] == label) & (runs["lr"] == lr) & (runs["status"] == "ok")]
+        pairs = zip(g["seed"], g["final_heldout_loss"], strict=True)
+        values[label] = {int(s): float(v) for s, v in pairs}
+    ref = "adam" if "adam" in values else next(iter(values), None)
+    return ref, compare_to_reference(values, ref, higher_is_better=False)
 
 
 def per_lr_table(runs: pd.DataFrame, classification: bool) -> Table:
