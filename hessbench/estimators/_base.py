@@ -252,6 +252,8 @@ class Estimator(abc.ABC):
             the call).
         impl_fields: fields that choose an implementation, not the quantity;
             they are left out of :attr:`label`.
+        quiet_fields: fields shown in :attr:`label` only when they differ from
+            their default (options added later, so existing labels stay as they were).
     """
 
     name: ClassVar[str]
@@ -259,6 +261,7 @@ class Estimator(abc.ABC):
     stochastic: ClassVar[bool] = False
     uses_model_forward: ClassVar[bool] = True
     impl_fields: ClassVar[tuple[str, ...]] = ()
+    quiet_fields: ClassVar[tuple[str, ...]] = ()
 
     @property
     def params(self) -> dict[str, object]:
@@ -287,8 +290,20 @@ class Estimator(abc.ABC):
     @property
     def label(self) -> str:
         """A readable, stable label such as ``hutchinson[num_samples=10]``."""
-        shown = [f"{k}={v}" for k, v in self.params.items() if k not in self.impl_fields]
+        shown = [f"{k}={v}" for k, v in self._label_params().items()]
         return f"{self.name}[{','.join(shown)}]" if shown else self.name
+
+    def _label_params(self) -> dict[str, object]:
+        """The hyper-parameters :attr:`label` shows.
+
+        All but ``impl_fields``; ``quiet_fields`` only where they differ from their default.
+        """
+        default = type(self)().params if self.quiet_fields else {}
+        return {
+            k: v
+            for k, v in self.params.items()
+            if k not in self.impl_fields and not (k in self.quiet_fields and v == default[k])
+        }
 
     def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
         """Raise :class:`UnsupportedError` when this estimator cannot handle the pair."""
