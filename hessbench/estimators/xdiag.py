@@ -47,7 +47,7 @@ def xdiag_from_probes(matmat: Callable[[Tensor], Tensor], omega: Tensor) -> Tens
                                     - rowsum(Omega o QT) + rowsum(Omega o QS diag(colsum(S o T))) ]
 
     When ``Y`` is numerically rank deficient (rank ``r < s``, in particular
-    ``s >= n``), ``range(Y) = range(A)`` almost surely and every leave-one-out
+    ``s > n``), ``range(Y) = range(A)`` almost surely and every leave-one-out
     basis spans it as well: ``Q_i = Q`` (``r`` columns), and the estimate is
     ``diag(Q Q^T A) + (1/s) sum_i w_i o (I - QQ^T) A w_i``, exact up to rounding.
 
@@ -123,7 +123,7 @@ class XDiag(MatrixFreeEstimator):
 
     evaluated in closed form from ``Q, R, Z`` (see :func:`xdiag_from_probes`).
     Unbiased: ``w_i`` is independent of ``Q_i``. Exact (to rounding) when the
-    rank of ``H`` is below ``s``, in particular when ``s >= P``. Every test
+    rank of ``H`` is below ``s``, in particular when ``s > P``. Every test
     vector serves both the low-rank part and the Hutchinson part (the
     "exchangeability principle"); compared with Diag++ no third of the budget is
     spent on the range finder alone.
