@@ -497,6 +497,32 @@ def test_curvlinops_xdiag_is_xdiag_of_the_brute_force_hessian(loss, reduction):
 
 
 @needs_curvlinops
+@pytest.mark.parametrize("probes", ["rademacher", "gaussian"])
+def test_curvlinops_hutchinson_is_hutchinson_of_the_brute_force_hessian(probes):
+    """Identical probes (replayed from the generator's seed draw): ``mean_k z_k o H z_k``."""
+    from curvlinops.sampling import random_vector
+
+    from hessbench.estimators.peers._common import draw_seed
+
+    model, loss_fn, x, y = make_problem("mlp", "ce")
+    hess = _full_hessian(model, loss_fn, x, y)
+    k, dim = 7, hess.shape[0]
+    est = get_estimator("curvlinops.hutchinson", num_samples=k, probes=probes)
+    assert est.label == (
+        "curvlinops.hutchinson[num_samples=7]"
+        if probes == "rademacher"
+        else "curvlinops.hutchinson[num_samples=7,probes=gaussian]"
+    )
+    out = est(model, loss_fn, x, y, generator=gen(3))
+    theirs = torch.cat([v.reshape(-1) for v in out.values()])
+    kind = "rademacher" if probes == "rademacher" else "normal"
+    with torch.random.fork_rng():
+        torch.manual_seed(draw_seed(gen(3)))
+        z = torch.stack([random_vector(dim, kind, "cpu", F64) for _ in range(k)], 1)
+    torch.testing.assert_close(theirs, (z * (hess @ z)).mean(1), rtol=1e-8, atol=1e-10)
+
+
+@needs_curvlinops
 def test_curvlinops_xdiag_refuses_a_budget_at_the_dimension():
     model, loss_fn, x, y = make_problem("mlp", "ce")
     dim = sum(p.numel() for p in model.parameters())
