@@ -207,7 +207,7 @@ def test_unknown_and_empty_hyper_parameters():
         {"name": "ggn_mc", "params": {"num_samples": []}},
     ]
     assert problems(suite(estimators=ests)) == [
-        f"{SRC}: estimators[0].params.samples: not a hyper-parameter of hutchinson; allowed: num_samples, method",
+        f"{SRC}: estimators[0].params.samples: not a hyper-parameter of hutchinson; allowed: num_samples, method, probes, num_matvecs",
         f"{SRC}: estimators[1].params.num_samples: an empty list of values",
     ]
 
