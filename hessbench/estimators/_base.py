@@ -293,6 +293,14 @@ class Estimator(abc.ABC):
         shown = [f"{k}={v}" for k, v in self._label_params().items()]
         return f"{self.name}[{','.join(shown)}]" if shown else self.name
 
+    @property
+    def label_params(self) -> dict[str, object]:
+        """The hyper-parameters :attr:`label` shows (what records store).
+
+        Building the estimator from them gives this estimator back.
+        """
+        return self._label_params()
+
     def _label_params(self) -> dict[str, object]:
         """The hyper-parameters :attr:`label` shows.
 
