@@ -303,3 +303,18 @@ def test_bad_names_and_overrides():
         make_stepper("adahesscale", model, nn.CrossEntropyLoss(), lr=1e-3, estimator="nope")
     with pytest.raises(ConfigError, match="step_batch"):
         DiagonalOptimizer(model, nn.CrossEntropyLoss(), estimator="hesscale").step()
+
+
+def test_sophia_h_is_sophia_with_hutchinson_curvature():
+    """Sophia-H: ``sophia``'s hyper-parameters with one Hutchinson probe every 10 steps."""
+    sophia, sophia_h = preset("sophia"), preset("sophia_h")
+    assert sophia_h.estimator == "hutchinson"
+    assert sophia_h.estimator_params == {}
+    for field in ("betas", "eps", "weight_decay", "curvature", "update_every", "clip", "gamma"):
+        assert getattr(sophia_h, field) == getattr(sophia, field), field
+    torch.manual_seed(0)
+    model = _mlp(torch.float64)
+    x, y = _data("mlp")
+    stepper = make_stepper("sophia_h", model, nn.CrossEntropyLoss(), lr=1e-2, seed=0)
+    losses = [float(stepper.step(x, y)) for _ in range(30)]
+    assert losses[-1] < losses[0]

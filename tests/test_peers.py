@@ -55,7 +55,7 @@ BACKPACK = [
     "backpack.diag_ggn_mc",
     "backpack.kfac",
 ]
-CURVLINOPS = ["curvlinops.hutchinson", "curvlinops.kfac"]
+CURVLINOPS = ["curvlinops.hutchinson", "curvlinops.kfac", "curvlinops.xdiag"]
 PEER_NAMES = BACKPACK + (CURVLINOPS if HAS_CURVLINOPS else [])
 F64 = torch.float64
 
@@ -213,7 +213,7 @@ def test_labels_and_stochastic_flags():
     stochastic = {n for n in PEER_NAMES if get_estimator(n).stochastic}
     expected = {"backpack.diag_ggn_mc", "backpack.kfac"}
     if HAS_CURVLINOPS:
-        expected |= {"curvlinops.hutchinson", "curvlinops.kfac"}
+        expected |= {"curvlinops.hutchinson", "curvlinops.kfac", "curvlinops.xdiag"}
     assert stochastic == expected
     assert get_estimator("backpack.kfac", backward="exact").stochastic is False
 
@@ -461,6 +461,92 @@ def test_curvlinops_hutchinson_within_its_standard_error(arch, loss, reduction):
         assert float(excess.max()) <= 1e-12 * float(diag.abs().max()), name
 
 
+def _curvlinops_probes(seed: int, dim: int, count: int) -> Tensor:
+    """The Rademacher vectors curvlinops draws after ``torch.manual_seed(seed)``, as columns."""
+    from curvlinops.sampling import random_vector
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return torch.stack([random_vector(dim, "rademacher", "cpu", F64) for _ in range(count)], 1)
+
+
+@needs_curvlinops
+@pytest.mark.parametrize("m", [2, 8, 20])
+def test_curvlinops_xdiag_equals_ours_on_identical_probes_explicit_matrix(m):
+    """On an explicit symmetric matrix, same test vectors: the same estimate to rounding."""
+    from curvlinops import xdiag as their_xdiag
+
+    from hessbench.estimators.xdiag import xdiag_from_probes
+
+    b = torch.randn(30, 30, dtype=F64, generator=gen(1))
+    a = b + b.T
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        theirs = their_xdiag(a, m)
+    ours = xdiag_from_probes(lambda v: a @ v, _curvlinops_probes(5, 30, m // 2))
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+
+@needs_curvlinops
+@pytest.mark.parametrize(("loss", "reduction"), LOSSES, ids=LOSS_IDS)
+def test_curvlinops_xdiag_is_xdiag_of_the_brute_force_hessian(loss, reduction):
+    """The peer, seeded from the generator, equals our XDiag on the full Hessian with its probes.
+
+    The peer seeds the global RNG with one 62-bit draw from the generator
+    (``seeded_global_rng``); the test replays that draw to rebuild the test vectors.
+    Our estimator ``xdiag`` is the same function (``tests/test_matfree.py``), so
+    both are XDiag of the same ``H``: equal means, and equal draws given equal vectors.
+    """
+    from hessbench.estimators.peers._common import draw_seed
+    from hessbench.estimators.xdiag import xdiag_from_probes
+
+    model, loss_fn, x, y = make_problem("mlp", loss, reduction)
+    hess = _full_hessian(model, loss_fn, x, y)
+    for seed in range(2):
+        est = get_estimator("curvlinops.xdiag", num_matvecs=10)(
+            model, loss_fn, x, y, generator=gen(seed)
+        )
+        theirs = torch.cat([v.reshape(-1) for v in est.values()])
+        probes = _curvlinops_probes(draw_seed(gen(seed)), hess.shape[0], 5)
+        ours = xdiag_from_probes(lambda v: hess @ v, probes)
+        torch.testing.assert_close(theirs, ours, rtol=1e-8, atol=1e-10)
+
+
+@needs_curvlinops
+@pytest.mark.parametrize("probes", ["rademacher", "gaussian"])
+def test_curvlinops_hutchinson_is_hutchinson_of_the_brute_force_hessian(probes):
+    """Identical probes (replayed from the generator's seed draw): ``mean_k z_k o H z_k``."""
+    from curvlinops.sampling import random_vector
+
+    from hessbench.estimators.peers._common import draw_seed
+
+    model, loss_fn, x, y = make_problem("mlp", "ce")
+    hess = _full_hessian(model, loss_fn, x, y)
+    k, dim = 7, hess.shape[0]
+    est = get_estimator("curvlinops.hutchinson", num_samples=k, probes=probes)
+    assert est.label == (
+        "curvlinops.hutchinson[num_samples=7]"
+        if probes == "rademacher"
+        else "curvlinops.hutchinson[num_samples=7,probes=gaussian]"
+    )
+    out = est(model, loss_fn, x, y, generator=gen(3))
+    theirs = torch.cat([v.reshape(-1) for v in out.values()])
+    kind = "rademacher" if probes == "rademacher" else "normal"
+    with torch.random.fork_rng():
+        torch.manual_seed(draw_seed(gen(3)))
+        z = torch.stack([random_vector(dim, kind, "cpu", F64) for _ in range(k)], 1)
+    torch.testing.assert_close(theirs, (z * (hess @ z)).mean(1), rtol=1e-8, atol=1e-10)
+
+
+@needs_curvlinops
+def test_curvlinops_xdiag_refuses_a_budget_at_the_dimension():
+    model, loss_fn, x, y = make_problem("mlp", "ce")
+    dim = sum(p.numel() for p in model.parameters())
+    est = get_estimator("curvlinops.xdiag", num_matvecs=dim + dim % 2)
+    with pytest.raises(UnsupportedError, match="below the number of parameter entries"):
+        est(model, loss_fn, x, y, generator=gen(0))
+
+
 @needs_curvlinops
 def test_curvlinops_hutchinson_refuses_training_dropout():
     model, loss_fn, x, y = make_problem("dropout_mlp", "ce")
@@ -581,7 +667,7 @@ def test_contract_and_no_side_effects(name, arch, loss, dtype):
         y = y.to(dtype)
     est = get_estimator(name)
     before = _snapshot(model)
-    if name == "curvlinops.hutchinson" and arch == "dropout_mlp":
+    if name in ("curvlinops.hutchinson", "curvlinops.xdiag") and arch == "dropout_mlp":
         with pytest.raises(UnsupportedError):
             est(model, loss_fn, x, y, generator=gen(0))
         model.eval()

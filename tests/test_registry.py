@@ -18,6 +18,7 @@ from hessbench.estimators.peers import PEERS, available_peers
 EXPECTED = [
     "adahessian",
     "bl89",
+    "diagpp",
     "efisher",
     "exact",
     "ggn_exact",
@@ -28,6 +29,7 @@ EXPECTED = [
     "hutchinson",
     "kfac",
     "sophia_gnb",
+    "xdiag",
     "zero",
 ]
 
@@ -79,7 +81,15 @@ def test_every_estimator_has_docstring(name):
 
 def test_stochastic_flags():
     stochastic = {n for n in EXPECTED if get_estimator(n).stochastic}
-    assert stochastic == {"adahessian", "ggn_mc", "hutchinson", "kfac", "sophia_gnb"}
+    assert stochastic == {
+        "adahessian",
+        "diagpp",
+        "ggn_mc",
+        "hutchinson",
+        "kfac",
+        "sophia_gnb",
+        "xdiag",
+    }
     # K-FAC is random only with Monte-Carlo backward vectors.
     assert get_estimator("kfac", backward="mc").stochastic is True
     assert get_estimator("kfac", backward="exact").stochastic is False

@@ -313,7 +313,7 @@ def test_style_is_fixed_per_estimator(frames):
     ours = {n for n in available_estimators() if "." not in n and not n.startswith("test_")}
     assert ours == set(ESTIMATOR_STYLES)
     styles = list(ESTIMATOR_STYLES.values())
-    assert len({s.colour for s in styles}) == len({s.marker for s in styles}) == 13
+    assert len({s.colour for s in styles}) == len({s.marker for s in styles}) == 15
     assert estimator_style("hesscale").colour == "#1f77b4"
     assert estimator_style("backpack.kfac") == estimator_style("backpack.kfac")
     df, _ = frames

@@ -37,7 +37,9 @@ def base_record(variant_name: str, est: Estimator, seed: int, cell_id: str) -> d
         "task": variant_name,
         "estimator": est.name,
         "label": est.label,
-        "params": {k: v for k, v in est.params.items() if k not in est.impl_fields},
+        # as the label shows them: options added later stay out at their defaults,
+        # so records of existing configurations do not change
+        "params": est.label_params,
         "stochastic": est.stochastic,
         "sample_param": est.sample_param,
         "default_params": est.default_params,

@@ -31,6 +31,7 @@ from hessbench.estimators._losses import LossSpec
 from hessbench.estimators._rng import global_rng
 from hessbench.estimators.adahessian import AdaHessian
 from hessbench.estimators.bl89 import BL89
+from hessbench.estimators.diagpp import DiagPP
 from hessbench.estimators.efisher import EmpiricalFisher
 from hessbench.estimators.exact import Exact
 from hessbench.estimators.ggn_exact import GGNExact
@@ -41,6 +42,7 @@ from hessbench.estimators.hesscale_gn import HesScaleGN
 from hessbench.estimators.hutchinson import Hutchinson
 from hessbench.estimators.kfac import KFAC
 from hessbench.estimators.sophia_gnb import SophiaGNB
+from hessbench.estimators.xdiag import XDiag
 from hessbench.estimators.zero import Zero
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "KFAC",
     "AdaHessian",
     "Count",
+    "DiagPP",
     "EmpiricalFisher",
     "Estimator",
     "Exact",
@@ -60,6 +63,7 @@ __all__ = [
     "Hutchinson",
     "LossSpec",
     "SophiaGNB",
+    "XDiag",
     "Zero",
     "all_finite",
     "available_estimators",

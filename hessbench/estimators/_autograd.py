@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -25,9 +25,12 @@ from hessbench.estimators._losses import LossSpec, LossState
 from hessbench.estimators._sequential import check_output
 
 __all__ = [
+    "autograd_hvp",
     "differentiable_attention",
+    "draw_probes",
     "exact_diag_hvp",
     "forward_loss",
+    "gaussian",
     "ggn_diag_jacobian",
     "gradient",
     "hvp_samples",
@@ -101,6 +104,52 @@ def rademacher(params: list[Tensor], generator: torch.Generator) -> list[Tensor]
     return [c.view_as(p) for c, p in zip(z.split([p.numel() for p in params]), params, strict=True)]
 
 
+def gaussian(params: list[Tensor], generator: torch.Generator) -> list[Tensor]:
+    """One standard normal tensor per parameter, all drawn at once from ``generator``."""
+    total = sum(p.numel() for p in params)
+    ref = params[0]
+    z = torch.randn(total, generator=generator, device=generator.device, dtype=ref.dtype)
+    z = z.to(ref.device)
+    return [c.view_as(p) for c, p in zip(z.split([p.numel() for p in params]), params, strict=True)]
+
+
+Probes = Literal["rademacher", "gaussian"]
+
+
+def draw_probes(kind: Probes) -> Callable[[list[Tensor], torch.Generator], list[Tensor]]:
+    """The probe sampler ``kind``: :func:`rademacher` or :func:`gaussian`."""
+    return rademacher if kind == "rademacher" else gaussian
+
+
+@differentiable_attention
+def autograd_hvp(
+    model: nn.Module,
+    loss: LossSpec,
+    x: Tensor,
+    y: Tensor,
+    extras: dict[str, object] | None = None,
+) -> tuple[dict[str, nn.Parameter], Callable[..., list[Tensor]]]:
+    """The trainable parameters and ``product(v, last=False) = H v`` by double backprop.
+
+    One forward pass and one differentiable gradient are computed here; each
+    product is one more backward pass through that gradient. ``last=True``
+    frees the graph after the product. With ``extras``, the gradient
+    (``extras["grad"]``, detached) and the loss (``extras["loss"]``) are stored there.
+    """
+    params = trainable_parameters(model)
+    plist = list(params.values())
+    _, value = forward_loss(model, loss, x, y)
+    gs = torch.autograd.grad(value, plist, create_graph=True)
+    if extras is not None:
+        extras["grad"] = {n: g.detach() for n, g in zip(params, gs, strict=True)}
+        extras["loss"] = value.detach()
+
+    def product(v: list[Tensor], last: bool = False) -> list[Tensor]:
+        return list(torch.autograd.grad(gs, plist, grad_outputs=v, retain_graph=not last))
+
+    return params, product
+
+
 @differentiable_attention
 def hvp_samples(
     model: nn.Module,
@@ -111,23 +160,20 @@ def hvp_samples(
     generator: torch.Generator,
     combine: Callable[[Tensor, Tensor], Tensor],
     extras: dict[str, object] | None = None,
+    probes: Callable[[list[Tensor], torch.Generator], list[Tensor]] = rademacher,
 ) -> dict[str, Tensor]:
-    """``mean_k combine(z_k, H z_k)`` with Rademacher ``z_k``, by double backprop.
+    """``mean_k combine(z_k, H z_k)`` over probes ``z_k``, by double backprop.
 
-    With ``extras``, the gradient (``extras["grad"]``, detached) and the loss
-    (``extras["loss"]``) computed on the way are stored there.
+    ``probes`` draws each ``z_k`` (default :func:`rademacher`). With ``extras``,
+    the gradient (``extras["grad"]``, detached) and the loss (``extras["loss"]``)
+    computed on the way are stored there.
     """
-    params = trainable_parameters(model)
+    params, product = autograd_hvp(model, loss, x, y, extras)
     plist = list(params.values())
-    _, value = forward_loss(model, loss, x, y)
-    gs = torch.autograd.grad(value, plist, create_graph=True)
-    if extras is not None:
-        extras["grad"] = {n: g.detach() for n, g in zip(params, gs, strict=True)}
-        extras["loss"] = value.detach()
     acc: list[Tensor] = []
     for k in range(num_samples):
-        zs = rademacher(plist, generator)
-        hz = torch.autograd.grad(gs, plist, grad_outputs=zs, retain_graph=k + 1 < num_samples)
+        zs = probes(plist, generator)
+        hz = product(zs, last=k + 1 == num_samples)
         terms = [combine(z, h) for z, h in zip(zs, hz, strict=True)]
         acc = terms if k == 0 else [a.add_(t) for a, t in zip(acc, terms, strict=True)]
     if num_samples > 1:

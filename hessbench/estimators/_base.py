@@ -249,9 +249,9 @@ class Estimator(abc.ABC):
             :func:`preserve_state` of its own; then, like :meth:`__call__`,
             :meth:`estimate_with_grad` skips the state guard where neither
             ``uses_model_forward`` nor active dropout needs it.
-        quiet_defaults: fields added after results were published (options that
-            restore an author's rule); left out of :attr:`label` while at their
-            default, so earlier labels stay as they were.
+        quiet_fields: fields shown in :attr:`label` only when they differ from
+            their default (options added after results were published, e.g. those
+            that restore an author's rule, so existing labels stay as they were).
     """
 
     name: ClassVar[str]
@@ -260,7 +260,7 @@ class Estimator(abc.ABC):
     uses_model_forward: ClassVar[bool] = True
     impl_fields: ClassVar[tuple[str, ...]] = ()
     grad_in_pass: ClassVar[bool] = False
-    quiet_defaults: ClassVar[tuple[str, ...]] = ()
+    quiet_fields: ClassVar[tuple[str, ...]] = ()
 
     @property
     def params(self) -> dict[str, object]:
@@ -289,13 +289,28 @@ class Estimator(abc.ABC):
     @property
     def label(self) -> str:
         """A readable, stable label such as ``hutchinson[num_samples=10]``."""
-        quiet = {k: v for k, v in type(self)().params.items() if k in self.quiet_defaults}
-        shown = [
-            f"{k}={v}"
-            for k, v in self.params.items()
-            if k not in self.impl_fields and not (k in quiet and quiet[k] == v)
-        ]
+        shown = [f"{k}={v}" for k, v in self._label_params().items()]
         return f"{self.name}[{','.join(shown)}]" if shown else self.name
+
+    @property
+    def label_params(self) -> dict[str, object]:
+        """The hyper-parameters :attr:`label` shows (what records store).
+
+        Building the estimator from them gives this estimator back.
+        """
+        return self._label_params()
+
+    def _label_params(self) -> dict[str, object]:
+        """The hyper-parameters :attr:`label` shows.
+
+        All but ``impl_fields``; ``quiet_fields`` only where they differ from their default.
+        """
+        default = type(self)().params if self.quiet_fields else {}
+        return {
+            k: v
+            for k, v in self.params.items()
+            if k not in self.impl_fields and not (k in self.quiet_fields and v == default[k])
+        }
 
     def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
         """Raise :class:`UnsupportedError` when this estimator cannot handle the pair."""

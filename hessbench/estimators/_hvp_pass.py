@@ -22,24 +22,24 @@ from hessbench.estimators._base import trainable_parameters
 from hessbench.estimators._losses import LossSpec
 from hessbench.estimators._sequential import Plan, ordered, run_start
 
-__all__ = ["hvp_products", "structured_hutchinson"]
+__all__ = ["hvp_products", "structured_hutchinson", "structured_hvp"]
 
 
-def hvp_products(
+def structured_hvp(
     plan: Plan,
     model: nn.Module,
     loss: LossSpec,
     x: Tensor,
     targets: Tensor,
-    vectors: Iterator[dict[str, Tensor]],
     generator: torch.Generator | None = None,
     extras: dict[str, object] | None = None,
-) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
-    """Yield ``(v, Hv)`` for each direction ``v`` (keyed like the plan's parameters).
+) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    """``product(v) = H v`` for directions ``v`` keyed like the plan's parameters.
 
-    The forward pass and the gradient pass run once, before the first product.
-    With ``extras``, the gradient pass also stores the parameter gradients
-    (``extras["grad"]``) and the loss value (``extras["loss"]``) there.
+    The forward pass and the gradient pass run here, once; each product is one
+    R-forward and one R-backward pass. With ``extras``, the gradient pass also
+    stores the parameter gradients (``extras["grad"]``) and the loss value
+    (``extras["loss"]``) there.
     """
     steps = plan.steps
     first = plan.first_param
@@ -64,9 +64,32 @@ def hvp_products(
                         pgrads[st.bias_key] = gb
             extras["grad"] = ordered(plan, pgrads)
             extras["loss"] = state.value()
-    for v in vectors:
+
+    def product(v: dict[str, Tensor]) -> dict[str, Tensor]:
         with torch.no_grad():
-            yield v, _one_product(plan, loss, state, caches, grads, v)
+            return _one_product(plan, loss, state, caches, grads, v)
+
+    return product
+
+
+def hvp_products(
+    plan: Plan,
+    model: nn.Module,
+    loss: LossSpec,
+    x: Tensor,
+    targets: Tensor,
+    vectors: Iterator[dict[str, Tensor]],
+    generator: torch.Generator | None = None,
+    extras: dict[str, object] | None = None,
+) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+    """Yield ``(v, Hv)`` for each direction ``v`` (keyed like the plan's parameters).
+
+    The forward pass and the gradient pass (:func:`structured_hvp`) run once,
+    before the first direction is drawn. ``extras`` as in :func:`structured_hvp`.
+    """
+    product = structured_hvp(plan, model, loss, x, targets, generator, extras)
+    for v in vectors:
+        yield v, product(v)
 
 
 def _one_product(plan, loss, state, caches, grads, v: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -115,23 +138,25 @@ def structured_hutchinson(
     generator: torch.Generator,
     combine: Callable[[Tensor, Tensor], Tensor],
     extras: dict[str, object] | None = None,
+    probes: Callable[[list[Tensor], torch.Generator], list[Tensor]] = rademacher,
 ) -> dict[str, Tensor]:
-    """``mean_k combine(z_k, H z_k)`` over Rademacher probes ``z_k``, by the R-operator pass.
+    """``mean_k combine(z_k, H z_k)`` over probes ``z_k``, by the R-operator pass.
 
-    The probes are drawn exactly as the autograd path draws them
-    (:func:`~hessbench.estimators._autograd.rademacher` over the trainable
-    parameters in order), so both paths agree to rounding for equal generators.
+    The probes are drawn exactly as the autograd path draws them (``probes``,
+    default :func:`~hessbench.estimators._autograd.rademacher`, over the
+    trainable parameters in order), so both paths agree to rounding for equal
+    generators.
     ``extras`` is passed to :func:`hvp_products` (gradient and loss).
     """
     params = trainable_parameters(model)
     plist = list(params.values())
 
-    def probes() -> Iterator[dict[str, Tensor]]:
+    def directions() -> Iterator[dict[str, Tensor]]:
         for _ in range(num_samples):
-            yield dict(zip(params, rademacher(plist, generator), strict=True))
+            yield dict(zip(params, probes(plist, generator), strict=True))
 
     acc: dict[str, Tensor] = {}
-    for v, hv in hvp_products(plan, model, loss, x, targets, probes(), generator, extras):
+    for v, hv in hvp_products(plan, model, loss, x, targets, directions(), generator, extras):
         for name, z in v.items():
             term = combine(z, hv[name])
             acc[name] = term if name not in acc else acc[name].add_(term)

@@ -51,7 +51,7 @@ class BL89(DiagPassEstimator):
     name: ClassVar[str] = "bl89"
     cost: ClassVar[str] = "~1 backprop"
     output_curvature: Literal["elementwise", "zero"] = "elementwise"
-    quiet_defaults: ClassVar[tuple[str, ...]] = ("avgpool",)
+    quiet_fields: ClassVar[tuple[str, ...]] = ("avgpool",)
     avgpool: Literal["consistent", "authors"] = "consistent"
 
     def _diag_pass(self, *args, **kwargs):  # type: ignore[no-untyped-def]

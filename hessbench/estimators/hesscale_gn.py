@@ -46,7 +46,7 @@ class HesScaleGN(DiagPassEstimator):
 
     name: ClassVar[str] = "hesscale_gn"
     cost: ClassVar[str] = "~1 backprop"
-    quiet_defaults: ClassVar[tuple[str, ...]] = ("avgpool",)
+    quiet_fields: ClassVar[tuple[str, ...]] = ("avgpool",)
     avgpool: Literal["consistent", "authors"] = "consistent"
 
     def _diag_pass(self, *args, **kwargs):  # type: ignore[no-untyped-def]

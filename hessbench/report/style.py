@@ -49,7 +49,7 @@ class Style:
     marker: str
 
 
-# The 13 registered estimators, in the order tables and figures list them.
+# The 15 registered estimators, in the order tables and figures list them.
 ESTIMATOR_STYLES: dict[str, Style] = {
     "exact": Style("#222222", "*"),
     "hesscale": Style("#1f77b4", "o"),
@@ -60,6 +60,8 @@ ESTIMATOR_STYLES: dict[str, Style] = {
     "kfac": Style("#e377c2", "P"),
     "hutchinson": Style("#d62728", "v"),
     "adahessian": Style("#ff7f0e", "<"),
+    "xdiag": Style("#e6550d", "H"),
+    "diagpp": Style("#5254a3", "8"),
     "sophia_gnb": Style("#393b79", ">"),
     "efisher": Style("#637939", "h"),
     "grad_sq": Style("#bcbd22", "X"),
@@ -231,6 +233,7 @@ OPTIMIZER_STYLES: dict[str, Style] = {
     "adahesscale": estimator_style("hesscale"),
     "adahesscale_gn": estimator_style("hesscale_gn"),
     "sophia": estimator_style("sophia_gnb"),
+    "sophia_h": estimator_style("hutchinson"),
 }
 _SCALED = ("_scaled", "-scaled")
 

@@ -9,7 +9,7 @@ keeps your torch):
 - BackPACK (``backpack-for-pytorch``): ``backpack.diag_hessian``,
   ``backpack.diag_ggn_exact``, ``backpack.diag_ggn_mc``, ``backpack.kfac``;
 - curvlinops (``curvlinops-for-pytorch``): ``curvlinops.hutchinson``,
-  ``curvlinops.kfac``.
+  ``curvlinops.kfac``, ``curvlinops.xdiag``.
 
 The wrapper modules import without their library (they import it inside their
 methods), so they can be collected and documented anywhere. A library that is
@@ -39,6 +39,7 @@ PEERS: dict[str, dict[str, str]] = {
     "curvlinops": {
         "curvlinops_hutchinson": "CurvlinopsHutchinson",
         "curvlinops_kfac": "CurvlinopsKFAC",
+        "curvlinops_xdiag": "CurvlinopsXDiag",
     },
 }
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from hessbench.errors import UnsupportedError
+from hessbench.estimators._autograd import Probes
 from hessbench.estimators._base import (
     Count,
     Estimator,
@@ -69,6 +70,8 @@ class CurvlinopsHutchinson(Estimator):
 
     Args:
         num_samples: number of probe vectors ``k``.
+        probes: ``rademacher`` (default) or ``gaussian`` (curvlinops' ``normal``),
+            as ``hutchinson``'s option; shown in the label only when not the default.
 
     Reference: Bekas, Kokiopoulou & Saad (2007); Dangel, Kunstner & Hennig's
     curvlinops.
@@ -81,7 +84,9 @@ class CurvlinopsHutchinson(Estimator):
         "curvlinops:HessianLinearOperator",
         "curvlinops:hutchinson_diag",
     )
+    quiet_fields: ClassVar[tuple[str, ...]] = ("probes",)
     num_samples: Count = 1
+    probes: Probes = "rademacher"
 
     def _estimate(
         self,
@@ -116,10 +121,11 @@ class CurvlinopsHutchinson(Estimator):
             )
             with seeded_global_rng(generator, inputs.device), quiet_jvp_import():
                 total = torch.zeros(dim, dtype=op.dtype, device=op.device)
+                distribution = "rademacher" if self.probes == "rademacher" else "normal"
                 left = self.num_samples
                 while left:
                     k = min(left, dim - 1)  # curvlinops wants fewer probes than entries
-                    total.add_(hutchinson_diag(op, k), alpha=k)
+                    total.add_(hutchinson_diag(op, k, distribution), alpha=k)
                     left -= k
         flat = total.div_(self.num_samples)
         parts = flat.split([p.numel() for p in params.values()])

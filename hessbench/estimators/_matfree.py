@@ -1,0 +1,162 @@
+"""Matrix-free estimators on a flat Hessian operator (``xdiag``, ``diagpp``).
+
+The Hessian-vector products are the ones :class:`~hessbench.estimators.hutchinson.Hutchinson`
+uses: :func:`~hessbench.estimators._hvp_pass.structured_hvp` (R-operator pass over an
+``nn.Sequential``) or :func:`~hessbench.estimators._autograd.autograd_hvp` (double
+backprop, any module). :class:`FlatOperator` presents either as ``H @ V`` on
+``(P, k)`` matrices over the flattened trainable parameters, one product per column,
+so the estimators' algorithms are plain functions of ``matmat`` that the tests run
+on explicit matrices.
+
+Probe columns are drawn by :func:`rademacher_matrix`, the same bits
+:func:`~hessbench.estimators._autograd.rademacher` draws for ``hutchinson``: column
+``j`` is ``hutchinson``'s ``j``-th probe, flattened, for equal generators.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from hessbench.estimators._autograd import autograd_hvp, rademacher
+from hessbench.estimators._base import trainable_parameters
+from hessbench.estimators._hvp_pass import structured_hvp
+from hessbench.estimators._layerwise import DualPathEstimator
+from hessbench.estimators._losses import LossSpec
+from hessbench.estimators._sequential import Plan
+
+__all__ = ["FlatOperator", "MatrixFreeEstimator", "rademacher_matrix", "range_basis"]
+
+MatMat = Callable[[Tensor], Tensor]
+
+
+class FlatOperator:
+    """``H @ V`` for ``V`` of shape ``(P, k)`` over the flattened trainable parameters.
+
+    ``product`` takes and returns one tensor per parameter (in order); each
+    column of ``V`` costs one product. :attr:`count` counts the products.
+    """
+
+    def __init__(
+        self, params: dict[str, nn.Parameter], product: Callable[[list[Tensor]], list[Tensor]]
+    ):
+        self.names = list(params)
+        self.shapes = [p.shape for p in params.values()]
+        self.sizes = [p.numel() for p in params.values()]
+        ref = next(iter(params.values()))
+        self.dim = sum(self.sizes)
+        self.dtype, self.device = ref.dtype, ref.device
+        self._product = product
+        self.count = 0
+
+    def matmat(self, v: Tensor) -> Tensor:
+        """``H v`` column by column; ``v`` is ``(P, k)``."""
+        cols = []
+        for j in range(v.shape[1]):
+            parts = [c.view(s) for c, s in zip(v[:, j].split(self.sizes), self.shapes, strict=True)]
+            hv = self._product(parts)
+            cols.append(torch.cat([h.reshape(-1) for h in hv]))
+            self.count += 1
+        if not cols:
+            return v.new_zeros(v.shape)
+        return torch.stack(cols, 1)
+
+    def split(self, flat: Tensor) -> dict[str, Tensor]:
+        """A flat ``(P,)`` vector as one tensor per parameter, keyed by name."""
+        parts = flat.split(self.sizes)
+        return {
+            n: c.view(s).clone() for n, c, s in zip(self.names, parts, self.shapes, strict=True)
+        }
+
+
+def rademacher_matrix(
+    dim: int, k: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``(dim, k)`` Rademacher columns, drawn one after another from ``generator``.
+
+    Each column is one call of :func:`~hessbench.estimators._autograd.rademacher`
+    (bits of 32-bit words), so it equals ``hutchinson``'s probe of the same index.
+    """
+    like = [torch.empty(dim, dtype=dtype, device=device)]
+    if k == 0:
+        return torch.empty(dim, 0, dtype=dtype, device=device)
+    return torch.stack([rademacher(like, generator)[0] for _ in range(k)], 1)
+
+
+def range_basis(y: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """``(Q, R, full)``: an orthonormal basis of ``range(y)`` and whether ``y`` has full column rank.
+
+    ``y = Q R`` (reduced QR) when ``full``. Otherwise ``Q`` spans the numerical
+    range of ``y`` (singular values above ``max(n, k) * eps * sigma_max``, the
+    rank tolerance of LAPACK/NumPy/``torch.linalg.matrix_rank``) and ``R`` is
+    ``Q^T y``.
+    """
+    n, k = y.shape
+    q, r = torch.linalg.qr(y)
+    if k == 0:
+        return q, r, True
+    u, sig, _ = torch.linalg.svd(r)
+    tol = float(sig.max()) * max(n, k) * torch.finfo(y.dtype).eps
+    rank = int((sig > tol).sum())
+    if rank == k:
+        return q, r, True
+    basis = q @ u[:, :rank]
+    return basis, basis.T @ y, False
+
+
+class MatrixFreeEstimator(DualPathEstimator):
+    """An estimator computed from Hessian-vector products on a :class:`FlatOperator`.
+
+    Subclasses declare ``method: Literal["auto", "structured", "autograd"]`` and
+    implement :meth:`_diagonal`. The gradient and the loss come out of the pass
+    the products start from (``passes_grad``).
+    """
+
+    stochastic: ClassVar[bool] = True
+    passes_grad: ClassVar[bool] = True
+    impl_fields: ClassVar[tuple[str, ...]] = ("method",)
+
+    @abc.abstractmethod
+    def _diagonal(self, op: FlatOperator, generator: torch.Generator) -> Tensor:
+        """The flat ``(P,)`` estimate of ``diag H`` from products with ``op``."""
+
+    def _structured(
+        self,
+        plan: Plan,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
+    ) -> dict[str, Tensor]:
+        assert generator is not None
+        params = trainable_parameters(model)
+        names = list(params)
+        product = structured_hvp(plan, model, loss, inputs, targets, generator, extras)
+
+        def by_list(v: list[Tensor]) -> list[Tensor]:
+            hv = product(dict(zip(names, v, strict=True)))
+            return [hv[n] for n in names]
+
+        op = FlatOperator(params, by_list)
+        return op.split(self._diagonal(op, generator))
+
+    def _generic(
+        self,
+        model: nn.Module,
+        loss: LossSpec,
+        inputs: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
+    ) -> dict[str, Tensor]:
+        assert generator is not None
+        params, product = autograd_hvp(model, loss, inputs, targets, extras)
+        op = FlatOperator(params, product)
+        with torch.no_grad():
+            return op.split(self._diagonal(op, generator))
