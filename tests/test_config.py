@@ -220,7 +220,7 @@ def test_every_problem_of_one_params_block_is_reported_together():
     lines = problems(suite(estimators=ests))
     assert lines[0] == (
         f"{SRC}: estimators[0].params.samples: not a hyper-parameter of hutchinson; "
-        "allowed: num_samples, method"
+        "allowed: num_samples, method, probes, num_matvecs"
     )
     assert (
         f"{SRC}: estimators[0].params.num_samples: Input should be greater than 0 (got 0)" in lines

@@ -37,7 +37,7 @@ ALL = available_estimators()
 LAYERWISE_ONLY = {n for n in ALL if issubclass(estimator_class(n), LayerwiseEstimator)}
 
 # Estimators that refuse training-mode dropout although they take no per-sample path.
-REFUSES_TRAIN_DROPOUT = {"curvlinops.hutchinson"}
+REFUSES_TRAIN_DROPOUT = {"curvlinops.hutchinson", "curvlinops.xdiag"}
 
 
 def _refuses_train_dropout(est) -> bool:
