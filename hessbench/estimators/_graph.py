@@ -12,7 +12,13 @@ every node to a rule:
   (keeping the batch dimension) to a reshape; ``x + y``/``torch.add``/``x - y``
   of two tensors to an add node; ``torch.cat`` along a non-batch dimension to a
   cat node; scalings by constants (``2 * x``, ``x + 1``, ``-x``) to a constant
-  affine rule; ``x.size(...)``/``x.shape`` to values.
+  affine rule; ``x.size(...)``/``x.shape`` to values;
+- transformers (:mod:`hessbench.estimators._rules_attention`): ``nn.Embedding`` on
+  tokens, ``x + p`` for a parameter read by ``get_attr`` (learned positions),
+  ``x[:, i]``, ``nn.Linear`` on positions, ``nn.MultiheadAttention`` self-attention
+  (in-projection, attention core as a local rule, out-projection), and
+  ``nn.TransformerEncoderLayer``/``nn.TransformerEncoder`` expanded by their
+  documented computation (verified configurations only; masks read from buffers).
 
 The plan lists the tensor nodes in topological order with the indices of their
 inputs and their parameter keys. Anything else raises a one-line
