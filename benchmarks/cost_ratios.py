@@ -33,7 +33,10 @@ Problems (float32; ``exact`` with ``compute_dtype="model"``):
 - ``resnet``: ``hessbench.suite.architectures.ResNet`` (channels [8, 16], one basic
   block per stage, eval-mode BatchNorm, ReLU), 3x16x16 inputs, cross-entropy, batch 1 and 32;
 - ``resmlp``: ``ResidualMLP`` (64 inputs, width 128, hidden 256, 2 pre-LayerNorm blocks,
-  GELU), cross-entropy, batch 1 and 32. Both are plain ``nn.Module`` s (the graph
+  GELU), cross-entropy, batch 1 and 32;
+- ``gpt``: ``TinyGPT`` (vocab 16, d_model 32, 4 heads, 2 pre-norm
+  ``nn.TransformerEncoderLayer`` blocks with GELU and a causal mask, length 8,
+  about 18k parameters), cross-entropy on the last position, batch 1 and 32. These are plain ``nn.Module`` s (the graph
   engine); for them the table also gives the cost of ``exact[method=hvp]``
   estimated as ``P`` times one timed Hessian-vector product;
 - ``costnet``: the HesScale paper's cost net ``Linear(64,512)`` + L x
@@ -158,6 +161,23 @@ def resmlp_problem(batch: int) -> Problem:
     )
 
 
+def gpt_problem(batch: int) -> Problem:
+    from hessbench.suite.architectures import TinyGPT
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = TinyGPT(8, 16, d_model=32, heads=4, layers=2, mlp_ratio=2, causal=True).eval()
+    x = torch.randint(0, 16, (batch, 8), generator=gen)
+    y = torch.randint(0, 16, (batch,), generator=gen)
+    return (
+        f"gpt vocab 16 d_model 32 4 heads 2 layers length 8 causal CE batch={batch}",
+        model,
+        nn.CrossEntropyLoss(),
+        x,
+        y,
+    )
+
+
 def hvp_ratio(problem: Problem, grad, min_time: float) -> float:
     """``P`` times one double-backprop Hessian-vector product, over one gradient."""
     _, model, loss_fn, x, y = problem
@@ -165,8 +185,12 @@ def hvp_ratio(problem: Problem, grad, min_time: float) -> float:
     vec = [torch.randn_like(p) for p in params]
 
     def hvp():
-        gs = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
-        return torch.autograd.grad(sum((g * v).sum() for g, v in zip(gs, vec, strict=True)), params)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):  # attention kernels twice differentiable
+            gs = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+            vs = sum((g * v).sum() for g, v in zip(gs, vec, strict=True))
+            return torch.autograd.grad(vs, params)
 
     r = measure(hvp, grad, min_time=min_time, max_repeats=2000)
     return r["cpu_ratio"] * sum(p.numel() for p in params)
@@ -264,7 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (0.3 s per cell)")
     parser.add_argument(
-        "--only", choices=["cnn", "mlp", "costnet", "resnet", "resmlp"], help="one problem family"
+        "--only",
+        choices=["cnn", "mlp", "costnet", "resnet", "resmlp", "gpt"],
+        help="one problem family",
     )
     parser.add_argument("--estimators", nargs="*", help="rows whose hessbench estimator is named")
     parser.add_argument("--output", type=Path, help="also write the Markdown to this file")
@@ -280,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         problems += [lambda b=b: resnet_problem(b) for b in (1, 32)]
     if args.only in (None, "resmlp"):
         problems += [lambda b=b: resmlp_problem(b) for b in (1, 32)]
+    if args.only in (None, "gpt"):
+        problems += [lambda b=b: gpt_problem(b) for b in (1, 32)]
     if args.only in (None, "costnet"):
         problems += [
             lambda la=la, b=b: cost_net_problem(la, b) for la in (1, 4, 16) for b in (1, 64)

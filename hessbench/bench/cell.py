@@ -82,7 +82,7 @@ class GroupEvaluator:
             if self._truth_model is None:
                 self._truth_model = copy.deepcopy(p.model).to(torch.float64)
             x, y = p.batches[b]
-            x = x.to(torch.float64)
+            x = x.to(torch.float64) if x.is_floating_point() else x  # tokens stay integers
             y = y.to(torch.float64) if y.is_floating_point() else y
             gen = torch.Generator(device=self.device).manual_seed(
                 derive_seed(self.variant.name, self.seed, b, "truth")

@@ -12,7 +12,13 @@ every node to a rule:
   (keeping the batch dimension) to a reshape; ``x + y``/``torch.add``/``x - y``
   of two tensors to an add node; ``torch.cat`` along a non-batch dimension to a
   cat node; scalings by constants (``2 * x``, ``x + 1``, ``-x``) to a constant
-  affine rule; ``x.size(...)``/``x.shape`` to values.
+  affine rule; ``x.size(...)``/``x.shape`` to values;
+- transformers (:mod:`hessbench.estimators._rules_attention`): ``nn.Embedding`` on
+  tokens, ``x + p`` for a parameter read by ``get_attr`` (learned positions),
+  ``x[:, i]``, ``nn.Linear`` on positions, ``nn.MultiheadAttention`` self-attention
+  (in-projection, attention core as a local rule, out-projection), and
+  ``nn.TransformerEncoderLayer``/``nn.TransformerEncoder`` expanded by their
+  documented computation (verified configurations only; masks read from buffers).
 
 The plan lists the tensor nodes in topological order with the indices of their
 inputs and their parameter keys. Anything else raises a one-line
@@ -21,6 +27,7 @@ inputs and their parameter keys. Anything else raises a one-line
 
 from __future__ import annotations
 
+import inspect
 import operator
 import weakref
 from dataclasses import dataclass, replace
@@ -40,6 +47,15 @@ from hessbench.estimators._rules_activations import (
     SigmoidRule,
     SoftplusRule,
     TanhRule,
+)
+from hessbench.estimators._rules_attention import (
+    AddParamRule,
+    AddParamSpec,
+    EmbeddingRule,
+    LinearSpec,
+    PosLinearRule,
+    SelectRule,
+    attention_spec,
 )
 from hessbench.estimators._rules_norm import (
     AdaptiveAvgPoolRule,
@@ -75,6 +91,26 @@ class _LNSpec(LocalSpec):
     def __init__(self, eps: float, shape):
         super().__init__(lambda v: F.layer_norm(v, shape, None, None, eps), "layer_norm")
         self.eps, self.shape = eps, tuple(shape)
+
+
+_POSLINEAR = PosLinearRule()
+_EMBEDDING = EmbeddingRule()
+_ADDPARAM = AddParamRule()
+_SELECT = SelectRule()
+_SEQ_LAYERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+
+
+def _param_add(node, index, attrs) -> bool:
+    """``x + p`` with ``x`` a tensor node and ``p`` a trainable parameter read by ``get_attr``."""
+    if node.target not in (operator.add, torch.add, "add") or node.kwargs or len(node.args) != 2:
+        return False
+    a, b = node.args
+    pnode = b if a in index else a if b in index else None
+    if pnode is None or pnode not in attrs:
+        return False
+    owner, attr = attrs[pnode]
+    p = getattr(owner, attr)
+    return isinstance(p, nn.Parameter) and p.requires_grad
 
 
 _RESHAPE = ReshapeRule()
@@ -223,6 +259,8 @@ def _build(model: nn.Module, gm) -> GraphPlan:
     seen_params: dict[int, str] = {}
     called: set[str] = set()
     output = -1
+    attrs: dict[Any, tuple[nn.Module, str]] = {}  # get_attr node -> (owner, attribute)
+    tuples: dict[Any, int] = {}  # MultiheadAttention call -> its output node
 
     def tensor_input(node, arg) -> int:
         if isinstance(arg, torch.fx.Node) and arg in index:
@@ -232,6 +270,244 @@ def _build(model: nn.Module, gm) -> GraphPlan:
     def add(gn: GNode, fxn) -> None:
         index[fxn] = len(nodes)
         nodes.append(replace(gn, fx=fxn))
+
+    def emit(gn: GNode, fxn=None) -> int:
+        """Append a tensor node (mapped from ``fxn`` when given); its index."""
+        if fxn is not None:
+            index[fxn] = len(nodes)
+            gn = replace(gn, fx=fxn)
+        nodes.append(gn)
+        return len(nodes) - 1
+
+    def register(name: str, path: str, k: str | None, p) -> None:
+        if k is None:
+            return
+        if id(p) in seen_params:
+            raise UnsupportedError(
+                f"node '{name}': layer '{path}' shares a parameter with "
+                f"'{seen_params[id(p)]}'; tied parameters are not supported by the graph engine"
+            )
+        seen_params[id(p)] = k
+        keys.append(k)
+
+    def module_node(name: str, path: str, m: nn.Module, x: int, fxn=None) -> int:
+        """The node(s) of a single-input layer ``m`` at ``path`` reading node ``x``."""
+        wk, bk = _keys(path, m)
+        t = type(m)
+        if (wk or bk) and path in called:
+            raise UnsupportedError(
+                f"node '{name}': layer '{path}' ({t.__name__}) is called twice; "
+                "tied parameters are not supported by the graph engine"
+            )
+        called.add(path)
+        pre: list[GNode] = []
+        if t in (nn.BatchNorm1d, nn.BatchNorm2d):
+            if m.training or not m.track_running_stats or m.running_var is None:
+                raise UnsupportedError(
+                    f"layer '{path}' ({t.__name__}) uses batch statistics (training mode or "
+                    "track_running_stats=False); only eval-mode batch norm is supported"
+                )
+            gn = GNode(name, "rule", (x,), _AFFINE, AffineSpec(m.weight, m.bias, None, m), wk, bk)
+        elif t in (nn.LayerNorm, nn.GroupNorm):
+            if t is nn.LayerNorm:
+                shape, eps = tuple(m.normalized_shape), m.eps
+                fn = lambda v, shape=shape, eps=eps: F.layer_norm(v, shape, None, None, eps)  # noqa: E731
+                view: tuple[int, ...] | None = shape
+                affine = m.elementwise_affine
+            else:
+                groups, eps = m.num_groups, m.eps
+                fn = lambda v, groups=groups, eps=eps: F.group_norm(v, groups, None, None, eps)  # noqa: E731
+                view = None  # per channel, set below from the input rank
+                affine = m.affine
+            norm = GNode(name + ".normalize", "rule", (x,), _LOCAL, LocalSpec(fn, path))
+            if t is nn.LayerNorm:  # closed form where it normalizes every non-batch feature
+                norm = replace(norm, rule=_LAYERNORM, module=_LNSpec(m.eps, shape))
+            if not affine:
+                gn = replace(norm, name=name)
+            else:
+                pre.append(norm)
+                spec = AffineSpec(m.weight, m.bias, view)
+                gn = GNode(name, "rule", (len(nodes),), _AFFINE, spec, wk, bk)
+        elif t is nn.Linear:  # positions allowed (transformers); (N, in) as LinearRule
+            gn = GNode(name, "rule", (x,), _POSLINEAR, m, wk, bk)
+        elif t is nn.Embedding:
+            _EMBEDDING.check(m, path)
+            gn = GNode(name, "rule", (x,), _EMBEDDING, m, wk, None)
+            bk = None
+        else:
+            rule = RULES.get(t) or GRAPH_RULES.get(t)
+            if rule is None:
+                supported = sorted(
+                    [c.__name__ for c in (*RULES, *GRAPH_RULES)]
+                    + [
+                        "BatchNorm1d",
+                        "BatchNorm2d",
+                        "Embedding",
+                        "GroupNorm",
+                        "LayerNorm",
+                        "MultiheadAttention",
+                        "TransformerEncoder",
+                        "TransformerEncoderLayer",
+                    ]
+                )
+                raise UnsupportedError(
+                    f"layer '{path}' ({t.__name__}) is not supported; supported layers: "
+                    + ", ".join(supported)
+                )
+            rule.check(m, path)
+            if not rule.parametric:
+                stray = [n for n, p in m.named_parameters() if p.requires_grad]
+                if stray:
+                    raise UnsupportedError(
+                        f"layer '{path}' ({t.__name__}) has trainable parameters {stray} "
+                        "that this estimator cannot handle"
+                    )
+                wk = bk = None
+            gn = GNode(name, "rule", (x,), rule, m, wk, bk)
+        register(name, path, wk, getattr(m, "weight", None))
+        register(name, path, bk, getattr(m, "bias", None))
+        for p in pre:
+            emit(p)
+        return emit(gn, fxn)
+
+    def alias(fxn, i: int) -> None:
+        """Map the fx node ``fxn`` to tensor node ``i`` (the last node of an expanded layer)."""
+        index[fxn] = i
+        nodes[i] = replace(nodes[i], fx=fxn)
+
+    def bind(fn, node) -> dict:
+        try:
+            return inspect.signature(fn).bind(None, *node.args, **node.kwargs).arguments
+        except TypeError as exc:
+            raise _fail(node, f"a call that does not match its signature: {exc}") from None
+
+    def mask_of(node, arg) -> tuple[Any, str | None]:
+        """``(owner module, attribute)`` of an attention mask read from a buffer (or none)."""
+        if arg is None:
+            return None, None
+        if isinstance(arg, torch.fx.Node) and arg in attrs:
+            owner, attr = attrs[arg]
+            val = getattr(owner, attr)
+            if isinstance(val, torch.Tensor) and not isinstance(val, nn.Parameter):
+                return owner, attr
+        raise _fail(node, "an attention mask that is not a buffer of the model")
+
+    def mha_nodes(name: str, path: str, m: nn.MultiheadAttention, x: int, owner, attr) -> int:
+        """Self-attention as in-projection (packed Linear), attention core (local rule), out_proj."""
+        why = None
+        if not m._qkv_same_embed_dim:
+            why = "kdim/vdim different from embed_dim"
+        elif m.bias_k is not None or m.add_zero_attn:
+            why = "add_bias_kv/add_zero_attn"
+        elif not m.batch_first:
+            why = "batch_first=False (the batch must be dimension 0)"
+        elif m.training and m.dropout > 0:
+            why = "attention dropout in training mode"
+        if why:
+            raise UnsupportedError(
+                f"layer '{path}' (MultiheadAttention): {why} is not supported by the graph engine"
+            )
+        if path in called:
+            raise UnsupportedError(
+                f"node '{name}': layer '{path}' (MultiheadAttention) is called twice; "
+                "tied parameters are not supported by the graph engine"
+            )
+        called.add(path)
+        w, b = m.in_proj_weight, m.in_proj_bias
+        wk = f"{path}.in_proj_weight" if w.requires_grad else None
+        bk = f"{path}.in_proj_bias" if b is not None and b.requires_grad else None
+        register(name, path, wk, w)
+        register(name, path, bk, b)
+        spec = LinearSpec(w, b)
+        qkv = emit(GNode(name + ".in_proj", "rule", (x,), _POSLINEAR, spec, wk, bk))
+        core = attention_spec(m.num_heads, owner, attr, path)
+        att = emit(GNode(name + ".attention", "rule", (qkv,), _LOCAL, core))
+        o = m.out_proj
+        owk, obk = _keys(path + ".out_proj", o)
+        register(name, path, owk, o.weight)
+        register(name, path, obk, o.bias)
+        return emit(GNode(name + ".out_proj", "rule", (att,), _POSLINEAR, o, owk, obk))
+
+    def attention(node, path: str, m: nn.MultiheadAttention) -> int:
+        a = bind(nn.MultiheadAttention.forward, node)
+        q, k, v = a["query"], a["key"], a["value"]
+        if not (q is k is v) or q not in index:
+            raise _fail(node, f"attention '{path}' other than self-attention (query = key = value)")
+        if a.get("key_padding_mask") is not None:
+            raise _fail(node, f"attention '{path}' with a key_padding_mask")
+        owner, attr = mask_of(node, a.get("attn_mask"))
+        if a.get("is_causal") and owner is None:
+            raise _fail(node, f"attention '{path}' with is_causal=True and no attn_mask")
+        return mha_nodes(node.name, path, m, index[q], owner, attr)
+
+    def layer_nodes(name: str, path: str, m: nn.TransformerEncoderLayer, x: int, owner, attr):
+        """``nn.TransformerEncoderLayer`` by its documented computation (norm_first or not)."""
+        drop = [m.dropout.p, m.dropout1.p, m.dropout2.p]
+        if m.training and any(p > 0 for p in drop):
+            raise UnsupportedError(
+                f"layer '{path}' (TransformerEncoderLayer): dropout in training mode is not "
+                "supported by the graph engine (use dropout=0 or eval mode)"
+            )
+        act = m.activation
+        if not isinstance(act, nn.Module) and act not in (F.relu, F.gelu):
+            raise UnsupportedError(
+                f"layer '{path}' (TransformerEncoderLayer): activation {act!r} is not supported "
+                "(relu or gelu, a function or a module)"
+            )
+
+        def ff(h: int) -> int:
+            h = module_node(name + ".linear1", path + ".linear1", m.linear1, h)
+            if isinstance(act, nn.Module):
+                h = module_node(name + ".activation", path + ".activation", act, h)
+            else:
+                rule, make = _ACTS[act]
+                h = emit(GNode(name + ".activation", "rule", (h,), rule, make([], {})))
+            return module_node(name + ".linear2", path + ".linear2", m.linear2, h)
+
+        def sa(h: int) -> int:
+            return mha_nodes(name + ".self_attn", path + ".self_attn", m.self_attn, h, owner, attr)
+
+        def norm(i: int, h: int) -> int:
+            return module_node(f"{name}.norm{i}", f"{path}.norm{i}", getattr(m, f"norm{i}"), h)
+
+        def plus(tag: str, a: int, b: int) -> int:
+            return emit(GNode(f"{name}.{tag}", "add", (a, b)))
+
+        if m.norm_first:
+            x = plus("add1", x, sa(norm(1, x)))
+            return plus("add2", x, ff(norm(2, x)))
+        x = norm(1, plus("add1", x, sa(x)))
+        return norm(2, plus("add2", x, ff(x)))
+
+    def encoder(node, path: str, m: nn.Module) -> None:
+        if type(m) is nn.TransformerEncoder:
+            a = bind(nn.TransformerEncoder.forward, node)
+            src, mask = a["src"], a.get("mask")
+        else:
+            a = bind(nn.TransformerEncoderLayer.forward, node)
+            src, mask = a["src"], a.get("src_mask")
+        if a.get("src_key_padding_mask") is not None:
+            raise _fail(node, f"layer '{path}' with a src_key_padding_mask")
+        if src not in index:
+            raise _fail(node, f"layer '{path}' on a non-tensor input")
+        owner, attr = mask_of(node, mask)
+        if a.get("is_causal") and owner is None:
+            raise _fail(node, f"layer '{path}' with is_causal=True and no mask")
+        x = index[src]
+        if type(m) is nn.TransformerEncoder:
+            for i, layer in enumerate(m.layers):
+                if type(layer) is not nn.TransformerEncoderLayer:
+                    raise UnsupportedError(
+                        f"layer '{path}.layers.{i}' ({type(layer).__name__}) is not supported"
+                    )
+                x = layer_nodes(
+                    f"{node.name}.layers.{i}", f"{path}.layers.{i}", layer, x, owner, attr
+                )
+            if m.norm is not None:
+                x = module_node(node.name + ".norm", path + ".norm", m.norm, x)
+        else:
+            x = layer_nodes(node.name, path, m, x, owner, attr)
+        alias(node, x)
 
     for node in gm.graph.nodes:
         op, target = node.op, node.target
@@ -246,11 +522,24 @@ def _build(model: nn.Module, gm) -> GraphPlan:
                 raise _fail(node, "an output that is not one tensor")
             output = index[out]
             continue
-        if op == "get_attr":
+        if op == "get_attr":  # a mask or a parameter added to a tensor: checked where used
+            prefix, _, attr = str(target).rpartition(".")
+            attrs[node] = (modules[prefix], attr)
+            continue
+        raw = [a for a in node.all_input_nodes if a in attrs]
+        if raw and not (
+            (op == "call_module" and type(modules[str(target)]) in _SEQ_LAYERS)
+            or _param_add(node, index, attrs)
+        ):
             raise UnsupportedError(
-                f"node '{node.name}' reads attribute '{target}' directly; parameters and "
+                f"node '{raw[0].name}' reads attribute '{raw[0].target}' directly; parameters and "
                 "tensors used outside a supported layer are not supported by the graph engine"
             )
+        if op == "call_function" and target is operator.getitem and node.args[0] in tuples:
+            if node.args[1] != 0:
+                raise _fail(node, "attention weights (only the output [0] is supported)")
+            alias(node, tuples[node.args[0]])
+            continue
         tensor_args = [a for a in node.all_input_nodes if a in index]
         if not tensor_args:
             # a value computed from shapes (x.size(0), x.shape[1]) or constants
@@ -268,6 +557,13 @@ def _build(model: nn.Module, gm) -> GraphPlan:
         if op == "call_module":
             path = str(target)
             m = modules[path]
+            t = type(m)
+            if t is nn.MultiheadAttention:
+                tuples[node] = attention(node, path, m)
+                continue
+            if t in (nn.TransformerEncoderLayer, nn.TransformerEncoder):
+                encoder(node, path, m)
+                continue
             x = (
                 tensor_input(node, node.args[0])
                 if len(node.args) == 1 and not node.kwargs
@@ -275,78 +571,38 @@ def _build(model: nn.Module, gm) -> GraphPlan:
             )
             if x is None:
                 raise _fail(node, f"{type(m).__name__} called with extra arguments")
-            wk, bk = _keys(path, m)
-            if (wk or bk) and path in called:
-                raise UnsupportedError(
-                    f"node '{node.name}': layer '{path}' ({type(m).__name__}) is called twice; "
-                    "tied parameters are not supported by the graph engine"
-                )
-            called.add(path)
-            t = type(m)
-            if t in (nn.BatchNorm1d, nn.BatchNorm2d):
-                if m.training or not m.track_running_stats or m.running_var is None:
-                    raise UnsupportedError(
-                        f"layer '{path}' ({t.__name__}) uses batch statistics (training mode or "
-                        "track_running_stats=False); only eval-mode batch norm is supported"
-                    )
-                spec = AffineSpec(m.weight, m.bias, None, m)
-                add(GNode(node.name, "rule", (x,), _AFFINE, spec, wk, bk), node)
-            elif t in (nn.LayerNorm, nn.GroupNorm):
-                if t is nn.LayerNorm:
-                    shape, eps = tuple(m.normalized_shape), m.eps
-                    fn = lambda v, shape=shape, eps=eps: F.layer_norm(v, shape, None, None, eps)  # noqa: E731
-                    view: tuple[int, ...] | None = shape
-                    affine = m.elementwise_affine
-                else:
-                    groups, eps = m.num_groups, m.eps
-                    fn = lambda v, groups=groups, eps=eps: F.group_norm(v, groups, None, None, eps)  # noqa: E731
-                    view = None  # per channel, set below from the input rank
-                    affine = m.affine
-                norm = GNode(node.name + ".normalize", "rule", (x,), _LOCAL, LocalSpec(fn, path))
-                if t is nn.LayerNorm:  # closed form where it normalizes every non-batch feature
-                    norm = replace(norm, rule=_LAYERNORM, module=_LNSpec(m.eps, shape))
-                if not affine:
-                    add(norm, node)
-                else:
-                    nodes.append(norm)
-                    spec = AffineSpec(m.weight, m.bias, view)
-                    add(GNode(node.name, "rule", (len(nodes) - 1,), _AFFINE, spec, wk, bk), node)
-            else:
-                rule = RULES.get(t) or GRAPH_RULES.get(t)
-                if rule is None:
-                    supported = sorted(
-                        [c.__name__ for c in (*RULES, *GRAPH_RULES)]
-                        + ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "GroupNorm"]
-                    )
-                    raise UnsupportedError(
-                        f"layer '{path}' ({t.__name__}) is not supported; supported layers: "
-                        + ", ".join(supported)
-                    )
-                rule.check(m, path)
-                if not rule.parametric:
-                    stray = [n for n, p in m.named_parameters() if p.requires_grad]
-                    if stray:
-                        raise UnsupportedError(
-                            f"layer '{path}' ({t.__name__}) has trainable parameters {stray} "
-                            "that this estimator cannot handle"
-                        )
-                    wk = bk = None
-                add(GNode(node.name, "rule", (x,), rule, m, wk, bk), node)
-            for k, p in ((wk, getattr(m, "weight", None)), (bk, getattr(m, "bias", None))):
-                if k is None:
-                    continue
-                if id(p) in seen_params:
-                    raise UnsupportedError(
-                        f"node '{node.name}': layer '{path}' shares a parameter with "
-                        f"'{seen_params[id(p)]}'; tied parameters are not supported by the graph engine"
-                    )
-                seen_params[id(p)] = k
-                keys.append(k)
+            module_node(node.name, path, m, x, node)
             continue
         # call_function / call_method on tensors
         key = target
         fname = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-        if key in _ACTS and len(tensor_args) == 1 and node.args and node.args[0] in index:
+        if _param_add(node, index, attrs):
+            a, b = node.args
+            x, pnode = (a, b) if a in index else (b, a)
+            owner, attr = attrs[pnode]
+            p = getattr(owner, attr)
+            register(node.name, str(pnode.target), str(pnode.target), p)
+            add(
+                GNode(
+                    node.name,
+                    "rule",
+                    (index[x],),
+                    _ADDPARAM,
+                    AddParamSpec(p),
+                    None,
+                    str(pnode.target),
+                ),
+                node,
+            )
+        elif key is operator.getitem and node.args[0] in index:
+            idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if not SelectRule.valid(idx):
+                raise _fail(
+                    node,
+                    f"indexing {node.args[1]!r} (only x[:, i] basic indexing keeping the batch)",
+                )
+            add(GNode(node.name, "rule", (index[node.args[0]],), _SELECT, idx), node)
+        elif key in _ACTS and len(tensor_args) == 1 and node.args and node.args[0] in index:
             rule, make = _ACTS[key]
             rest = [a for a in node.args[1:]]
             kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}

@@ -285,7 +285,9 @@ def graph_factor_pass(plan: GraphPlan, problem, mode, *, with_grad: bool = False
             shape = outs[i].shape[1:]
             if gn.has_params:
                 rule, m = gn.rule, gn.module
-                if mode.kfac and not isinstance(rule, AffineRule):
+                if mode.kfac and not (
+                    isinstance(rule, AffineRule) or getattr(rule, "kfac_by_columns", False)
+                ):
                     v = torch.cat([_materialize(b).v for b in blocks.values()], 1)
                     a = rule.kfac_input(m, c)
                     gdiag = rule.kfac_output(m, c, v)

@@ -1,0 +1,293 @@
+"""Rules of the graph engine's sequence layers: transformers.
+
+- :class:`PosLinearRule`: ``nn.Linear`` on inputs with leading positions
+  ``(N, *P, in)`` (a plain :class:`~hessbench.estimators._rules_affine.LinearRule`
+  on ``(N, in)``); also the packed in-projection of ``nn.MultiheadAttention``.
+- :class:`EmbeddingRule`: ``nn.Embedding`` on integer tokens ``(N, *P)``: a
+  Linear map of one-hot inputs, so parameter curvature is scattered into the rows
+  of the tokens read.
+- :class:`AddParamRule`: ``x + p`` for a parameter ``p`` read in ``forward`` and
+  broadcast over the batch (a learned positional embedding): bias-like.
+- :class:`SelectRule`: ``x[:, i]`` (basic indexing keeping the batch
+  dimension): a selection, ``J o J = J``.
+- :func:`attention_spec`: the attention core ``softmax(Q K^T / sqrt(d_h) + mask) V``
+  per head on the packed ``(q, k, v)`` of one sample, as a generic local rule
+  (:class:`~hessbench.estimators._rules_norm.LocalRule`).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hessbench.errors import UnsupportedError
+from hessbench.estimators._rules import LinearMap, Parametric, _weighted_sum
+from hessbench.estimators._rules_affine import LinearRule
+from hessbench.estimators._rules_norm import LocalSpec
+
+__all__ = [
+    "AddParamRule",
+    "AddParamSpec",
+    "EmbeddingRule",
+    "LinearSpec",
+    "PosLinearRule",
+    "SelectRule",
+    "attention_spec",
+]
+
+
+class LinearSpec:
+    """``weight``, ``bias`` of a linear map that is not an ``nn.Linear`` (MHA's packed in-projection)."""
+
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+
+# ------------------------------------------------------------ Linear on positions
+class PosLinearRule(LinearRule):
+    """``z = x W^T + b`` on ``(N, *P, in)``; on ``(N, in)`` exactly :class:`LinearRule`.
+
+    With positions, parameter diagonals sum over the positions sharing the weight:
+    HesScale ``h_W[o,i] = sum_{n,p} h_z[n,p,o] x[n,p,i]^2`` (the cross-position terms
+    dropped, as for convolutions); from signed columns
+    ``sum_{n,k} s_nk (sum_p v[n,k,p,o] x[n,p,i])^2`` (exact). K-FAC: ``A`` is the
+    mean over samples and positions of ``x^2``, ``G`` the sum of ``v^2`` (as Conv).
+    """
+
+    def forward(self, m, x, generator):
+        return F.linear(x, m.weight, m.bias), x
+
+    def vjp_diag_cols(self, m, x, d):
+        if x.dim() == 2:
+            return LinearRule.vjp_diag_cols(self, m, x, d)
+        n = x.shape[0]
+        out = (*x.shape[1:-1], m.weight.shape[0])
+        eye = torch.diag_embed(d).reshape(n, d.shape[1], *out)
+        return eye @ m.weight
+
+    def param_grad(self, m, x, g):
+        if x.dim() == 2:
+            return LinearRule.param_grad(self, m, x, g)
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        return g2.t() @ x2, (g2.sum(0) if m.bias is not None else None)
+
+    def param_diag(self, m, x, h):
+        if x.dim() == 2:
+            return LinearRule.param_diag(self, m, x, h)
+        h2, x2 = h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1])
+        return h2.t() @ x2.square(), (h2.sum(0) if m.bias is not None else None)
+
+    def param_diag_cols(self, m, x, v, s):
+        if x.dim() == 2:
+            return LinearRule.param_diag_cols(self, m, x, v, s)
+        n, k = v.shape[:2]
+        vf = v.reshape(n, k, -1, v.shape[-1])  # (N, K, P, out)
+        xf = x.reshape(n, -1, x.shape[-1])  # (N, P, in)
+        hw = _weighted_sum(torch.einsum("nkpo,npi->nkoi", vf, xf).square(), s)
+        hb = _weighted_sum(vf.sum(2).square(), s) if m.bias is not None else None
+        return hw, hb
+
+    def param_diag_full(self, m, x, hmat):
+        if x.dim() == 2:
+            return LinearRule.param_diag_full(self, m, x, hmat)
+        raise UnsupportedError("Linear on positions: full output Hessians are not supported")
+
+    def kfac_input(self, m, x):
+        return x.reshape(-1, x.shape[-1]).square().mean(0).unsqueeze(0)
+
+    def kfac_output(self, m, x, v):
+        return v.square().reshape(-1, v.shape[-1]).sum(0)
+
+
+# ------------------------------------------------------------------ Embedding
+class EmbeddingRule(Parametric):
+    """``y[n, p] = W[t[n, p]]`` for integer tokens ``t``: a Linear map of one-hot inputs.
+
+    ``g_W[t] = sum_{(n,p): t[n,p]=t} g[n,p]``; HesScale ``h_W[t] = sum_{(n,p): t} h[n,p]``;
+    from signed columns ``h_W[t] = sum_{n,k} s_nk (sum_{p: t[n,p]=t} v[n,k,p])^2``
+    (exact). The input (tokens) has no gradient. K-FAC takes the GGN diagonal of
+    the same columns (``kfac_by_columns``). The cache is the tokens.
+    """
+
+    kfac_by_columns = True
+
+    def check(self, m, path):
+        if m.max_norm is not None or m.scale_grad_by_freq:
+            raise UnsupportedError(
+                f"layer '{path}' (Embedding): max_norm and scale_grad_by_freq are not supported"
+            )
+
+    def forward(self, m, x, generator):
+        if x.dtype.is_floating_point or x.dtype.is_complex:
+            raise UnsupportedError("Embedding expects integer token inputs")
+        return F.embedding(x, m.weight, m.padding_idx), x
+
+    def _pad(self, m, t: Tensor) -> Tensor:
+        if m.padding_idx is not None:  # the padding row is constant
+            t[m.padding_idx] = 0
+        return t
+
+    def _scatter(self, m, x, t: Tensor) -> Tensor:
+        """``sum`` of the rows of ``t`` (N, *P, d) into the rows of the tokens read."""
+        out = torch.zeros_like(m.weight).index_add_(0, x.reshape(-1), t.reshape(-1, t.shape[-1]))
+        return self._pad(m, out)
+
+    def param_grad(self, m, x, g):
+        return self._scatter(m, x, g), None
+
+    def param_diag(self, m, x, h):
+        return self._scatter(m, x, h), None
+
+    def param_diag_cols(self, m, x, v, s):
+        n, k = v.shape[:2]
+        onehot = F.one_hot(x.reshape(n, -1), m.weight.shape[0]).to(v.dtype)  # (N, P, V)
+        per = torch.einsum("nkpd,npv->nkvd", v.reshape(n, k, -1, v.shape[-1]), onehot)
+        return self._pad(m, _weighted_sum(per.square(), s)), None
+
+    def vjp(self, m, x, v):
+        raise UnsupportedError("Embedding: integer inputs have no gradient")
+
+    vjp_sq = vjp
+
+
+# --------------------------------------------------------- x + parameter (bias-like)
+class AddParamSpec:
+    """``x + p``: ``bias`` is the parameter ``p`` (broadcast over the batch and leading dims)."""
+
+    weight = None
+
+    def __init__(self, bias):
+        self.bias = bias
+
+
+class AddParamRule(Parametric):
+    """``y = x + p`` with ``p`` broadcast against ``x`` (N, *S) (right-aligned, no batch axis).
+
+    ``J = I``; the parameter's gradient and diagonals sum over the broadcast
+    dimensions: HesScale ``h_p = sum_n reduce(h)``; from signed columns
+    ``sum_{n,k} s_nk reduce(v_nk)^2`` (exact). The cache is the reduction's dims.
+    """
+
+    diag_jacobian = True
+    kfac_by_columns = True
+
+    def forward(self, m, x, generator):
+        p = m.bias
+        shape = tuple(p.shape)
+        if len(shape) == x.dim():
+            if shape[0] != 1:
+                raise UnsupportedError(
+                    f"a parameter of shape {shape} added to inputs {tuple(x.shape)} varies over "
+                    "the batch"
+                )
+            shape = shape[1:]
+        ins = tuple(x.shape[1:])
+        if len(shape) > len(ins) or any(
+            a not in (1, b) for a, b in zip(shape, ins[len(ins) - len(shape) :], strict=True)
+        ):
+            raise UnsupportedError(
+                f"a parameter of shape {tuple(p.shape)} is not broadcast to {ins}"
+            )
+        view = (1,) * (len(ins) - len(shape)) + shape
+        dims = tuple(i for i, (a, b) in enumerate(zip(view, ins, strict=True)) if a == 1 and b != 1)
+        return x + p.reshape(view), dims
+
+    def jac_diag(self, m, cache):
+        return torch.ones((), dtype=m.bias.dtype, device=m.bias.device)
+
+    def vjp(self, m, cache, v):
+        return v
+
+    vjp_cols = vjp
+    vjp_sq = vjp
+
+    def _reduce(self, m, dims, t: Tensor, lead: int) -> Tensor:
+        if dims:
+            t = t.sum(tuple(lead + d for d in dims), keepdim=True)
+        return t
+
+    def param_grad(self, m, dims, g):
+        return None, self._reduce(m, dims, g, 1).sum(0).reshape(m.bias.shape)
+
+    def param_diag(self, m, dims, h):
+        return None, self._reduce(m, dims, h, 1).sum(0).reshape(m.bias.shape)
+
+    def param_diag_cols(self, m, dims, v, s):
+        t = self._reduce(m, dims, v, 2).square()
+        return None, _weighted_sum(t, s).reshape(m.bias.shape)
+
+
+# ------------------------------------------------------------------ selections
+class SelectRule(LinearMap):
+    """``x[idx]`` for basic indexing that keeps the batch dimension (``h[:, -1]``).
+
+    ``J^T v`` puts ``v`` back at the selected entries (zeros elsewhere); ``J o J = J``.
+    ``m`` is the index tuple; the cache the input shape.
+    """
+
+    @staticmethod
+    def valid(idx) -> bool:
+        if not isinstance(idx, tuple) or not idx or idx[0] != slice(None):
+            return False
+        return all(isinstance(i, (int, slice)) for i in idx[1:]) and all(
+            isinstance(a, int) or a is None
+            for i in idx[1:]
+            if isinstance(i, slice)
+            for a in (i.start, i.stop, i.step)
+        )
+
+    def forward(self, m, x, generator):
+        return x[m], x.shape[1:]
+
+    def vjp(self, m, shape, v):
+        out = v.new_zeros(v.shape[0], *shape)
+        out[m] = v
+        return out
+
+    def vjp_cols(self, m, shape, v):
+        out = v.new_zeros(*v.shape[:2], *shape)
+        out[(slice(None), *m)] = v
+        return out
+
+    vjp_sq = vjp
+
+    def jvp(self, m, shape, r):
+        return r[m]
+
+
+# ------------------------------------------------------------------ attention core
+def attention_spec(heads: int, mask_owner, mask_name: str | None, name: str) -> LocalSpec:
+    """The attention core on packed ``(q, k, v)`` (N, L, 3 d) -> (N, L, d) as a local map.
+
+    Per head ``h``: ``softmax(Q_h K_h^T / sqrt(d_h) + M) V_h``, heads merged as
+    ``nn.MultiheadAttention`` does; ``M`` is the attention mask read at every call from
+    ``mask_owner.<mask_name>`` (a float mask added, a bool mask with ``True`` = not allowed;
+    shape (L, L)), or none.
+    """
+    ref = None if mask_name is None else weakref.ref(mask_owner)
+
+    def fn(x: Tensor) -> Tensor:
+        n, length, three = x.shape
+        d = three // 3
+        dh = d // heads
+        q, k, v = (t.reshape(n, length, heads, dh).transpose(1, 2) for t in x.split(d, -1))
+        s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(dh))
+        if ref is not None:
+            mask = getattr(ref(), mask_name)
+            if mask is not None:
+                if mask.dim() != 2:
+                    raise UnsupportedError(
+                        f"attention '{name}': only (L, L) attention masks are supported"
+                    )
+                if mask.dtype == torch.bool:
+                    s = s.masked_fill(mask, float("-inf"))
+                else:
+                    s = s + mask.to(s.dtype)
+        a = torch.softmax(s, -1)
+        return (a @ v).transpose(1, 2).reshape(n, length, d)
+
+    return LocalSpec(fn, name)

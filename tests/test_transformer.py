@@ -1,0 +1,189 @@
+"""Transformers in the graph engine: embeddings, positional parameters, attention, slicing.
+
+``nn.TransformerEncoderLayer``/``nn.TransformerEncoder`` are expanded into plan
+nodes (in-projection, attention core as a local rule, out-projection, norms,
+feed-forward, residual adds). The exact and GGN diagonals are checked against the
+brute force of ``tests/reference.py`` (float64, batch 1 and 3, with and without
+a causal mask, float and bool masks, norm_first or not); the HesScale facts and
+the GGN-MC mean on the tiny GPT; one-line refusals of what is not supported.
+"""
+
+from __future__ import annotations
+
+import pytest
+import reference
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from hessbench.errors import UnsupportedError
+from hessbench.estimators import get_estimator
+from hessbench.suite.architectures import TinyGPT
+
+
+class Encoder(nn.Module):
+    """Float inputs, ``nn.TransformerEncoder`` (post-norm, dropout in eval mode), flatten, Linear."""
+
+    def __init__(self, act, bool_mask: bool, padding: bool = False):
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.1, activation=act, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8), enable_nested_tensor=False)
+        mask = nn.Transformer.generate_square_subsequent_mask(4)
+        self.register_buffer("mask", mask.isinf() if bool_mask else mask)
+        self.padding = padding
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.padding:
+            h = self.enc(h, mask=self.mask, src_key_padding_mask=self.mask[0])
+        else:
+            h = self.enc(h, mask=self.mask)
+        return self.out(torch.flatten(h, 1))
+
+
+def _gpt(causal: bool, layers: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    model = TinyGPT(4, 6, d_model=8, heads=2, layers=layers, mlp_ratio=2, causal=causal)
+    for m in model.modules():  # non-trivial norms: the affine parts matter
+        if isinstance(m, nn.LayerNorm):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return model.double().eval()
+
+
+def _problem(kind: str, batch: int):
+    g = torch.Generator().manual_seed(batch)
+    if kind.startswith("gpt"):
+        model = _gpt(kind == "gpt-causal")
+        x, y = torch.randint(6, (batch, 4), generator=g), torch.randint(6, (batch,), generator=g)
+        return model, nn.CrossEntropyLoss(), x, y
+    torch.manual_seed(1)
+    act = "relu" if kind == "encoder-relu-bool" else nn.GELU()
+    model = Encoder(act, kind == "encoder-relu-bool").double().eval()
+    x = torch.randn(batch, 4, 3, generator=g, dtype=torch.float64)
+    return model, nn.MSELoss(), x, torch.randn(batch, 3, generator=g, dtype=torch.float64)
+
+
+def _close(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("kind", ["gpt-causal", "gpt", "encoder-relu-bool", "encoder-gelu"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize(("name", "ref"), [("exact", "hessian"), ("ggn_exact", "ggn")])
+def test_exact_diagonals_of_transformers_match_brute_force(kind, batch, name, ref):
+    model, loss_fn, x, y = _problem(kind, batch)
+    with sdpa_kernel(SDPBackend.MATH):  # the brute force differentiates twice
+        want = getattr(reference, f"{ref}_diag")(model, loss_fn, x, y)
+    _close(get_estimator(name, method="structured")(model, loss_fn, x, y), want)
+
+
+def test_the_causal_mask_matters_to_the_tiny_gpt():
+    """Two layers: the earlier positions' masked attention reaches the last position."""
+    x, y = torch.tensor([[1, 4, 2, 5]]), torch.tensor([3])
+    a = get_estimator("exact", method="structured")(_gpt(True), nn.CrossEntropyLoss(), x, y)
+    b = get_estimator("exact", method="structured")(_gpt(False), nn.CrossEntropyLoss(), x, y)
+    k = "blocks.0.self_attn.in_proj_weight"
+    assert (a[k] - b[k]).abs().max() > 1e-3 * a[k].abs().max()
+
+
+@pytest.mark.parametrize("kind", ["gpt-causal", "encoder-relu-bool"])
+def test_hesscale_facts_on_transformers(kind):
+    model, loss_fn, x, y = _problem(kind, 3)
+    hs = get_estimator("hesscale")(model, loss_fn, x, y)
+    gn = get_estimator("hesscale_gn")(model, loss_fn, x, y)
+    bl = get_estimator("bl89", output_curvature="zero")(model, loss_fn, x, y)
+    with sdpa_kernel(SDPBackend.MATH):
+        want = reference.hessian_diag(model, loss_fn, x, y)
+    assert hs.keys() == want.keys()
+    for k in hs:
+        torch.testing.assert_close(hs[k], gn[k] + bl[k], rtol=1e-10, atol=1e-14, msg=k)
+    head = "head" if kind.startswith("gpt") else "out"
+    for k in (f"{head}.weight", f"{head}.bias"):  # the last layer is exact
+        torch.testing.assert_close(hs[k], want[k], rtol=1e-10, atol=1e-12, msg=k)
+    # attention mixes positions: the recursion is an approximation there, not the exact value
+    k = (
+        "blocks.0.self_attn.in_proj_weight"
+        if kind.startswith("gpt")
+        else "enc.layers.0.linear1.weight"
+    )
+    assert not torch.allclose(hs[k], want[k], rtol=1e-3, atol=1e-8)
+
+
+def test_ggn_mc_mean_converges_to_ggn_exact_on_the_tiny_gpt():
+    model, loss_fn, x, y = _problem("gpt-causal", 1)
+    want = get_estimator("ggn_exact", method="structured")(model, loss_fn, x, y)
+    errs = []
+    for n in (25, 400):  # seeded: 0.17 and 0.02 measured
+        est = get_estimator("ggn_mc", num_samples=n, method="structured")
+        got = est(model, loss_fn, x, y, generator=torch.Generator().manual_seed(0))
+        num = sum((got[k] - want[k]).abs().sum() for k in want)
+        errs.append(float(num / sum(want[k].abs().sum() for k in want)))
+    assert errs[1] < 0.05
+    assert errs[1] < errs[0] / 2
+
+
+def test_kfac_on_the_tiny_gpt_is_the_ggn_on_the_head_at_batch_1():
+    model, loss_fn, x, y = _problem("gpt-causal", 1)
+    got = get_estimator("kfac", backward="exact")(model, loss_fn, x, y)
+    want = get_estimator("ggn_exact", method="structured")(model, loss_fn, x, y)
+    assert got.keys() == want.keys()
+    for k in ("head.weight", "head.bias", "embed.weight", "pos", "norm.weight"):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.out(self.att(h, torch.tanh(h), h)[0][:, 0])
+
+
+class Direct(nn.Module):
+    """``nn.MultiheadAttention`` called directly, weights dropped: supported."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.out(self.att(h, h, h, need_weights=False)[0][:, -1])
+
+
+def test_direct_multihead_attention_matches_brute_force():
+    torch.manual_seed(2)
+    model = Direct().double()
+    x, y = torch.randn(2, 3, 3, dtype=torch.float64), torch.tensor([0, 1])
+    with sdpa_kernel(SDPBackend.MATH):
+        want = reference.hessian_diag(model, nn.CrossEntropyLoss(), x, y)
+    _close(get_estimator("exact", method="structured")(model, nn.CrossEntropyLoss(), x, y), want)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: Encoder("relu", True).train(), r"layer 'enc\.layers\.0' .*dropout in training"),
+        (lambda: Encoder("relu", True, padding=True), r"with a src_key_padding_mask"),
+        (CrossAttention, r"other than self-attention"),
+    ],
+)
+def test_transformer_refusals_are_one_line(make, match):
+    model = make().double()
+    x, y = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    if isinstance(model, CrossAttention):
+        x, y = torch.randn(2, 3, 3, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)
+    with pytest.raises(UnsupportedError, match=match) as err:
+        get_estimator("hesscale")(model, nn.MSELoss(), x, y)
+    assert "\n" not in str(err.value)
