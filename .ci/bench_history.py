@@ -62,21 +62,13 @@ def _git(*args: str) -> str:
     ).stdout.strip()
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown-cpu"
-
-
 def machine() -> dict:
     """Describe the machine kind: a stable name and the fields asv records."""
     import os
 
-    cpu, cores = _cpu(), os.cpu_count() or 1
+    from hessbench.store.provenance import cpu_name
+
+    cpu, cores = cpu_name(), os.cpu_count() or 1
     slug = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")[:40]
     return {
         "machine": f"{platform.machine()}-{slug}-{cores}c",

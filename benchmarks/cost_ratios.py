@@ -62,6 +62,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks._memory
 
 from benchmarks._memory import peak_memory
+from benchmarks._problems import cnn3x16_model
 from hessbench.errors import TooLargeError, UnsupportedError
 from hessbench.estimators import available_estimators, get_estimator
 
@@ -88,15 +89,7 @@ Problem = tuple[str, nn.Module, nn.Module, torch.Tensor, torch.Tensor]
 def cnn_problem(batch: int) -> Problem:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 16, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(800, 10),
-    )
+    model = cnn3x16_model()
     x = torch.randn(batch, 3, 16, 16, generator=gen)
     y = torch.randint(0, 10, (batch,), generator=gen)
     return f"cnn 3x16x16 relu/tanh CE batch={batch}", model, nn.CrossEntropyLoss(), x, y

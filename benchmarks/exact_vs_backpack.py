@@ -25,39 +25,20 @@ import os
 import sys
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._memory import peak_memory
-from benchmarks.cost_ratios import cost_net_problem, measure
+from benchmarks.cost_ratios import cnn_problem, cost_net_problem, measure
 from hessbench.estimators import get_estimator
 
 
-def cnn_problem(batch: int):
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 16, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(800, 10),
-    )
-    x = torch.randn(batch, 3, 16, 16, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
-    return f"cnn CE batch={batch}", model, nn.CrossEntropyLoss(), x, y
-
-
 def suite_problems(path: str) -> list:
-    from hessbench._plan import task_variants
-    from hessbench.config import load_suite
-    from hessbench.tasks import build_problem
+    from hessbench.bench.problem import build_problem
+    from hessbench.suite import find_suite, load_suite, task_variants
 
     out = []
-    for variant in task_variants(load_suite(path)):
+    for variant in task_variants(load_suite(find_suite(path))):
         prob = build_problem(variant, 0, dtype=torch.float32, device="cpu")
         x, y = prob.batches[0]
         out.append((f"{variant.name} batch={x.shape[0]}", prob.model, prob.loss_fn, x, y))
