@@ -116,6 +116,11 @@ class MatrixFreeEstimator(DualPathEstimator):
     the products start from (``passes_grad``).
     """
 
+    @property
+    def sample_param(self) -> str | None:
+        """A sweep varies the budget ``num_matvecs``."""
+        return "num_matvecs"
+
     stochastic: ClassVar[bool] = True
     passes_grad: ClassVar[bool] = True
     impl_fields: ClassVar[tuple[str, ...]] = ("method",)

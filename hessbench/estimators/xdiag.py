@@ -156,11 +156,6 @@ class XDiag(MatrixFreeEstimator):
     num_matvecs: EvenCount = 2
     method: Literal["auto", "structured", "autograd"] = "auto"
 
-    @property
-    def sample_param(self) -> str | None:
-        """A sweep varies the budget ``num_matvecs``."""
-        return "num_matvecs"
-
     def _diagonal(self, op: FlatOperator, generator: torch.Generator) -> Tensor:
         return xdiag(
             op.matmat, op.dim, self.num_matvecs, generator, dtype=op.dtype, device=op.device
