@@ -6,8 +6,8 @@ Usage (from the repository root)::
     python .ci/bench_history.py check          # HEAD vs the best of the last 5 recorded commits
     python .ci/bench_history.py publish        # asv publish: graphs over the recorded commits
 
-``record`` runs the gate's benchmarks (those of ``.ci/bench_gate.py``: every problem
-but the batch-32 MLP) with ``asv run --python=same --set-commit-hash HEAD`` into
+``record`` runs the gate's benchmarks (those of ``.ci/bench_gate.py``: the batch-1
+MLP, the small CNN and the cost net) with ``asv run --python=same --set-commit-hash HEAD`` into
 ``benchmarks/results/<machine>/``, where ``<machine>`` names this kind of machine
 (architecture, CPU model, cores), and describes the machine in its ``machine.json``.
 Commit the new file: the results of commit X land in a commit after X.
@@ -42,7 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-GATE_BENCH = r"^(?!.*mlp784_b32)"
+GATE_BENCH = r"^(?!.*(mlp784_b32|cnn3x16|ExactBatch))"  # the gate's set (bench_gate.py)
 LAST = 5
 FACTOR = 1.2
 GRADIENT = "bench_estimators.Gradient.time_gradient"
