@@ -106,6 +106,9 @@ def record(args: argparse.Namespace) -> int:
         run = ["asv", "--config", str(conf), "run", "--python=same", "--machine", m["machine"]]
         run += ["--set-commit-hash", head, "--bench", args.bench, "--show-stderr"]
         code = subprocess.run(run, cwd=ROOT).returncode
+    desc = RESULTS / m["machine"] / "machine.json"  # the machine's description, for asv too
+    if desc.exists():
+        desc.write_text(json.dumps({**json.loads(desc.read_text()), **m}, indent=4) + "\n")
     new = sorted((RESULTS / m["machine"]).glob(f"{head[:8]}-*.json"))
     print(f"bench history: recorded {', '.join(str(p.relative_to(ROOT)) for p in new)}")
     return code
