@@ -16,10 +16,13 @@ Commit the new file: the results of commit X land in a commit after X.
 ``.ci/bench_gate.py``, the protocol of the gate) and compares each estimator's
 time *as a ratio to one gradient of the same problem* with the best (lowest)
 ratio among the last ``--last`` recorded commits on this kind of machine. A ratio
-above ``--factor`` times the best is measured again; what stays above fails
-(exit 1). So a 10% slowdown per commit, which the parent-vs-HEAD gate lets pass,
-is caught once it adds up. Without recorded results for this machine it says
-so and exits 0. ``.ci/run`` calls it after the gate.
+above ``--factor`` times the best is measured again; what stays above is
+reported as creep (exit 1 only with ``--strict``). So a 10% slowdown per commit,
+which the parent-vs-HEAD gate lets pass, shows once it adds up. It is advisory
+in ``.ci/run``: the recorded values come from asv's timing loop and HEAD's from
+the gate's, and with few recorded commits their protocol difference alone can
+reach 1.2x (measured: 1.24x for one benchmark of the same code). Without recorded
+results for this machine it says so and exits 0.
 
 ``publish`` writes asv's HTML (``.asv/html``) over ``benchmarks/results``; note
 that asv's pages load their scripts from public CDNs (see docs/benchmarks.md).
@@ -222,11 +225,12 @@ def check(args: argparse.Namespace) -> int:
                 f"({best[bid][1]}): x{ratio:.2f} {verdict}"
             )
     if failures:
+        what = "FAIL" if args.strict else "WARNING (advisory; --strict fails)"
         print(
-            f"bench history: FAIL: {len(failures)} benchmark(s) more than {args.factor}x "
+            f"bench history: {what}: {len(failures)} benchmark(s) more than {args.factor}x "
             f"their best of the last {len(past)} recorded commits"
         )
-        return 1
+        return 1 if args.strict else 0
     print(f"bench history: OK: {len(now)} benchmarks within {args.factor}x of their best")
     return 0
 
@@ -249,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--factor", type=float, default=FACTOR, help=f"threshold ({FACTOR})")
     chk.add_argument("--bench", default=GATE_BENCH, help="regex on benchmark ids")
     chk.add_argument("-v", "--verbose", action="store_true", help="print every benchmark")
+    chk.add_argument(
+        "--strict", action="store_true", help="exit 1 on creep (default: report it, exit 0)"
+    )
     sub.add_parser("publish", help="asv publish (HTML in .asv/html)")
     args = parser.parse_args(argv)
     return {"record": record, "check": check, "publish": publish}[args.cmd](args)
