@@ -21,7 +21,7 @@ reported as creep (exit 1 only with ``--strict``). So a 10% slowdown per commit,
 which the parent-vs-HEAD gate lets pass, shows once it adds up. It is advisory
 in ``.ci/run``: the recorded values come from asv's timing loop and HEAD's from
 the gate's, and with few recorded commits their protocol difference alone can
-reach 1.2x (measured: 1.24x for one benchmark of the same code). Without recorded
+reach 1.2x (measured: up to 1.41x on benchmarks of the same code). Without recorded
 results for this machine it says so and exits 0.
 
 ``publish`` writes asv's HTML (``.asv/html``) over ``benchmarks/results``; note
