@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from hessbench.report import figures_lines as lines
+import hessbench.report.figures_lines as lines
 from hessbench.report.plotting import (
     FigureResult,
     grid,
