@@ -23,7 +23,8 @@ from hessbench.store.records import load, load_parts
 
 # tiny: 4 parameters, so `exact` with max_params 5 runs; mlp (43 parameters) makes it
 # unsupported. mlp is evaluated at init and after 20 steps (the before/after figure);
-# the two sizes give the cost-against-parameters figure; the sweeps the samples figure.
+# the two sizes give the cost-against-parameters figure; the sweeps the samples figure
+# (hutchinson sweeps num_matvecs: the matrix-free budget figures and table too).
 SUITE = textwrap.dedent("""
     name: reptest
     description: Two tiny tasks for the report tests.
@@ -56,7 +57,7 @@ SUITE = textwrap.dedent("""
       - name: hesscale
       - name: zero
       - name: hutchinson
-        params: {num_samples: [1, 4]}
+        params: {num_matvecs: [1, 4]}
       - name: ggn_mc
         params: {num_samples: [1, 4]}
 """)
@@ -65,6 +66,8 @@ FIGURES = [
     "layer_error",
     "accuracy_vs_cost",
     "error_vs_samples",
+    "error_vs_matvecs",
+    "error_vs_matvec_time",
     "cost_vs_params",
     "memory",
     "before_after_training",
@@ -137,7 +140,7 @@ def test_report_writes_every_table_and_figure(report_dir):
     for name in FIGURES:
         assert f"](figures/{name}.png)" in page
         assert f'src="figures/{name}.png"' in html
-    for table in ("accuracy", "cost", "layers"):
+    for table in ("accuracy", "cost", "layers", "matvec_budget"):
         assert f"(tables/{table}.csv)" in page
         assert f'href="tables/{table}.tex"' in html
     assert "reptest" in page
@@ -152,8 +155,8 @@ def test_table_cells_equal_the_dataframe(report_dir, frames):
     df, parts = frames
     ok = df[df["status"] == "ok"]
     acc = read_csv(report_dir / "tables" / "accuracy.csv").set_index(["task", "estimator"])
-    g = ok[(ok["task"] == "mlp@init") & (ok["label"] == "hutchinson[num_samples=4]")]
-    row = acc.loc[("mlp@init", "hutchinson[num_samples=4]")]
+    g = ok[(ok["task"] == "mlp@init") & (ok["label"] == "hutchinson[num_matvecs=4]")]
+    row = acc.loc[("mlp@init", "hutchinson[num_matvecs=4]")]
     assert row["rel_l1_median"] == g["rel_l1"].median()
     assert row["rel_l1_q25"] == g["rel_l1"].quantile(0.25)
     assert row["l1_over_hesscale_median"] == g["l1_over_hesscale"].median()
@@ -340,7 +343,7 @@ def test_compare_flags_a_worse_cell(run_dir, tmp_path):
     doctored = tmp_path / "b"
     shutil.copytree(run_dir, doctored)
     lines = (doctored / "cells.jsonl").read_text().splitlines()
-    target = "mlp@trained20/hutchinson[num_samples=4]/seed=1"
+    target = "mlp@trained20/hutchinson[num_matvecs=4]/seed=1"
     out = []
     for line in lines:
         rec = json.loads(line)

@@ -28,6 +28,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 import hessbench.report.figures_lines as lines
+from hessbench.report.budget import budget_figure, budget_time_figure
 from hessbench.report.plotting import (
     FigureResult,
     grid,
@@ -282,6 +283,8 @@ def make_figures(df: pd.DataFrame, parts: pd.DataFrame) -> list[FigureResult]:
         lines.layer_figure(df, parts),
         lines.accuracy_cost_figure(df),
         lines.samples_figure(df),
+        budget_figure(df),
+        budget_time_figure(df),
         lines.scaling_figure(df),
         memory_figure(df),
         before_after_figure(df),

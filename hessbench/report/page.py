@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from hessbench.errors import StorageError
+from hessbench.report.budget import budget_table
 from hessbench.report.figures import FigureResult, figure_bytes, make_figures
 from hessbench.report.results import RESULT_FILES, results_files
 from hessbench.report.tables import Table, accuracy_table, cost_table, layer_table
@@ -35,12 +36,14 @@ __all__ = [
 
 TABLE_FORMATS = ("md", "csv", "tex")
 FIGURE_FORMATS = ("png", "pdf")
-_TABLES = ("accuracy", "cost", "layers")
+_TABLES = ("accuracy", "cost", "layers", "matvec_budget")
 _FIGURES = (
     "l1_over_hesscale",
     "layer_error",
     "accuracy_vs_cost",
     "error_vs_samples",
+    "error_vs_matvecs",
+    "error_vs_matvec_time",
     "cost_vs_params",
     "memory",
     "before_after_training",
@@ -58,6 +61,7 @@ _TABLE_TITLES = {
     "accuracy": "Accuracy",
     "cost": "Cost",
     "layers": "Accuracy per layer",
+    "matvec_budget": "Matrix-free estimators at equal budgets",
 }
 
 
@@ -269,6 +273,7 @@ def render_report(
     figures are rendered in ``formats`` (the page links PNG and PDF regardless).
     """
     tables = [accuracy_table(df), cost_table(df), layer_table(df, parts)]
+    tables += [t for t in (budget_table(df),) if t is not None]
     figures = make_figures(df, parts)
     files: dict[str, bytes] = {}
     for t in tables:
