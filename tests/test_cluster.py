@@ -27,6 +27,11 @@ from hessbench.store.shards import Collector, Shard, parse_shard
 
 pytest.importorskip("submitit", reason="submitit is in the dev extra: pip install -e '.[dev]'")
 
+# one xdist worker runs every test here, one after the other (the README's command uses
+# --dist loadgroup): the one-node Slurm would otherwise queue one test's jobs behind
+# another's, and the time-limit tests measure from job start
+pytestmark = pytest.mark.xdist_group("cluster")
+
 ROOT = TESTS.parent
 SMOKE = ROOT / "suites" / "smoke.yaml"
 SLURM = bool(os.environ.get("HESSBENCH_TEST_SLURM"))
