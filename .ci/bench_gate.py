@@ -30,6 +30,8 @@ How it works (docs/benchmarks.md has the details):
   ``perf-regression-accepted: <benchmark pattern>: <reason>`` whose pattern
   (``fnmatch``, ``*`` and ``?`` wildcards) matches the benchmark's id.
 - No parent, or a parent whose code cannot import the benchmarks: say why, exit 0.
+- HEAD changes no file that can change a timing (only docs, tests, reports): the two
+  versions would run identical code, so nothing is compared; say so, exit 0.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FACTOR = 1.2
 ROUNDS = 3
+# what can change a timing: a HEAD that touches none of these is not benchmarked
+CODE = ("hessbench", "benchmarks", "pyproject.toml", "constraints-cpu.txt")
 CHUNKS, CHUNK_S = 6, 0.05  # per benchmark, version and round: 6 x 50 ms of timing
 SAMPLE_S = 0.01  # one timing sample: calls batched up to this much CPU time
 WARMUP_S = 0.05
@@ -493,8 +497,12 @@ def gate(args: argparse.Namespace) -> int:
         print(f"bench gate: skipped: {args.base} does not exist (first commit or shallow clone)")
         return 0
     print(f"bench gate: parent {parent[:10]} vs HEAD {head[:10]} (working tree)", flush=True)
-    if _git("status", "--porcelain", "--", "hessbench", "benchmarks"):
+    dirty = bool(_git("status", "--porcelain", "--", *CODE))
+    if dirty:
         print("  note: uncommitted changes in hessbench/ or benchmarks/ are part of HEAD here")
+    elif not _git("diff", "--name-only", parent, "HEAD", "--", *CODE):
+        print(f"bench gate: skipped: no file under {', '.join(CODE)} differs from the parent")
+        return 0
     message = _git("log", "-1", "--format=%B", "HEAD")
     patterns = accepted_patterns(message)
     tmp = Path(tempfile.mkdtemp(prefix="bench-gate-"))
