@@ -81,7 +81,11 @@ class DiagonalOptimizer(torch.optim.Optimizer):
             ``False``: L2, ``wd * theta`` added to the gradient (as torch's Adam).
         curvature: ``"square"`` averages ``d^2`` and divides by its square root
             (Adam-style, AdaHessian, AdaHesScale); ``"abs"`` averages ``|d|`` and
-            divides by it (Newton-style, Sophia).
+            divides by it (Newton-style, Sophia); ``"signed"`` averages ``d`` itself
+            (Sophia-H's Hutchinson estimate, which can be negative), only with
+            ``clip``, whose floor ``max(gamma D, eps)`` then takes the place of a
+            negative entry (a step of ``lr * clip`` in the momentum's sign), with
+            ``hessian_power`` 1 and without ``step_scaling``.
         hessian_power: the power ``p`` of ``D`` in the denominator (AdaHessian's
             Hessian power; 1 is a full diagonal Newton/Adam step).
         update_every: estimate the curvature every this many steps (steps 1,
@@ -149,7 +153,7 @@ class DiagonalOptimizer(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = True,
-        curvature: Literal["square", "abs"] = "square",
+        curvature: Literal["square", "abs", "signed"] = "square",
         hessian_power: float = 1.0,
         update_every: int = 1,
         bias_correction: bool = True,
@@ -168,7 +172,16 @@ class DiagonalOptimizer(torch.optim.Optimizer):
         )
         _check(eps >= 0.0, f"eps must be >= 0 (got {eps!r})")
         _check(weight_decay >= 0.0, f"weight_decay must be >= 0 (got {weight_decay!r})")
-        _check(curvature in ("square", "abs"), f"curvature must be square or abs ({curvature!r})")
+        _check(
+            curvature in ("square", "abs", "signed"),
+            f"curvature must be square, abs or signed ({curvature!r})",
+        )
+        _check(
+            curvature != "signed"
+            or (clip is not None and hessian_power == 1.0 and step_scaling is None),
+            "curvature signed needs clip (its floor max(gamma D, eps) handles negative D), "
+            "hessian_power 1 and no step_scaling",
+        )
         _check(hessian_power > 0.0, f"hessian_power must be > 0 (got {hessian_power!r})")
         _check(
             isinstance(update_every, int)
@@ -356,7 +369,7 @@ class DiagonalOptimizer(torch.optim.Optimizer):
             if update_curv:
                 assert diag is not None
                 d = diag[name]
-                c = d.square() if square else d.abs()
+                c = d.square() if square else d if self.curvature == "signed" else d.abs()
                 v = (1 - b2) * c if v_old is None else v_old.mul(b2).add_(c, alpha=1 - b2)
                 k += 1
             else:  # before the first estimate (schedule="script") the curvature is zero

@@ -49,7 +49,7 @@ class DiagonalPreset:
     eps: NonNeg = 1e-8
     weight_decay: NonNeg = 0.0
     decoupled_weight_decay: Flag = True
-    curvature: Literal["square", "abs"] = "square"
+    curvature: Literal["square", "abs", "signed"] = "square"
     hessian_power: Pos = 1.0
     update_every: Count = 1
     bias_correction: Flag = True
@@ -136,16 +136,15 @@ PRESETS: dict[str, DiagonalPreset | AdamPreset | SGDPreset] = {
         clip=1.0,
         gamma=0.04,
     ),
-    # Sophia-H (Liu et al., ICLR 2024): Sophia's clipped update with the Hutchinson estimate
-    # z o Hz (one HVP) every 10 steps, SophiaG's other hyper-parameters. Deviation: hessbench's
-    # "abs" curvature averages |z o Hz|; Sophia-H averages the signed estimate and lets
-    # max(gamma h, eps) floor negative entries.
+    # Sophia-H (Liu et al., ICLR 2024, Algorithm 3 with Algorithm 1): Sophia's clipped update
+    # with the signed Hutchinson estimate z o Hz (one HVP) every 10 steps, averaged as it is;
+    # max(gamma h, eps) floors negative entries. SophiaG's other hyper-parameters.
     "sophia_h": DiagonalPreset(
         estimator="hutchinson",
         betas=(0.965, 0.99),
         eps=1e-15,
         weight_decay=0.1,
-        curvature="abs",
+        curvature="signed",
         update_every=10,
         bias_correction=False,
         clip=1.0,
