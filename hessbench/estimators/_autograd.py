@@ -282,7 +282,7 @@ def per_sample_grad_sq(
     grads = vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(
         params, x, y
     )
-    return {n: g.square().sum(0) for n, g in grads.items()}, loss.scale(out)
+    return {n: g.square().sum(0) for n, g in grads.items()}, loss.scale(y)
 
 
 @differentiable_attention
