@@ -31,7 +31,7 @@ Example:
     >>> z, y = torch.zeros(1, 3, dtype=torch.float64), torch.tensor([0])
     >>> state = spec.evaluate(z, y)
     >>> state.grad  # p - q, q = 0.7 e_0 + 0.1
-    tensor([[-0.5667,  0.2333,  0.2333]], dtype=torch.float64)
+    tensor([[-0.4667,  0.2333,  0.2333]], dtype=torch.float64)
     >>> spec.hess_diag(z, state)  # p - p^2, as without smoothing
     tensor([[0.2222, 0.2222, 0.2222]], dtype=torch.float64)
 """
