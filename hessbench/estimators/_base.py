@@ -334,8 +334,8 @@ class Estimator(abc.ABC):
         model, loss = LossSpec.of(loss_fn).absorb(model)
         if self.plain_losses_only and loss.plain_module() is None:
             raise UnsupportedError(
-                f"{self.name} takes nn.CrossEntropyLoss or nn.MSELoss without options only, "
-                f"not {type(loss_fn).__name__} with its options"
+                f"{self.name} takes only nn.CrossEntropyLoss or nn.MSELoss without options "
+                f"(or nn.NLLLoss after nn.LogSoftmax), not this {type(loss_fn).__name__}"
             )
         return model, loss
 

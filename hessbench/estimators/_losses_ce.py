@@ -294,7 +294,8 @@ class CrossEntropySpec(LossSpec):
         """
         p = state.aux
         assert p is not None
-        g = self._residuals(p, 1, generator)[:, 0]
+        labels = sample_labels(p, 1, generator)  # (N, 1)
+        g = p.scatter_add(1, labels, p.new_full((p.shape[0], 1), -1.0))
         g = g if state.scale == 1.0 else g.mul_(state.scale)
         m = self._class_mass(state.targets, out)
         return weigh(weigh(g, None if m is None else m.sqrt()), self._sample_column(out))
