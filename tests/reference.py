@@ -8,10 +8,10 @@ float64 problems only.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
@@ -112,12 +112,14 @@ def ggn_diag(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> dict
 
 
 def per_sample_loss(loss_fn: nn.Module, out: Tensor, y: Tensor) -> Tensor:
-    """One sample's loss summed over output dimensions (no reduction factor)."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        return F.cross_entropy(out, y, reduction="sum")
-    if isinstance(loss_fn, nn.MSELoss):
-        return (out - y).square().sum()
-    raise TypeError(f"unsupported loss {type(loss_fn).__name__}")
+    """One sample's loss summed over output dimensions (no reduction factor).
+
+    The loss module itself with ``reduction="sum"`` (class weights, label smoothing,
+    ``pos_weight`` as the module has them).
+    """
+    summed = copy.copy(loss_fn)  # a shallow copy: the caller's module keeps its reduction
+    summed.reduction = "sum"
+    return summed(out, y)
 
 
 def per_sample_grads(

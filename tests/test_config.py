@@ -9,6 +9,7 @@ from pathlib import Path
 import pydantic
 import pytest
 import yaml
+from torch import nn
 
 from hessbench.errors import ConfigError, HessbenchError
 from hessbench.estimators import available_estimators, estimator_class
@@ -266,6 +267,65 @@ def test_loss_and_data_must_fit():
     ]
     digits = task(MLP_CE, data={"kind": "digits", "input_shape": None, "num_classes": None})
     assert parse(suite(tasks=[digits, task(digits, name="d", loss={"kind": "mse"})]))
+
+
+def test_loss_kinds_and_their_options():
+    tasks = [
+        task(MLP_CE, name="ce", loss={"weight": [0.5, 2], "label_smoothing": 0.1}),
+        task(MLP_CE, name="nll", loss={"kind": "nll", "weight": [1, 0], "reduction": "sum"}),
+        task(MLP_MSE, name="bce", loss={"kind": "bce_with_logits"}),
+        task(MLP_MSE, name="huber", loss={"kind": "huber", "delta": 0.5}),
+        task(MLP_MSE, name="sl1", loss={"kind": "smooth_l1", "beta": 0}),
+    ]
+    built = {t.name: (t.loss.build(), t.output_dim) for t in parse(suite(tasks=tasks)).tasks}
+    ce, nll = built["ce"][0], built["nll"][0]
+    assert isinstance(ce, nn.CrossEntropyLoss)
+    assert ce.label_smoothing == 0.1
+    assert ce.weight.tolist() == [0.5, 2.0]
+    assert built["ce"][1] == 2
+    assert isinstance(nll, nn.NLLLoss)
+    assert nll.reduction == "sum"
+    assert nll.weight.tolist() == [1, 0]
+    assert isinstance(built["bce"][0], nn.BCEWithLogitsLoss)
+    assert built["bce"][1] == 2
+    assert built["huber"][0].delta == 0.5
+    assert built["sl1"][0].beta == 0.0
+    # the defaults stay torch's (and the old suites' losses)
+    plain = parse(suite()).tasks[0].loss
+    assert plain.build().weight is None
+    assert plain.build().label_smoothing == 0.0
+    assert (plain.weight, plain.label_smoothing, plain.delta, plain.beta) == (None,) * 4
+
+
+def test_loss_options_fit_their_kind():
+    resmlp = {"kind": "resmlp", "widths": None}
+    bad = [
+        task(MLP_MSE, loss={"delta": 1.0}),
+        task(MLP_CE, name="b", loss={"weight": [1.0]}),
+        task(MLP_CE, name="c", loss={"label_smoothing": 1.5}),
+        task(MLP_CE, name="d", loss={"kind": "nll", "label_smoothing": 0.1}),
+        task(MLP_CE, name="e", loss={"weight": [0, 0]}),
+        task(MLP_CE, name="f", loss={"weight": [1, -1]}),
+        task(MLP_CE, name="g", loss={"kind": "nll"}, model=resmlp),
+        task(MLP_CE, name="h", loss={"kind": "bce_with_logits"}),
+        task(MLP_MSE, name="i", loss={"kind": "huber", "delta": 0}),
+    ]
+    lines = problems(suite(tasks=bad))
+    assert lines[:7] == [
+        f"{SRC}: tasks[0].loss.delta: not used with loss mse",
+        f"{SRC}: tasks[1].loss.weight: 1 class weights for 2 classes",
+        f"{SRC}: tasks[2].loss.label_smoothing: Input should be less than or equal to 1 (got 1.5)",
+        f"{SRC}: tasks[3].loss.label_smoothing: not used with loss nll",
+        f"{SRC}: tasks[4].loss.weight: every class weight is zero",
+        f"{SRC}: tasks[5].loss.weight[1]: Input should be greater than or equal to 0 (got -1)",
+        f"{SRC}: tasks[6].loss.kind: nll needs a model of kind mlp, cnn or sequential "
+        "(it gets a final nn.LogSoftmax(dim=1))",
+    ]
+    assert lines[7:] == [
+        f"{SRC}: tasks[7].data.output_dim: field required with loss bce_with_logits",
+        f"{SRC}: tasks[7].data.num_classes: not used with loss bce_with_logits; give output_dim",
+        f"{SRC}: tasks[8].loss.delta: Input should be greater than 0 (got 0)",
+    ]
 
 
 def test_models_must_fit_the_data():

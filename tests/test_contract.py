@@ -775,14 +775,17 @@ def test_batchnorm_train_mode_is_refused_or_leaves_buffers(cfg):
 # --------------------------------------------------------------- bad losses
 
 
-BAD_LOSSES = {
+BAD_LOSSES = {  # the supported losses and their options: tests/test_losses.py
     "l1": (lambda: nn.L1Loss(), "L1Loss"),
-    "smooth_l1": (lambda: nn.SmoothL1Loss(), "SmoothL1Loss"),
-    "nll": (lambda: nn.NLLLoss(), "NLLLoss"),
-    "ce_label_smoothing": (lambda: nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing"),
-    "ce_weight": (lambda: nn.CrossEntropyLoss(weight=torch.ones(3)), "weight"),
+    "bce_no_logits": (lambda: nn.BCELoss(), "BCELoss"),
+    "nll": (lambda: nn.NLLLoss(), "NLLLoss"),  # the model does not end with LogSoftmax
+    "ce_negative_weight": (
+        lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, -1.0, 1.0])),
+        "CrossEntropyLoss(weight=...)",
+    ),
     "ce_none": (lambda: nn.CrossEntropyLoss(reduction="none"), "reduction"),
     "mse_none": (lambda: nn.MSELoss(reduction="none"), "reduction"),
+    "huber_none": (lambda: nn.HuberLoss(reduction="none"), "reduction"),
     "function": (lambda: torch.nn.functional.mse_loss, "not supported"),
 }
 

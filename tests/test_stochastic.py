@@ -65,6 +65,9 @@ class Problem:
             if loss == "ce":
                 self.y = torch.randint(0, 3, (batch,))
                 self.loss_fn: nn.Module = nn.CrossEntropyLoss()
+            elif loss == "bce":  # multi-label: 3 independent 0/1 labels
+                self.y = torch.randint(0, 2, (batch, 3)).to(DT)
+                self.loss_fn = nn.BCEWithLogitsLoss()
             else:
                 self.y = torch.randn(batch, 3, dtype=DT)
                 self.loss_fn = nn.MSELoss()
@@ -94,7 +97,8 @@ class Problem:
             self.out = self.model(self.x)
         n, c_out = self.out.shape
         self.c = 1.0 / n if loss == "ce" else 1.0 / (n * c_out)
-        self.p = torch.softmax(self.out, 1) if loss == "ce" else None
+        # the predictive probabilities: softmax (ce), sigmoid per output (bce)
+        self.p = {"ce": torch.softmax(self.out, 1), "bce": torch.sigmoid(self.out)}.get(loss)
 
     def flat(self, d: dict[str, Tensor]) -> Tensor:
         assert list(d) == self.names
@@ -109,7 +113,7 @@ class Problem:
 _PROBLEMS: dict[str, Problem] = {}
 
 
-@pytest.fixture(params=["ce", "mse"])
+@pytest.fixture(params=["ce", "mse", "bce"])
 def prob(request) -> Problem:
     if request.param not in _PROBLEMS:
         _PROBLEMS[request.param] = Problem(request.param)
@@ -157,6 +161,8 @@ def ggn_from_jacobians(prob: Problem) -> Tensor:
     J = prob.J
     if prob.kind == "mse":
         return 2.0 * prob.c * J.square().sum((0, 1))
+    if prob.kind == "bce":
+        return prob.c * torch.einsum("nap,na,nap->p", J, prob.p * (1 - prob.p), J)
     p = prob.p
     hz = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)  # (N, C, C)
     return prob.c * torch.einsum("nap,nab,nbp->p", J, hz, J)
@@ -212,7 +218,8 @@ def ggn_mc_moments(prob: Problem) -> tuple[Tensor, Tensor]:
 
     Per data point ``n`` the draw is ``c (J_n^T r)^2``, ``r`` the output gradient
     of the per-sample loss at a label sampled from the model, independent over n.
-    Cross-entropy: ``r = p_n - e_y``, ``y ~ Cat(p_n)``, moments by enumeration.
+    Cross-entropy: ``r = p_n - e_y``, ``y ~ Cat(p_n)``; binary cross-entropy:
+    ``r = s_n - y``, ``y ~ Bernoulli(s_n)`` per output; moments by enumeration.
     MSE: ``r = -sqrt(2) eps``, so ``(J_n^T r)_i ~ N(0, s^2)``, ``s^2 = 2 sum_o J_noi^2``:
     a scaled chi-square with mean ``c s^2`` and variance ``2 c^2 s^4``.
     """
@@ -220,18 +227,28 @@ def ggn_mc_moments(prob: Problem) -> tuple[Tensor, Tensor]:
     if prob.kind == "mse":
         s2 = 2.0 * J.square().sum(1)  # (N, P)
         return (c * s2).sum(0), (2.0 * (c * s2).square()).sum(0)
-    n, C, _ = J.shape
+    n = J.shape[0]
     mean = torch.zeros(J.shape[2], dtype=DT)
     var = torch.zeros_like(mean)
     for i in range(n):
-        vals = torch.stack(
-            [c * (J[i].T @ (prob.p[i] - torch.eye(C, dtype=DT)[y])).square() for y in range(C)]
-        )  # (C, P)
-        w = prob.p[i].unsqueeze(1)
+        probs, residuals = outcomes(prob, i)
+        vals = torch.stack([c * (J[i].T @ r).square() for r in residuals])  # (outcomes, P)
+        w = probs.unsqueeze(1)
         m1 = (w * vals).sum(0)
         mean += m1
         var += (w * vals.square()).sum(0) - m1.square()
     return mean, var
+
+
+def outcomes(prob: Problem, i: int) -> tuple[Tensor, list[Tensor]]:
+    """Every label draw for sample ``i``: its probability and the residual ``r``."""
+    C = prob.p.shape[1]
+    if prob.kind == "ce":
+        return prob.p[i], [prob.p[i] - torch.eye(C, dtype=DT)[y] for y in range(C)]
+    s = prob.p[i]
+    draws = [torch.tensor(bits, dtype=DT) for bits in itertools.product((0, 1), repeat=C)]
+    probs = torch.stack([torch.where(d > 0, s, 1 - s).prod() for d in draws])
+    return probs, [s - d for d in draws]
 
 
 def test_ggn_mc_moments_are_consistent(prob):
@@ -285,20 +302,20 @@ def sophia_moments(prob: Problem) -> tuple[Tensor, Tensor]:
     """Mean and variance of one Sophia-GNB draw ``(grad L_hat)^2 / c``.
 
     ``grad L_hat = c sum_n J_n^T r_n`` with ``r_n`` as for GGN-MC; the samples do not
-    separate, so for cross-entropy every label combination is enumerated; for MSE
+    separate, so for (binary) cross-entropy every label combination is enumerated; for MSE
     ``grad L_hat`` is Gaussian with variance ``2 c^2 sum_n sum_o J_noi^2``.
     """
     J, c = prob.J, prob.c
     if prob.kind == "mse":
         m = 2.0 * c * J.square().sum((0, 1))
         return m, 2.0 * m.square()
-    n, C, P = J.shape
-    eye = torch.eye(C, dtype=DT)
+    n, _, P = J.shape
+    per = [outcomes(prob, i) for i in range(n)]
     mean = torch.zeros(P, dtype=DT)
     second = torch.zeros(P, dtype=DT)
-    for labels in itertools.product(range(C), repeat=n):
-        w = math.prod(float(prob.p[i, y]) for i, y in enumerate(labels))
-        g = c * sum(J[i].T @ (prob.p[i] - eye[y]) for i, y in enumerate(labels))
+    for labels in itertools.product(*(range(len(pr)) for pr, _ in per)):
+        w = math.prod(float(per[i][0][y]) for i, y in enumerate(labels))
+        g = c * sum(J[i].T @ per[i][1][y] for i, y in enumerate(labels))
         v = g.square() / c
         mean += w * v
         second += w * v.square()

@@ -230,3 +230,61 @@ def test_output_mismatch_is_a_suite_error():
     bad = type(variant)(bad_task, "init", "bad")
     with pytest.raises(SuiteError, match="task 'seq_conv1d': model outputs have shape"):
         build_problem(bad, 0, **F32)
+
+
+LOSS_SUITE = """
+name: losses
+tasks:
+  - name: nll
+    model: {kind: mlp, widths: [4]}
+    loss: {kind: nll, weight: [1.0, 2.0, 0.5]}
+    data: {kind: synthetic, input_shape: [3], num_classes: 3, size: 32}
+    eval: {batch_size: 2, num_batches: 2, states: [init, {steps: 5, batch_size: 8}]}
+  - name: bce
+    model: {kind: cnn, channels: [2], hidden: [3]}
+    loss: {kind: bce_with_logits, reduction: sum}
+    data: {kind: synthetic, input_shape: [1, 4, 4], output_dim: 3}
+    eval: {batch_size: 4, num_batches: 2}
+  - name: huber_digits
+    model: {kind: mlp, widths: [4]}
+    loss: {kind: huber, delta: 0.5}
+    data: {kind: digits}
+    eval: {batch_size: 2, num_batches: 1}
+  - name: ce_smooth
+    model: {kind: sequential, layers: [{type: Linear, args: [3, 2]}]}
+    loss: {kind: cross_entropy, label_smoothing: 0.2, weight: [1, 3]}
+    data: {kind: synthetic, input_shape: [3], num_classes: 2}
+    eval: {batch_size: 2, num_batches: 1}
+estimators: [{name: zero}]
+"""
+LOSS_VARIANTS = {v.name: v for v in task_variants(parse_suite(LOSS_SUITE))}
+
+
+@pytest.mark.parametrize(
+    ("name", "loss_type", "y_dtype", "last"),
+    [
+        ("nll@init", nn.NLLLoss, torch.int64, nn.LogSoftmax),
+        ("nll@trained5", nn.NLLLoss, torch.int64, nn.LogSoftmax),
+        ("bce", nn.BCEWithLogitsLoss, torch.float64, nn.Linear),
+        ("huber_digits", nn.HuberLoss, torch.float64, nn.Linear),
+        ("ce_smooth", nn.CrossEntropyLoss, torch.int64, nn.Linear),
+    ],
+)
+def test_loss_kinds_build_their_problems(name, loss_type, y_dtype, last):
+    """Targets, losses and models per loss kind; every estimator's loss closed form accepts them."""
+    from hessbench.estimators import get_estimator
+
+    p = build_problem(LOSS_VARIANTS[name], 0, dtype=torch.float64, device="cpu")
+    assert type(p.loss_fn) is loss_type
+    assert isinstance(p.model[-1], last)
+    x, y = p.batches[0]
+    assert y.dtype == y_dtype
+    if loss_type is nn.BCEWithLogitsLoss:
+        assert y.shape == (4, 3)
+        assert set(y.unique().tolist()) <= {0.0, 1.0}
+    if name == "huber_digits":
+        assert torch.equal(y.sum(1), torch.ones(2, dtype=torch.float64))  # one-hot rows
+    if getattr(p.loss_fn, "weight", None) is not None:
+        assert p.loss_fn.weight.dtype == torch.float64
+    diag = get_estimator("hesscale")(p.model, p.loss_fn, x, y)
+    assert set(diag) == {n for n, _ in p.model.named_parameters()}

@@ -90,6 +90,8 @@ def curves_only(records: dict) -> dict:
         (("steps: 12", "steps: 12\nlr: 3"), "x.yaml: lr: unknown field"),
         (("loss: {kind: mse}", "loss: {kind: cross_entropy}"),
          "x.yaml: task.loss.kind: teacher data need loss mse"),
+        (("loss: {kind: mse}", "loss: {kind: huber}"),
+         "x.yaml: task.loss.kind: train suites take loss cross_entropy or mse"),
         (("batch_size: 8", "batch_size: 100"), "x.yaml: batch_size: more than the 64 training"),
         (("activation: tanh}", "activation: tahn}"), "x.yaml: task.model.activation: 'tahn' is not"),
         (("  - {name: adahesscale, lr: 0.01}", "  - {name: adam, lr: 0.3}"),

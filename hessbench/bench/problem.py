@@ -41,8 +41,9 @@ class Problem:
     """What one (task variant, seed) evaluates.
 
     Attributes:
-        model: the ``nn.Sequential`` in eval mode, in the requested dtype and device.
-        loss_fn: ``nn.CrossEntropyLoss`` or ``nn.MSELoss`` with the task's reduction.
+        model: the model in eval mode, in the requested dtype and device (ending with
+            ``nn.LogSoftmax(dim=1)`` for loss ``nll``).
+        loss_fn: the task's loss module (class weights in the dtype, on the device).
         batches: ``eval.num_batches`` pairs ``(inputs, targets)`` of ``eval.batch_size``
             samples (targets: int64 class labels, or regression targets in the dtype).
         input_shape: the shape of one input sample.
@@ -100,12 +101,13 @@ def build_problem(
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(derive_seed(task.name, seed, "init"))
         try:
-            model = build_model(task.model, task.input_shape, task.output_dim)
+            model = build_model(
+                task.model, task.input_shape, task.output_dim, log_softmax=task.loss.kind == "nll"
+            )
         except ConfigError as exc:
             raise SuiteError(f"task {task.name!r}: {exc}") from None
     model = model.to(device=device, dtype=dtype)
-    loss_cls = nn.CrossEntropyLoss if task.loss.kind == "cross_entropy" else nn.MSELoss
-    loss_fn = loss_cls(reduction=task.loss.reduction)
+    loss_fn = task.loss.build(dtype=dtype, device=device)
     if isinstance(variant.state, TrainState):
         x, y = training_data(task, seed)
         x, y, gen = (

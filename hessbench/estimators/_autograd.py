@@ -282,7 +282,7 @@ def per_sample_grad_sq(
     grads = vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(
         params, x, y
     )
-    return {n: g.square().sum(0) for n, g in grads.items()}, loss.scale(out)
+    return {n: g.square().sum(0) for n, g in grads.items()}, loss.scale(y)
 
 
 @differentiable_attention
@@ -316,7 +316,8 @@ def ggn_diag_jacobian(
             "batch or an nn.Sequential of supported layers for the fast path"
         )
     state = loss.evaluate(out, y)
-    cols = columns(out, state).flatten(2)  # (N, K, O)
+    cols = columns(out, state)
+    cols = cols.reshape(*cols.shape[:2], -1)  # (N, K, O); O = 1 for outputs of shape (N,)
 
     def single(p: dict[str, Tensor], xn: Tensor) -> Tensor:
         return functional_call(model, ({**p, **buffers},), (xn.unsqueeze(0),)).squeeze(0)

@@ -252,6 +252,8 @@ class Estimator(abc.ABC):
         quiet_fields: fields shown in :attr:`label` only when they differ from
             their default (options added after results were published, e.g. those
             that restore an author's rule, so existing labels stay as they were).
+        plain_losses_only: whether only ``nn.CrossEntropyLoss`` and ``nn.MSELoss``
+            without options are taken (the peer libraries); others are refused.
     """
 
     name: ClassVar[str]
@@ -261,6 +263,7 @@ class Estimator(abc.ABC):
     impl_fields: ClassVar[tuple[str, ...]] = ()
     grad_in_pass: ClassVar[bool] = False
     quiet_fields: ClassVar[tuple[str, ...]] = ()
+    plain_losses_only: ClassVar[bool] = False
 
     @property
     def params(self) -> dict[str, object]:
@@ -314,8 +317,27 @@ class Estimator(abc.ABC):
 
     def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
         """Raise :class:`UnsupportedError` when this estimator cannot handle the pair."""
-        LossSpec.of(loss_fn)
+        model, loss = self._loss(model, loss_fn)
         trainable_parameters(model)
+        self._check_model(model, loss)
+
+    def _check_model(self, model: nn.Module, loss: LossSpec) -> None:
+        """What a subclass refuses beyond the loss and the parameters.
+
+        ``model`` is the one the estimate sees: with ``NLLLoss``, without its final
+        ``LogSoftmax`` (absorbed into the loss, see :meth:`LossSpec.absorb`).
+        """
+        return None
+
+    def _loss(self, model: nn.Module, loss_fn: nn.Module) -> tuple[nn.Module, LossSpec]:
+        """The model and the loss spec the estimate sees; refuses an unsupported loss."""
+        model, loss = LossSpec.of(loss_fn).absorb(model)
+        if self.plain_losses_only and loss.plain_module() is None:
+            raise UnsupportedError(
+                f"{self.name} takes only nn.CrossEntropyLoss or nn.MSELoss without options "
+                f"(or nn.NLLLoss after nn.LogSoftmax), not this {type(loss_fn).__name__}"
+            )
+        return model, loss
 
     def _prepare(
         self,
@@ -323,15 +345,18 @@ class Estimator(abc.ABC):
         loss_fn: nn.Module,
         inputs: Tensor,
         generator: torch.Generator | None,
-    ) -> tuple[LossSpec, bool, torch.Generator | None]:
-        """The loss spec, whether dropout is active, and the generator to use (checks inputs)."""
-        loss = LossSpec.of(loss_fn)
+    ) -> tuple[nn.Module, LossSpec, bool, torch.Generator | None]:
+        """The model and loss spec to use, whether dropout is active, and the generator.
+
+        Checks the inputs.
+        """
+        model, loss = self._loss(model, loss_fn)
         if not all_finite(inputs):
             raise InputError("the inputs contain NaN or infinity")
         dropout = has_active_dropout(model)
         if generator is None and (self.stochastic or dropout):
             generator = fresh_generator(inputs.device)
-        return loss, dropout, generator
+        return model, loss, dropout, generator
 
     def __call__(
         self,
@@ -343,7 +368,7 @@ class Estimator(abc.ABC):
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """Estimate the diagonal of the Hessian of ``loss_fn(model(inputs), targets)``."""
-        loss, dropout, generator = self._prepare(model, loss_fn, inputs, generator)
+        model, loss, dropout, generator = self._prepare(model, loss_fn, inputs, generator)
         if self.uses_model_forward or dropout:
             with preserve_state(model, inputs.device, generator if dropout else None):
                 return self._estimate(model, loss, inputs, targets, generator)
@@ -374,7 +399,7 @@ class Estimator(abc.ABC):
         Returns:
             ``(diag, grad, loss)``.
         """
-        loss, dropout, generator = self._prepare(model, loss_fn, inputs, generator)
+        model, loss, dropout, generator = self._prepare(model, loss_fn, inputs, generator)
         if self.uses_model_forward or dropout or not self.grad_in_pass:
             with preserve_state(model, inputs.device, generator if dropout else None):
                 return self._estimate_with_grad(model, loss, inputs, targets, generator)

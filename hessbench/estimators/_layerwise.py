@@ -46,16 +46,15 @@ class LayerwiseEstimator(Estimator):
     Supported: ``nn.Sequential`` (nested allowed) of Linear, Conv1d, Conv2d
     (stride, padding, dilation, groups), Tanh, Sigmoid, ReLU, LeakyReLU, ELU,
     SELU, Softplus, LogSigmoid, Flatten, MaxPool1d/2d, AvgPool1d/2d, Dropout and
-    Identity; losses CrossEntropyLoss and MSELoss with ``mean`` or ``sum``.
+    Identity; every loss of :class:`~hessbench.estimators._losses.LossSpec`.
     """
 
     uses_model_forward: ClassVar[bool] = False
     graph_capable: ClassVar[bool] = True
     """Whether non-``Sequential`` models run on the graph engine (peer wrappers: no)."""
 
-    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
+    def _check_model(self, model: nn.Module, loss: LossSpec) -> None:
         """Also refuse any model the layer-by-layer pass cannot run."""
-        super().check_supported(model, loss_fn)
         build_plan(model, graph=self.graph_capable)
 
 
@@ -141,9 +140,8 @@ class DualPathEstimator(Estimator):
         """Estimators passing the gradient guard their own autograd fallbacks."""
         return self.passes_grad
 
-    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
+    def _check_model(self, model: nn.Module, loss: LossSpec) -> None:
         """Also refuse models the layer-by-layer pass cannot run when it is forced."""
-        super().check_supported(model, loss_fn)
         if self.method == "structured":
             build_plan(model, graph=self.graph_plans)
 

@@ -252,12 +252,15 @@ def sampled_grad_pass(
 ) -> tuple[dict[str, Tensor], LossState]:
     """The gradient of the loss at targets drawn from the model's predictive distribution.
 
+    The output gradient is the loss's ``sampled_grad`` (see
+    :class:`~hessbench.estimators._losses.LossSpec`).
+
     Returns:
         the parameter gradients and the loss state at the true targets.
     """
     with torch.no_grad():
         out, caches, _, state = run_start(plan, model, loss, x, targets, generator)
-        g = loss.grad_at(state, loss.sample_targets(out, state, generator))
+        g = loss.sampled_grad(out, state, generator)
         grads: dict[str, Tensor] = {}
         steps = plan.steps
         for i in range(len(steps) - 1, plan.first_param - 1, -1):

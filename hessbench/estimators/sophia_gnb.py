@@ -26,8 +26,13 @@ class SophiaGNB(DualPathEstimator):
 
     Labels are drawn from the model's predictive distribution: categorical
     ``softmax(z)`` for cross-entropy, ``y_hat = z + eps/sqrt(2)`` for MSE (the
-    Gaussian whose negative log-likelihood is the squared error). For mean
-    cross-entropy this is Sophia's ``N (grad L_hat)^2``. By Bartlett's second
+    Gaussian whose negative log-likelihood is the squared error), Bernoulli
+    ``sigmoid(z)`` for binary cross-entropy. For mean cross-entropy this is
+    Sophia's ``N (grad L_hat)^2``. With class weights, label smoothing,
+    ``pos_weight`` or a Huber-type loss the output gradient is the loss's
+    ``sampled_grad`` instead of the gradient of the loss at the drawn labels (which
+    would be biased): ``sqrt(c)`` times a Monte-Carlo GGN column, with
+    ``E[g g^T] = c d2L/dz2`` (the rules: ``hessbench/estimators/_losses.py``). By Bartlett's second
     identity its expectation is ``c sum_n diag(J_n^T d2l/dz2 J_n)`` (exact at
     batch size 1, where it equals the GGN diagonal of the loss ``L``); for
     ``N > 1`` the expectation also contains cross-sample terms
@@ -87,6 +92,6 @@ class SophiaGNB(DualPathEstimator):
         loss.check_targets(out, targets)
         with torch.no_grad():
             state = loss.evaluate(out.detach(), targets)
-            sampled = loss.sample_targets(out.detach(), state, generator)
-        grads = torch.autograd.grad(loss.loss(out, sampled), list(params.values()))
+            g = loss.sampled_grad(out.detach(), state, generator)
+        grads = torch.autograd.grad(out, list(params.values()), grad_outputs=g)
         return {n: g.square().div_(state.scale) for n, g in zip(params, grads, strict=True)}

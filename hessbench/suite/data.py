@@ -47,9 +47,10 @@ def _digits_part(task: TaskSpec, evaluation: bool) -> tuple[Tensor, Tensor]:
 
 
 def _targets(task: TaskSpec, labels: Tensor) -> Tensor:
-    if task.loss.kind == "cross_entropy":
+    if task.loss.classes:
         return labels
-    return nn.functional.one_hot(labels, task.output_dim).float()  # digits with MSE
+    # digits with an element-wise loss: one-hot rows (0/1 labels for bce_with_logits)
+    return nn.functional.one_hot(labels, task.output_dim).float()
 
 
 def _sequences(data: SequenceData, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -65,8 +66,10 @@ def _synthetic(task: TaskSpec, n: int, gen: torch.Generator) -> tuple[Tensor, Te
     if isinstance(task.data, SequenceData):
         return _sequences(task.data, n, gen)
     x = torch.randn(n, *task.input_shape, generator=gen)
-    if task.loss.kind == "cross_entropy":
+    if task.loss.classes:
         return x, torch.randint(task.output_dim, (n,), generator=gen)
+    if task.loss.kind == "bce_with_logits":  # independent fair 0/1 labels (multi-label)
+        return x, torch.randint(2, (n, task.output_dim), generator=gen).float()
     return x, torch.randn(n, task.output_dim, generator=gen)
 
 

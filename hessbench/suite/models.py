@@ -172,17 +172,27 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int) -> nn.Module:
+def build_model(
+    spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int, *, log_softmax: bool = False
+) -> nn.Module:
     """The model of ``spec`` for inputs of ``input_shape`` and ``output_dim`` outputs.
 
     Initialized from the global RNG, like any ``torch.nn`` layer (:func:`build_problem`
     seeds it). An MLP flattens multi-dimensional inputs first. ``mlp``, ``cnn`` and
-    ``sequential`` give an ``nn.Sequential``; ``resmlp`` and ``resnet`` the modules of
+    ``sequential`` give an ``nn.Sequential``, ending with ``nn.LogSoftmax(dim=1)`` if
+    ``log_softmax`` (for ``NLLLoss``); ``resmlp`` and ``resnet`` the modules of
     :mod:`hessbench.suite.architectures`.
 
     Raises:
-        ConfigError: a CNN whose feature maps shrink to nothing, or on non-image inputs.
+        ConfigError: a CNN whose feature maps shrink to nothing, on non-image inputs,
+            or ``log_softmax`` for a model that is not an ``nn.Sequential``.
     """
+    if log_softmax:
+        if not isinstance(spec, (MLPModel, CNNModel, SequentialModel)):
+            raise ConfigError(f"a {spec.kind} model cannot end with nn.LogSoftmax (loss nll)")
+        model = build_model(spec, input_shape, output_dim)
+        assert isinstance(model, nn.Sequential)
+        return model.append(nn.LogSoftmax(dim=1))
     if isinstance(spec, SequentialModel):
         return nn.Sequential(*(layer.build() for layer in spec.layers))
     if isinstance(spec, TransformerModel):
@@ -238,7 +248,9 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int) 
     return nn.Sequential(*layers)
 
 
-def check_model(spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int) -> None:
+def check_model(
+    spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int, *, log_softmax: bool = False
+) -> None:
     """Check that ``spec`` builds and maps one input sample to ``output_dim`` outputs.
 
     Cheap: the layers are built on the meta device (no initialization, no RNG),
@@ -248,7 +260,7 @@ def check_model(spec: ModelSpec, input_shape: tuple[int, ...], output_dim: int) 
         ConfigError: naming what does not fit.
     """
     with torch.device("meta"):
-        model = build_model(spec, input_shape, output_dim)
+        model = build_model(spec, input_shape, output_dim, log_softmax=log_softmax)
     model.to_empty(device="cpu").eval()  # as evaluated (batch norm of one sample needs it)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters")

@@ -7,20 +7,25 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import torch
 from pydantic import (
     Discriminator,
     Field,
+    NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
     Tag,
     model_validator,
 )
+from torch import nn
 
 from hessbench.errors import ConfigError, HessbenchError
 from hessbench.suite.models import (
     CNNModel,
+    MLPModel,
     ModelSpec,
     ResNetModel,
+    SequentialModel,
     TransformerModel,
     check_model,
 )
@@ -36,11 +41,69 @@ DIGITS_SAMPLES, DIGITS_EVAL, DIGITS_CLASSES = 1797, 297, 10
 """scikit-learn's digits: samples, the fixed evaluation part, classes (training: the rest)."""
 
 
-class LossConfig(StrictModel):
-    """``nn.CrossEntropyLoss`` (class labels) or ``nn.MSELoss``."""
+CLASS_LOSSES = ("cross_entropy", "nll")
+"""Loss kinds whose targets are class labels (the data's ``num_classes``)."""
+_OPTIONS = {
+    "weight": CLASS_LOSSES,
+    "label_smoothing": ("cross_entropy",),
+    "delta": ("huber",),
+    "beta": ("smooth_l1",),
+}
 
-    kind: Literal["cross_entropy", "mse"]
+
+class LossConfig(StrictModel):
+    """A ``torch.nn`` loss module and its options (each only with its loss kind).
+
+    ``cross_entropy``: ``nn.CrossEntropyLoss`` on class labels (``weight``: one weight
+    per class, ``label_smoothing``); ``nll``: ``nn.NLLLoss`` (``weight``), the model
+    ends with ``nn.LogSoftmax(dim=1)``; ``bce_with_logits``: ``nn.BCEWithLogitsLoss``
+    on 0/1 labels; ``mse``; ``huber``: ``nn.HuberLoss(delta)``; ``smooth_l1``:
+    ``nn.SmoothL1Loss(beta)``.
+    """
+
+    kind: Literal["cross_entropy", "nll", "bce_with_logits", "mse", "huber", "smooth_l1"]
     reduction: Literal["mean", "sum"] = "mean"
+    weight: list[NonNegativeFloat] | None = Field(default=None, min_length=1)
+    label_smoothing: Annotated[float, Field(ge=0, le=1)] | None = None
+    delta: PositiveFloat | None = None
+    beta: NonNegativeFloat | None = None
+
+    @property
+    def classes(self) -> bool:
+        """Whether the targets are class labels (``cross_entropy``, ``nll``)."""
+        return self.kind in CLASS_LOSSES
+
+    def build(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> nn.Module:
+        """The loss module; class weights as a tensor in ``dtype`` on ``device``."""
+        red = self.reduction
+        if self.kind in CLASS_LOSSES:
+            w = self.weight and torch.tensor(self.weight, dtype=dtype, device=device)
+            if self.kind == "nll":
+                return nn.NLLLoss(w, reduction=red)
+            return nn.CrossEntropyLoss(
+                w, reduction=red, label_smoothing=self.label_smoothing or 0.0
+            )
+        if self.kind == "bce_with_logits":
+            return nn.BCEWithLogitsLoss(reduction=red)
+        if self.kind == "huber":
+            return nn.HuberLoss(reduction=red, delta=1.0 if self.delta is None else self.delta)
+        if self.kind == "smooth_l1":
+            return nn.SmoothL1Loss(reduction=red, beta=1.0 if self.beta is None else self.beta)
+        return nn.MSELoss(reduction=red)
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> LossConfig:
+        problems: Problems = {
+            (name,): f"not used with loss {self.kind}"
+            for name, kinds in _OPTIONS.items()
+            if getattr(self, name) is not None and self.kind not in kinds
+        }
+        if self.weight is not None and not any(self.weight):
+            problems["weight",] = "every class weight is zero"
+        fail(problems.items())
+        return self
 
 
 class SyntheticData(StrictModel):
@@ -143,7 +206,7 @@ class TaskSpec(StrictModel):
             return DIGITS_CLASSES
         if isinstance(self.data, SequenceData):
             return self.data.vocab
-        n = self.data.num_classes if self.loss.kind == "cross_entropy" else self.data.output_dim
+        n = self.data.num_classes if self.loss.classes else self.data.output_dim
         if n is None:
             raise ConfigError(f"task {self.name!r}: the data give no output size")
         return n
@@ -154,7 +217,7 @@ class TaskSpec(StrictModel):
         data, loss, pool = self.data, self.loss.kind, DIGITS_SAMPLES - DIGITS_EVAL
         if isinstance(data, SyntheticData):
             pool = data.size
-            need, other = ("num_classes", "output_dim")[:: 1 if loss == "cross_entropy" else -1]
+            need, other = ("num_classes", "output_dim")[:: 1 if self.loss.classes else -1]
             if getattr(data, need) is None:
                 problems["data", need] = f"field required with loss {loss}"
             if getattr(data, other) is not None:
@@ -170,6 +233,17 @@ class TaskSpec(StrictModel):
                 problems["eval", "states", i, "batch_size"] = (
                     f"more than the {pool} training samples"
                 )
+        if loss == "nll" and not isinstance(self.model, (MLPModel, CNNModel, SequentialModel)):
+            problems["loss", "kind"] = (
+                "nll needs a model of kind mlp, cnn or sequential (it gets a final "
+                "nn.LogSoftmax(dim=1))"
+            )
+        weight = self.loss.weight
+        known = ("data", "num_classes") not in problems  # else output_dim is unknown
+        if weight is not None and known and len(weight) != self.output_dim:
+            problems["loss", "weight"] = (
+                f"{len(weight)} class weights for {self.output_dim} classes"
+            )
         tokens = isinstance(self.model, TransformerModel)
         if tokens != isinstance(data, SequenceData):
             where = ("data", "kind") if tokens else ("model", "kind")
@@ -181,7 +255,9 @@ class TaskSpec(StrictModel):
             )
         if not problems:
             try:
-                check_model(self.model, self.input_shape, self.output_dim)
+                check_model(
+                    self.model, self.input_shape, self.output_dim, log_softmax=loss == "nll"
+                )
             except HessbenchError as exc:
                 problems["model",] = str(exc)
         fail(problems.items())

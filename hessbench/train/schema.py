@@ -128,6 +128,11 @@ class TrainTask(StrictModel):
 
     @model_validator(mode="after")
     def _fits(self) -> TrainTask:
+        if self.loss.kind not in ("cross_entropy", "mse"):
+            fail([(("loss", "kind"), "train suites take loss cross_entropy or mse")])
+        options = [k for k in ("weight", "label_smoothing") if getattr(self.loss, k) is not None]
+        if options:
+            fail([(("loss", options[0]), "not supported in train suites")])
         if isinstance(self.data, TeacherData) and self.loss.kind != "mse":
             fail([(("loss", "kind"), "teacher data need loss mse")])
         try:

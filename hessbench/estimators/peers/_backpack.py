@@ -100,6 +100,7 @@ class BackpackEstimator(LayerwiseEstimator):
     )
     extension_name: ClassVar[str]
     groups_supported: ClassVar[bool] = True
+    plain_losses_only: ClassVar[bool] = True
 
     @abc.abstractmethod
     def _extension(self) -> BackpropExtension:
@@ -119,9 +120,8 @@ class BackpackEstimator(LayerwiseEstimator):
             groups=self.groups_supported,
         )
 
-    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
+    def _check_model(self, model: nn.Module, loss: LossSpec) -> None:
         """Also refuse layers that BackPACK's extension does not handle."""
-        super().check_supported(model, loss_fn)
         self._check_plan(build_plan(model), self._extension())
 
     def _estimate(

@@ -48,12 +48,13 @@ def seeded_global_rng(generator: torch.Generator, device: torch.device) -> Itera
 
 
 def loss_module(loss: LossSpec) -> nn.Module:
-    """A fresh loss module equal to the caller's (hessbench supports no other options)."""
-    if loss.weighted:
-        raise UnsupportedError("peer libraries do not support per-sample weighted losses")
-    if loss.kind == "ce":
-        return nn.CrossEntropyLoss(reduction=loss.reduction)
-    return nn.MSELoss(reduction=loss.reduction)
+    """A fresh loss module equal to the caller's: plain cross-entropy or MSE only."""
+    module = loss.plain_module()
+    if module is None:
+        raise UnsupportedError(
+            "peer libraries take nn.CrossEntropyLoss or nn.MSELoss without options only"
+        )
+    return module
 
 
 def check_layer_types(

@@ -85,6 +85,7 @@ class CurvlinopsHutchinson(Estimator):
         "curvlinops:hutchinson_diag",
     )
     quiet_fields: ClassVar[tuple[str, ...]] = ("probes",)
+    plain_losses_only: ClassVar[bool] = True
     num_samples: Count = 1
     probes: Probes = "rademacher"
 

@@ -73,6 +73,7 @@ class CurvlinopsKFAC(LayerwiseEstimator):
     cost: ClassVar[str] = "~1 backprop + k (or C) backprops (curvlinops)"
     uses_model_forward: ClassVar[bool] = True
     requires: ClassVar[tuple[str, ...]] = ("curvlinops:KFACLinearOperator",)
+    plain_losses_only: ClassVar[bool] = True
     backward: Literal["mc", "exact"] = "mc"
     num_samples: Count = 1
 
@@ -85,9 +86,8 @@ class CurvlinopsKFAC(LayerwiseEstimator):
     def _check_plan(plan: Plan) -> None:
         check_layer_types(plan, _SUPPORTED, "curvlinops' KFACLinearOperator", groups=False)
 
-    def check_supported(self, model: nn.Module, loss_fn: nn.Module) -> None:
+    def _check_model(self, model: nn.Module, loss: LossSpec) -> None:
         """Also refuse Conv1d and grouped convolutions."""
-        super().check_supported(model, loss_fn)
         self._check_plan(build_plan(model))
 
     def _estimate(

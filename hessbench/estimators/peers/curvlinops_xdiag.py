@@ -62,6 +62,7 @@ class CurvlinopsXDiag(Estimator):
     cost: ClassVar[str] = "m HVPs (curvlinops, torch.func)"
     stochastic: ClassVar[bool] = True
     requires: ClassVar[tuple[str, ...]] = ("curvlinops:HessianLinearOperator", "curvlinops:xdiag")
+    plain_losses_only: ClassVar[bool] = True
     num_matvecs: EvenCount = 2
 
     @property
