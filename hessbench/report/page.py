@@ -21,7 +21,6 @@ from hessbench.report.document import (
     Block,
     Document,
     Section,
-    figure_block,
     figures_section,
     pairs,
     tables_section,
@@ -35,11 +34,9 @@ __all__ = [
     "OUTPUTS",
     "Report",
     "default_output",
-    "figure_sections",
     "hessbench_provenance",
     "render_report",
     "report_document",
-    "table_links",
     "write_files",
 ]
 
@@ -168,22 +165,6 @@ def report_document(df, meta, command, tables, figures) -> Document:
             tables_section([(_TABLE_TITLES[t.name], t) for t in tables]),
         ],
     )
-
-
-def figure_sections(figures: list[FigureResult]) -> list[str]:
-    """Markdown lines: per figure a numbered heading, the PNG, what to read, caption, links.
-
-    A figure that was not drawn gets its reason instead.
-    """
-    out: list[str] = []
-    for i, f in enumerate(figures, 1):
-        out += [f"### {i}. {f.title}", "", figure_block(f).markdown, ""]
-    return out
-
-
-def table_links(name: str) -> str:
-    """Markdown links to a table's CSV, LaTeX and Markdown files."""
-    return " · ".join(f"[{x.upper()}](tables/{name}.{x})" for x in ("csv", "tex", "md"))
 
 
 def write_files(out: Path, files: dict[str, bytes], known: tuple[str, ...] = ()) -> None:
