@@ -131,7 +131,7 @@ def legend(fig: Figure, handles: list, title: str | None = None) -> None:
         fig.set_size_inches(w + ncols * entry, max(h, 0.6 + 0.2 * rows))
         loc = "outside right upper"
     else:
-        ncols = max(1, min(len(handles), int(max(w, entry) // entry)))
+        ncols = max(1, min(len(handles), int(max(w, MAX_WIDTH) // entry)))
         rows = math.ceil(len(handles) / ncols)
         fig.set_size_inches(max(w, ncols * entry), h + 0.25 + 0.2 * rows + (0.2 if title else 0))
         loc = "outside lower center"
