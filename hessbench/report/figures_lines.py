@@ -98,9 +98,10 @@ def layer_figure(df: pd.DataFrame, parts: pd.DataFrame) -> FigureResult:
         for ax in axes[len(panels) :]:
             ax.set_visible(False)
         for ax, (task, names, values) in zip(axes, panels, strict=False):
+            shown = np.where(np.isfinite(values), np.maximum(values, norm.vmin), np.nan)
             image = ax.imshow(
-                np.ma.masked_invalid(np.where(values > 0, values, np.nan)), cmap=cmap, norm=norm,
-                aspect="auto", interpolation="nearest",
+                np.ma.masked_invalid(shown), cmap=cmap, norm=norm, aspect="auto",
+                interpolation="nearest",
             )  # fmt: skip
             image.set_gid(task)
             numbers = cell * most / len(names) >= 0.38  # room to write the value in the cell
