@@ -253,12 +253,26 @@ def report(
         "--output",
         help="Report folder (default: RUN_DIR/report; the committed reports/<suite> only when given).",
     ),
+    index: bool = typer.Option(
+        False,
+        "--index",
+        help="RUN_DIR is a folder of reports (e.g. reports/): write its index.html, linking each.",
+    ),
 ) -> None:
     """Write a run's tables, figures, report.md and index.html (deterministic).
 
     Run folders of ``kind: train`` and ``kind: rl`` suites get their own reports
-    (learning curves, chosen learning rates; docs/train.md, docs/rl.md).
+    (learning curves, chosen learning rates; docs/train.md, docs/rl.md). With
+    ``--index``, write the index page of a folder of reports instead.
     """
+    if index:
+        from hessbench.report.index import write_index
+
+        if output is not None:
+            raise HessbenchError("-o does not apply with --index (the index goes into RUN_DIR)")
+        path, count = write_index(run_dir)
+        print(f"index: {path} ({count} reports)")
+        raise typer.Exit(0)
     from hessbench.kinds import kind_of_run
 
     raise typer.Exit(kind_of_run(run_dir).report(run_dir, output))

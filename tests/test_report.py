@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import io
 import json
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -16,8 +18,11 @@ from typer.testing import CliRunner
 
 from hessbench.cli import app
 from hessbench.report import accuracy_table, compare, cost_table, make_figures
+from hessbench.report.document import slug
 from hessbench.report.page import OUTPUTS, render_report
+from hessbench.report.plotting import ROUNDING, coinciding
 from hessbench.report.style import ESTIMATOR_STYLES, estimator_style, label_infos, sweeps
+from hessbench.report.table import uniform_columns
 from hessbench.run.runner import RunOptions, run_suite
 from hessbench.store.records import load, load_parts
 
@@ -259,7 +264,7 @@ def test_figure_bars_equal_the_tables(frames, figures):
 
 def test_figures_are_labelled(figures):
     for f in figures.values():
-        axes = [ax for ax in f.figure.axes if ax.get_visible()]
+        axes = [ax for ax in f.figure.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
         assert all(ax.get_xlabel() for ax in axes), f.name
         assert all(ax.get_title() for ax in axes), f.name
         assert any(
@@ -419,3 +424,193 @@ def test_train_and_rl_reports_default_to_the_run_folder(kind, tmp_path, monkeypa
     assert command(run) == 0
     assert command(run, tmp_path / "reports" / "s") == 0
     assert written == [run / "report", tmp_path / "reports" / "s"]
+
+
+# --- pages: what a browser gets (tests/test_report_browser.py renders them) ----------------
+
+
+def _ids_and_links(page: str) -> tuple[set[str], list[str]]:
+    return set(re.findall(r' id="([^"]+)"', page)), re.findall(r'href="#([^"]+)"', page)
+
+
+def test_pages_have_a_viewport_contents_and_a_link_to_the_index(report_dir):
+    page = (report_dir / "index.html").read_text()
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
+    assert '<a href="../index.html">↑ All reports</a>' in page
+    assert '<meta name="hessbench-kind" content="accuracy">' in page
+    ids, links = _ids_and_links(page)
+    # the contents link every section, figure and table, and every link has its target
+    assert {"environment", "figures", "tables", "accuracy", "cost"} <= set(links)
+    assert sum(link.startswith(("1-", "2-", "3-", "4-", "5-", "6-", "7-")) for link in links) == 7
+    assert set(links) <= ids
+    md = (report_dir / "report.md").read_text()
+    for title, anchor in re.findall(r"\[([^\]]+)\]\(#([^)]+)\)", md):
+        assert slug(title) == anchor  # GitHub's anchor of the heading it names
+        assert f"\n## {title}\n" in md or f"\n### {title}\n" in md
+
+
+def test_tables_scroll_in_their_box_and_numbers_do_not_wrap(report_dir):
+    page = (report_dir / "index.html").read_text()
+    assert page.count("<table") == page.count('<div class="scroll"><table') == 4  # env + 3
+    assert ".scroll{overflow-x:auto" in page
+    assert re.search(r"td\.num\{[^}]*white-space:nowrap", page)
+
+
+def _notation(cell: str) -> str | None:
+    tokens = re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?", cell)
+    kinds = {"e" in t for t in tokens if float(t) != 0}
+    assert len(kinds) <= 1, cell
+    return None if not kinds else "scientific" if kinds.pop() else "positional"
+
+
+@pytest.mark.parametrize("name", ["accuracy", "cost", "layers"])
+def test_each_column_writes_its_numbers_one_way(report_dir, name):
+    lines = (report_dir / "tables" / f"{name}.md").read_text().splitlines()
+    rows = [line.strip("|").split("|") for line in lines[2:] if line.startswith("| ")]
+    for c in range(3, len(rows[0])):
+        cells = [r[c].strip().rstrip("⁰¹²³⁴⁵⁶⁷⁸⁹˒") for r in rows]
+        kinds = {_notation(x) for x in cells if x not in ("", "-")} - {None}
+        assert len(kinds) <= 1, (name, c, cells)
+
+
+def test_uniform_columns():
+    rows = [
+        ["a", "1.76e+03", "0.1–0.5", "3/3"],
+        ["b", "358", "2e-08–0.3", "2/3"],
+        ["c", "2.54e-07", "0.99–1", "-"],
+    ]
+    assert uniform_columns(rows, keys=1) == [
+        ["a", "1.76e+03", "1.0e-01–5.0e-01", "3/3"],
+        ["b", "3.58e+02", "2.0e-08–3.0e-01", "2/3"],
+        ["c", "2.54e-07", "9.9e-01–1.0e+00", "-"],
+    ]
+    # a column within a few decades stays positional, keeping each number's digits
+    assert uniform_columns([["x", "1.76e+03"], ["y", "0.5"], ["z", "-"]], keys=1) == [
+        ["x", "1760"],
+        ["y", "0.5"],
+        ["z", "-"],
+    ]
+    assert uniform_columns([["1.2 (0.3 to 4)", "lr 0.01 *"]]) == [["1.2 (0.3 to 4)", "lr 0.01 *"]]
+
+
+def test_figures_fit_the_page_and_say_what_to_read(report_dir, figures):
+    for name in FIGURES:
+        with Image.open(report_dir / "figures" / f"{name}.png") as img:
+            # at most 8.5 in at 150 dpi (bbox_inches="tight" may add a little): shown at
+            # 880 px (GitHub) or more, 8-point text stays at least 10 px tall
+            assert img.size[0] <= 1300, (name, img.size)
+    page = (report_dir / "index.html").read_text()
+    for f in figures.values():
+        assert f.read.endswith(".")
+        assert f.caption
+        src = f'<img src="figures/{f.name}.png"'
+        # under the image: what to read, then the caption with the notes
+        block = page[page.index(src) : page.index("</figure>", page.index(src))]
+        assert f'<p class="read">What to read: {html.escape(f.read)}</p>' in block
+        assert all(html.escape(n) in block for n in f.notes)
+
+
+def test_rounding_level_errors_do_not_stretch_the_axes(frames, figures):
+    df, _ = frames
+    ok = df[df["status"] == "ok"]
+    tiny = ok[ok["task"] == "tiny"].groupby("label")["rel_l1"].median()
+    low, rest = tiny[tiny < ROUNDING], tiny[tiny >= ROUNDING]
+    assert "exact" in low.index
+    assert len(rest)
+    ax = next(a for a in figures["accuracy_vs_cost"].figure.axes if a.get_title() == "tiny")
+    bottom = ax.get_ylim()[0]
+    assert bottom >= rest.min() / 10 / 1.01  # not down at exact's 1e-8
+    for label in low.index:  # drawn on the floor line
+        (dot,) = [line for line in ax.lines if line.get_gid() == label]
+        assert dot.get_ydata()[0] == pytest.approx(bottom * 1.6)
+    assert any("exact" in n and "rounding" in n for n in figures["accuracy_vs_cost"].notes)
+
+
+def test_the_layer_figure_is_a_heatmap_per_task(frames, figures):
+    _, parts = frames
+    fig = figures["layer_error"].figure
+    images = {im.get_gid(): im for ax in fig.axes for im in ax.get_images()}
+    tasks = set(parts.loc[parts["level"] == "layer", "task"])
+    assert set(images) == tasks
+    assert not any(ax.lines for ax in fig.axes)  # no line per estimator
+
+
+def _sweep_cells(values: dict[str, dict[int, float]]) -> pd.DataFrame:
+    """Cells of one task: per estimator and k the given relative L1 error, three seeds."""
+    rows = []
+    for est, by_k in values.items():
+        for k, v in by_k.items():
+            for seed in range(3):
+                rows.append(
+                    {
+                        "cell_id": f"t/{est}[k={k}]/seed={seed}",
+                        "task": "t",
+                        "estimator": est,
+                        "label": f"{est}[num_samples={k}]",
+                        "params": json.dumps({"num_samples": k}),
+                        "seed": seed,
+                        "status": "ok",
+                        "rel_l1": v,
+                        "stochastic": True,
+                        "sample_param": "num_samples",
+                        "default_params": False,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_error_vs_samples_names_coinciding_and_flat_curves():
+    from hessbench.report.figures_lines import samples_figure
+
+    df = _sweep_cells(
+        {
+            "ggn_mc": {1: 1.1, 50: 0.8},
+            "kfac": {1: 1.1, 50: 0.8},  # the same curve: drawn over ggn_mc
+            "hutchinson": {1: 35.0, 50: 4.9},  # falls as 1/sqrt(k)
+            "adahessian": {1: 35.0, 50: 34.8},  # flat: bias
+        }
+    )
+    r = samples_figure(df)
+    assert r.figure is not None
+    notes = " ".join(r.notes)
+    assert "ggn_mc and kfac coincide (equal within 0.1%): one is hidden behind the other." in notes
+    assert "adahessian stays flat (t: 35 at k=1, 35 at k=50)" in notes
+    assert "its error is bias, not variance. AdaHessian averages |z ∘ Hz|" in notes
+    assert "hutchinson stays flat" not in notes
+
+
+def test_coinciding_curves():
+    curves = [("a", [1, 2], [1.0, 2.0]), ("b", [1, 2], [1.0, 2.0005]), ("c", [1, 2], [1.0, 2.1])]
+    assert coinciding(curves) == [("a", "b")]
+    assert coinciding([("a", [1, 2], [1.0, 2.0]), ("b", [1, 3], [1.0, 2.0])]) == []
+
+
+def _fake_report(folder: Path, title: str, description: str) -> None:
+    folder.mkdir(parents=True)
+    (folder / "report.md").write_text(f"# {title}\n\n> {description}\n\nMade by ...\n")
+
+
+def test_the_index_links_every_report(report_dir, tmp_path):
+    reports = tmp_path / "reports"
+    shutil.copytree(report_dir, reports / "reptest")
+    _fake_report(reports / "rl_old", "hessbench RL report: rl_old", "An rl run.")
+    _fake_report(reports / "train_old", "hessbench training report: train_old", "A | b.")
+    (reports / "not_a_report").mkdir()
+    result = CliRunner().invoke(app, ["report", "--index", str(reports)])
+    assert result.exit_code == 0, result.output
+    assert f"index: {reports / 'index.html'} (3 reports)" in result.output
+    page = (reports / "index.html").read_text()
+    assert '<meta name="viewport"' in page
+    assert "All reports" not in page
+    links = re.findall(r'<a href="([^"#]+)">', page)
+    assert links == ["reptest/index.html", "train_old/report.md", "rl_old/report.md"]
+    for link in links:
+        assert (reports / link).is_file()
+    assert "Two tiny tasks for the report tests." in page  # each report's description
+    assert page.index("Accuracy of") < page.index("(training)") < page.index("(reinforcement")
+    again = (reports / "index.html").read_bytes()
+    CliRunner().invoke(app, ["report", "--index", str(reports)])
+    assert (reports / "index.html").read_bytes() == again  # deterministic
+    result = CliRunner().invoke(app, ["report", "--index", str(tmp_path / "nothing")])
+    assert result.exit_code == 2
+    assert "not a folder" in result.output

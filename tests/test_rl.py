@@ -151,6 +151,11 @@ def test_suite_resume_divergence_and_report(tmp_path, monkeypatch):
     assert row["chosen"] == "yes"  # the other rate diverged on every seed
     report = (tmp_path / "report/report.md").read_text()
     assert "![Return against environment steps](figures/returns.png)" in report
+    page = (tmp_path / "report/index.html").read_text()
+    assert '<meta name="hessbench-kind" content="rl">' in page
+    assert '<a href="../index.html">' in page
+    assert '<img src="figures/returns.png"' in page
+    assert '<div class="scroll"><table' in page
     again_files = render_rl_report(out, tmp_path / "report2", command="hessbench report run")
     assert again_files == files  # deterministic bytes
 

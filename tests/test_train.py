@@ -279,6 +279,14 @@ def test_report_writes_every_file_and_the_table_holds_the_medians(finished, tmp_
     assert "![Loss against steps](figures/loss_vs_steps.png)" in md
     assert "| sgd | 0.05 (chosen) |" in (out / "tables/per_lr.md").read_text()
     assert (out / "tables/final.tex").read_text().count(r"\toprule") == 1
+    # the same page for a browser, as every kind of report has (hessbench.report.document)
+    page = (out / "index.html").read_text()
+    assert '<meta name="viewport"' in page
+    assert '<meta name="hessbench-kind" content="train">' in page
+    assert '<a href="../index.html">' in page
+    assert '<img src="figures/loss_vs_steps.png"' in page
+    assert page.count("<table") == page.count('<div class="scroll"><table') == 3
+    assert '<a href="#final-loss-at-the-chosen-learning-rate">' in page
     # deterministic: the same run gives the same bytes
     again = render_train_report(run, out)
     assert again.files == report.files

@@ -30,13 +30,13 @@ from matplotlib.patches import Patch
 import hessbench.report.figures_lines as lines
 from hessbench.report.budget import budget_figure, budget_time_figure
 from hessbench.report.plotting import (
+    ROUNDING,
     FigureResult,
     grid,
     log_axis,
     needs_log,
     note,
     ok_cells,
-    set_log,
     tasks_of,
     text_inches,
 )
@@ -74,6 +74,21 @@ def _status_text(cells: pd.DataFrame) -> str:
     return ", ".join(sorted(set(cells["status"]) - {"ok"})) or "no value"
 
 
+def _rounding_rows(df: pd.DataFrame) -> set[tuple[str, str]]:
+    """(task, label) pairs whose median relative L1 error is at rounding level."""
+    ok = ok_cells(df, "rel_l1")
+    med = ok.groupby(["task", "label"])["rel_l1"].median()
+    return {(str(t), str(label)) for (t, label), v in med.items() if v < ROUNDING}
+
+
+def _off_axis(ax, y: float, text: str) -> None:
+    """A label on a white box at the left of a bar row whose bar runs off the axis."""
+    ax.text(
+        0.01, y, text, transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=7,
+        color="#222222", bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1},
+    )  # fmt: skip
+
+
 def _bar_panels(
     df: pd.DataFrame,
     column: str,
@@ -82,20 +97,29 @@ def _bar_panels(
     ref: float,
     ref_label: str,
     estimates: dict[tuple[str, str], Estimate] | None = None,
+    rounding: set[tuple[str, str]] = frozenset(),
+    clipped: set[str] | None = None,
 ) -> Figure:
     """Per task a panel, per label a horizontal bar (``how`` over seeds) and a dot per seed.
 
     With ``estimates`` the bar is ``estimates[task, label].value`` with its interval
-    drawn as a whisker, and ``how`` names that statistic in the legend.
+    drawn as a whisker, and ``how`` names that statistic in the legend. Rows in
+    ``rounding`` (task, label) have an error at rounding level: a log axis stops at a
+    third of the other rows' smallest value, and such a bar that ends left of that
+    runs off the axis, labelled with its value (its label is added to ``clipped``).
     """
     infos = label_infos(df)
     labels = list(infos)
     tasks = tasks_of(df)
-    fig, axes = grid(len(tasks), 3.2 + text_inches(labels), 0.6 + 0.24 * len(labels), sharey=True)
+    fig, axes = grid(
+        len(tasks), 3.2, 0.6 + 0.24 * len(labels), left=0.3 + text_inches(labels), sharey=True
+    )
     ok = ok_cells(df, column)
     for ax, task in zip(axes, tasks, strict=True):
         values = ok[ok["task"] == task]
-        log = needs_log([ref, *values[column]])
+        shown = values[[(task, lab) not in rounding for lab in values["label"]]]
+        log = needs_log([ref, *shown[column]])
+        off_axis = []
         for i, label in enumerate(labels):
             v = values.loc[values["label"] == label, column].astype(float).sort_values()
             if v.empty:
@@ -122,10 +146,27 @@ def _bar_panels(
             ax.plot(v, np.full(len(v), i), "o", ms=2.5, color="black", alpha=0.7, zorder=3)
             if est is not None and not np.isnan(est.low):
                 ax.plot([est.low, est.high], [i, i], "-", color="black", lw=1.2, zorder=4)
-            if log and height <= 0:
+            if (task, label) in rounding:
+                off_axis.append((i, height, label))
+            elif log and height <= 0:
                 note(ax, i, "= 0")
         if log:
-            log_axis(ax, "x", [ref, *values[column]])
+            log_axis(ax, "x", [ref, *shown[column]])
+            if off_axis:
+                lows = [ref, *shown[column]]
+                if estimates is not None:
+                    lows += [
+                        e.low
+                        for (t, lab), e in estimates.items()
+                        if t == task and (t, lab) not in rounding and e.low > 0
+                    ]
+                lo = min(x for x in lows if x > 0) / 3
+                ax.set_xlim(left=lo)
+                for i, height, label in off_axis:
+                    if height < lo:
+                        _off_axis(ax, i, f"◂ {height:.1e} (rounding level)")
+                        if clipped is not None:
+                            clipped.add(label)
         ax.axvline(ref, color="black", linestyle="--", linewidth=0.8)
         ax.set_yticks(range(len(labels)), labels)
         ax.set_ylim(len(labels) - 0.5, -0.5)
@@ -144,7 +185,7 @@ def _bar_panels(
             ),
         ],
         loc="outside lower center",
-        ncols=4 if estimates is not None else 3,
+        ncols=2,
         frameon=False,
     )
     return fig
@@ -160,11 +201,15 @@ def headline_figure(df: pd.DataFrame) -> FigureResult:
         "same seeds (bars), with a 95 % percentile-bootstrap interval over seeds (whiskers); "
         "dots: each seed's L1 divided by HesScale's on the same seed. Bars start at 1 "
         "(HesScale): to the left, more accurate than HesScale.",
+        read="A bar left of the dashed line is an estimator more accurate than HesScale on "
+        "that task, by the factor on the axis; a whisker that crosses the line means the "
+        "seeds do not tell the two apart.",
     )
     if ok_cells(df, "l1_over_hesscale").empty:
         r.skipped = "no cell has an L1 / HesScale value (no ok hesscale cell in the run)"
         return r
     with figure_context():
+        rounding, clipped = _rounding_rows(df), set()
         r.figure = _bar_panels(
             df,
             "l1_over_hesscale",
@@ -173,8 +218,24 @@ def headline_figure(df: pd.DataFrame) -> FigureResult:
             1.0,
             "HesScale (= 1)",
             estimates=paper_ratios(df),
+            rounding=rounding,
+            clipped=clipped,
         )
+    r.notes += _rounding_notes(df, clipped)
     return r
+
+
+def _rounding_notes(df: pd.DataFrame, clipped: set[str]) -> list[str]:
+    """A sentence naming the labels whose bars run off the axis, at rounding level."""
+    labels = sorted(clipped, key=list(label_infos(df)).index)
+    if not labels:
+        return []
+    bars = "its bar runs" if len(labels) == 1 else "their bars run"
+    return [
+        f"{', '.join(labels)}: relative L1 error below {ROUNDING:g}, float rounding of an "
+        f"exact computation; {bars} off the axis's left end, labelled with the value, so "
+        "that the other bars keep the axis."
+    ]
 
 
 def memory_figure(df: pd.DataFrame) -> FigureResult:
@@ -185,6 +246,8 @@ def memory_figure(df: pd.DataFrame) -> FigureResult:
         "Peak bytes allocated during one estimator call divided by those of one gradient "
         "(forward and backward) on the same batch: bars are the median over seeds, dots "
         "the seeds. Bars start at 1 (a gradient's peak).",
+        read="The bar's end is how many gradients' worth of memory one call of the "
+        "estimator needs at its peak.",
     )
     if ok_cells(df, "memory_ratio").empty:
         r.skipped = "memory was not measured (the suite's defaults.memory.enabled is false)"
@@ -218,6 +281,8 @@ def before_after_figure(df: pd.DataFrame) -> FigureResult:
         "Median over seeds of the relative L1 error at initialization (light) and after "
         "training (full colour), per estimator; dots are the seeds. Bars start at 1, the "
         "error of the all-zero estimate.",
+        read="Compare each estimator's light and full bar: further left after training "
+        "means training made its estimate more accurate, relative to the diagonal's size.",
     )
     pairs = _state_pairs(df)
     if not pairs:
@@ -226,12 +291,14 @@ def before_after_figure(df: pd.DataFrame) -> FigureResult:
     infos = label_infos(df)
     labels = list(infos)
     ok = ok_cells(df, "rel_l1")
+    rounding, clipped = _rounding_rows(df), set()
     with figure_context():
         fig, axes = grid(
-            len(pairs), 3.2 + text_inches(labels), 0.6 + 0.3 * len(labels), sharey=True
+            len(pairs), 3.2, 0.6 + 0.3 * len(labels), left=0.3 + text_inches(labels), sharey=True
         )
         for ax, (base, variants) in zip(axes, pairs.items(), strict=True):
             width = 0.8 / len(variants)
+            off_axis = []
             for i, label in enumerate(labels):
                 cells = df[df["task"].isin(variants) & (df["label"] == label)]
                 if ok[ok["task"].isin(variants) & (ok["label"] == label)].empty:
@@ -252,7 +319,20 @@ def before_after_figure(df: pd.DataFrame) -> FigureResult:
                     bar.set_gid(f"{task.split('@')[1]}|{label}")
                     bar.sticky_edges.x.clear()
                     ax.plot(v, np.full(len(v), y), "o", ms=2, color="black", alpha=0.7, zorder=3)
-            set_log(ax, "x", [1.0, *ok.loc[ok["task"].isin(variants), "rel_l1"]])
+                    if (task, label) in rounding:
+                        off_axis.append((y, float(v.median()), label))
+            here = ok[ok["task"].isin(variants)]
+            keep = [p not in rounding for p in zip(here["task"], here["label"], strict=True)]
+            shown = here[keep]
+            if needs_log([1.0, *shown["rel_l1"]]):
+                log_axis(ax, "x", [1.0, *shown["rel_l1"]])
+                lo = min(1.0, *shown["rel_l1"]) / 3
+                if off_axis:
+                    ax.set_xlim(left=lo)
+                for y, value, label in off_axis:
+                    if value < lo:
+                        _off_axis(ax, y, f"◂ {value:.1e} (rounding level)")
+                        clipped.add(label)
             ax.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
             ax.set_yticks(range(len(labels)), labels)
             ax.set_ylim(len(labels) - 0.5, -0.5)
@@ -269,6 +349,7 @@ def before_after_figure(df: pd.DataFrame) -> FigureResult:
         )
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
         r.figure = fig
+    r.notes += _rounding_notes(df, clipped)
     return r
 
 

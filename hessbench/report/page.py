@@ -9,7 +9,6 @@ time or the machine making the report.
 from __future__ import annotations
 
 import contextlib
-import html
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,15 @@ import pandas as pd
 
 from hessbench.errors import StorageError
 from hessbench.report.budget import budget_table
+from hessbench.report.document import (
+    Block,
+    Document,
+    Section,
+    figures_section,
+    pairs,
+    tables_section,
+    text,
+)
 from hessbench.report.figures import FigureResult, figure_bytes, make_figures
 from hessbench.report.results import RESULT_FILES, results_files
 from hessbench.report.tables import Table, accuracy_table, cost_table, layer_table
@@ -27,10 +35,9 @@ __all__ = [
     "OUTPUTS",
     "Report",
     "default_output",
-    "figure_sections",
     "hessbench_provenance",
     "render_report",
-    "table_links",
+    "report_document",
     "write_files",
 ]
 
@@ -146,42 +153,22 @@ def _description(meta: dict) -> str:
     return " ".join(str(suite.get("description", "")).split()) if isinstance(suite, dict) else ""
 
 
-def _markdown(df, meta, command, tables, figures) -> str:
-    suite = meta.get("suite", "?")
-    out = [f"# hessbench report: {suite}", ""]
-    if desc := _description(meta):
-        out += [f"> {desc}", ""]
-    out += [f"Made by `{command}`. {_status_line(df)}.", ""]
-    runs = _run_commands(meta)
-    if runs:
-        out += ["The run: " + "; ".join(f"`{c}`" for c in runs) + ".", ""]
-    out += ["## Environment", "", "| | |", "|---|---|"]
-    out += [f"| {k} | {val.replace('|', '/')} |" for k, val in _environment(meta)] + [""]
-    out += ["## Figures", "", *figure_sections(figures), "## Tables", ""]
-    for t in tables:
-        out += [f"### {_TABLE_TITLES[t.name]}", "", t.markdown(), table_links(t.name), ""]
-    return "\n".join(out)
-
-
-def figure_sections(figures: list[FigureResult]) -> list[str]:
-    """Markdown lines: per figure a numbered heading, the caption, the PNG and links.
-
-    A figure that was not drawn gets its reason instead.
-    """
-    out: list[str] = []
-    for i, f in enumerate(figures, 1):
-        out += [f"### {i}. {f.title}", ""]
-        if f.figure is None:
-            out += [f"*Not drawn: {f.skipped}.*", ""]
-            continue
-        out += [f.caption, "", f"![{f.title}](figures/{f.name}.png)", ""]
-        out += [f"[PDF](figures/{f.name}.pdf) · [PNG](figures/{f.name}.png)", ""]
-    return out
-
-
-def table_links(name: str) -> str:
-    """Markdown links to a table's CSV, LaTeX and Markdown files."""
-    return " · ".join(f"[{x.upper()}](tables/{name}.{x})" for x in ("csv", "tex", "md"))
+def report_document(df, meta, command, tables, figures) -> Document:
+    """The page of an accuracy report (``report.md`` and ``index.html`` are written from it)."""
+    intro: list[Block] = [text(f"Made by `{command}`. {_status_line(df)}.")]
+    if runs := _run_commands(meta):
+        intro.append(text("The run: " + "; ".join(f"`{c}`" for c in runs) + "."))
+    return Document(
+        title=f"hessbench report: {meta.get('suite', '?')}",
+        kind="accuracy",
+        description=_description(meta),
+        intro=intro,
+        sections=[
+            Section("Environment", [pairs(_environment(meta))]),
+            figures_section(figures),
+            tables_section([(_TABLE_TITLES[t.name], t) for t in tables]),
+        ],
+    )
 
 
 def write_files(out: Path, files: dict[str, bytes], known: tuple[str, ...] = ()) -> None:
@@ -218,47 +205,6 @@ def _fs(action: Callable[[], object], path: Path) -> None:
         raise StorageError.from_os(exc, path) from None
 
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
-color:#222}table{border-collapse:collapse;font-size:13px;margin:0.5em 0}
-th,td{padding:2px 8px;border-bottom:1px solid #ddd}th{text-align:left;background:#f4f4f4}
-td.num{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%;height:auto}
-.caption,.notes,.skipped{font-size:13px;color:#555}code{background:#f4f4f4;padding:0 3px}"""
-
-
-def _html(df, meta, command, tables, figures) -> str:
-    e = html.escape
-    suite = e(str(meta.get("suite", "?")))
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>hessbench report: {suite}</title><style>{_CSS}</style></head><body>",
-        f"<h1>hessbench report: {suite}</h1>",
-    ]
-    if desc := _description(meta):
-        out.append(f"<blockquote>{e(desc)}</blockquote>")
-    out.append(f"<p>Made by <code>{e(command)}</code>. {e(_status_line(df))}.</p>")
-    if runs := _run_commands(meta):
-        out.append("<p>The run: " + "; ".join(f"<code>{e(c)}</code>" for c in runs) + ".</p>")
-    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _environment(meta))
-    out += ["<h2>Environment</h2>", f"<table>{rows}</table>", "<h2>Figures</h2>"]
-    for i, f in enumerate(figures, 1):
-        out.append(f'<h3 id="{f.name}">{i}. {e(f.title)}</h3>')
-        if f.figure is None:
-            out.append(f'<p class="skipped"><em>Not drawn: {e(f.skipped)}.</em></p>')
-            continue
-        src = f"figures/{f.name}"
-        out += [
-            f'<p class="caption">{e(f.caption)}</p>',
-            f'<p><a href="{src}.pdf"><img src="{src}.png" alt="{e(f.title)}"></a></p>',
-        ]
-    out.append("<h2>Tables</h2>")
-    for t in tables:
-        links = " · ".join(f'<a href="tables/{t.name}.{f}">{f.upper()}</a>' for f in TABLE_FORMATS)
-        out += [f'<h3 id="{t.name}">{_TABLE_TITLES[t.name]}</h3>', t.html(), f"<p>{links}</p>"]
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
 def render_report(
     df: pd.DataFrame,
     parts: pd.DataFrame,
@@ -285,7 +231,8 @@ def render_report(
             for fmt in formats:
                 files[f"figures/{f.name}.{fmt}"] = figure_bytes(f.figure, fmt)
     files.update(results_files(df, parts, meta))
-    files["report.md"] = _markdown(df, meta, command, tables, figures).encode()
-    files["index.html"] = _html(df, meta, command, tables, figures).encode()
+    page = report_document(df, meta, command, tables, figures)
+    files["report.md"] = page.markdown().encode()
+    files["index.html"] = page.html().encode()
     assert set(files) <= set(OUTPUTS), sorted(set(files) - set(OUTPUTS))
     return Report(files, tables, figures)

@@ -84,7 +84,7 @@ def rl_report_command(run_dir: str | Path, output: Path | None = None) -> int:
     run_metadata(run_dir)  # refuses a folder that is not a run
     out = output or default_output(run_dir)
     render_rl_report(run_dir, out)
-    print(f"report: {out / 'report.md'}")
+    print(f"report: {out / 'report.md'} and {out / 'index.html'}")
     return 0
 
 

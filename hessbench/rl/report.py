@@ -9,7 +9,8 @@
   one panel per optimizer;
 - ``tables/final.{md,csv,tex}``: per optimizer and learning rate, the final return
   (median and IQR over seeds), seeds ok/diverged, the chosen rate marked;
-- ``report.md``: everything above on one page.
+- ``report.md`` and ``index.html``: everything above on one page
+  (:mod:`hessbench.report.document`).
 
 A run's **final return** is the mean of its curve over the last 20% of the
 environment steps (:data:`~hessbench.rl.a2c.FINAL_FRACTION`). **The learning
@@ -31,14 +32,10 @@ from matplotlib.lines import Line2D
 
 from hessbench.errors import HessbenchError
 from hessbench.optim.spec import format_lr
+from hessbench.report.document import Document, figures_section, tables_section, text
 from hessbench.report.figures import figure_bytes
-from hessbench.report.page import (
-    figure_sections,
-    hessbench_provenance,
-    table_links,
-    write_files,
-)
-from hessbench.report.plotting import FigureResult, grid, legend
+from hessbench.report.page import hessbench_provenance, write_files
+from hessbench.report.plotting import FigureResult, coincide_notes, coinciding, grid, legend
 from hessbench.report.stats import compare_to_reference
 from hessbench.report.style import figure_context, optimizer_style
 from hessbench.report.table import Table, fmt
@@ -50,6 +47,7 @@ __all__ = ["RL_OUTPUTS", "best_lrs", "lr_table", "render_rl_report"]
 
 RL_OUTPUTS = (
     "report.md",
+    "index.html",
     *(f"tables/final.{f}" for f in ("md", "csv", "tex")),
     *(f"figures/{n}.{f}" for n in ("returns", "returns_per_lr") for f in ("png", "pdf")),
 )
@@ -213,25 +211,34 @@ def returns_figure(runs: pd.DataFrame, curves: pd.DataFrame, env: str) -> Figure
         f"{env}: mean return of the last finished training episodes against environment "
         "steps, per optimizer at its chosen learning rate; line: median over seeds, band: "
         "interquartile range.",
+        read="The higher curve learned the task faster; 500 is CartPole's maximum return."
+        if env.startswith("CartPole")
+        else "The higher curve learned the task faster.",
     )
     best = best_lrs(runs)
     handles = []
+    drawn = []
     with figure_context():
         fig, (ax,) = grid(1, 5.0, 3.4)
         for label, lr in best.items():
             b = _band(curves[(curves["label"] == label) & (curves["lr"] == lr)])
             colour, ls = _style(runs, label)
+            name = f"{label} (lr {format_lr(lr)})"
             if not b.empty:
                 xs = b.index.to_numpy(float)
                 ax.plot(xs, b["median"], color=colour, linestyle=ls, lw=1.5, gid=label)
                 ax.fill_between(xs, b["lo"], b["hi"], color=colour, alpha=0.15, lw=0)
-            handles.append(
-                Line2D([], [], color=colour, linestyle=ls, label=f"{label} (lr {format_lr(lr)})")
-            )
+                drawn.append((name, xs, b["median"]))
+            handles.append(Line2D([], [], color=colour, linestyle=ls, label=name))
         ax.set_xlabel("environment steps")
         ax.set_ylabel("episode return")
+        same = coinciding(drawn)
+        for hidden, front in same:  # the legend says so too
+            h = next(h for h in handles if h.get_label() == front)
+            h.set_label(f"{front} = {hidden.split(' (')[0]}")
         legend(fig, handles, title="optimizer (chosen lr)")
     r.figure = fig
+    r.notes += coincide_notes({"": same}, 1)
     return r
 
 
@@ -241,30 +248,50 @@ def per_lr_figure(runs: pd.DataFrame, curves: pd.DataFrame) -> FigureResult:
         "returns_per_lr",
         "Return for every learning rate",
         "Median return over seeds against environment steps, one panel per optimizer, "
-        "one line per learning rate (darker: larger).",
+        "one line per learning rate (darker: larger; the marker tells the rates apart).",
+        read="An optimizer whose curves stay close together forgives the choice of learning "
+        "rate; one whose curves fan out needs its rate tuned.",
     )
     labels = _labels(runs)
+    hidden: dict[str, list[tuple[str, str]]] = {}
     with figure_context():
         fig, axes = grid(len(labels), 3.6, 2.8, sharey=True)
         for ax, label in zip(axes, labels, strict=True):
             colour, ls = _style(runs, label)
             lrs = sorted(runs.loc[runs["label"] == label, "lr"].unique())
+            drawn = []
             for i, lr in enumerate(lrs):
                 b = _band(curves[(curves["label"] == label) & (curves["lr"] == lr)])
                 if b.empty:
                     continue
                 alpha = 0.35 + 0.65 * (i + 1) / len(lrs)
-                ax.plot(b.index, b["median"], color=colour, linestyle=ls, alpha=alpha, lw=1.3,
-                        label=f"lr {format_lr(lr)}")  # fmt: skip
+                ax.plot(
+                    b.index, b["median"], color=colour, linestyle=ls, alpha=alpha, lw=1.3,
+                    marker=_LR_MARKERS[i % len(_LR_MARKERS)], ms=3.5,
+                    markevery=max(1, len(b) // 6), label=f"lr {format_lr(lr)}",
+                )  # fmt: skip
+                drawn.append((f"lr {format_lr(lr)}", b.index, b["median"]))
+            hidden[label] = coinciding(drawn)
             ax.set_title(label, fontsize=9)
             ax.set_xlabel("environment steps")
             ax.set_ylabel("episode return")
-            ax.legend(fontsize=7, frameon=False)
+            ax.legend(
+                fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.28),
+                ncols=2 if len(lrs) == 4 else min(len(lrs), 3),
+            )  # fmt: skip
     r.figure = fig
+    r.notes += [
+        f"{label}: {n}"
+        for label, found in hidden.items()
+        for n in coincide_notes({label: found}, 1)
+    ]
     return r
 
 
-def _markdown(meta: dict, command: str, runs: pd.DataFrame, table: Table, figures) -> str:
+_LR_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _document(meta: dict, command: str, runs: pd.DataFrame, table: Table, figures) -> Document:
     counts = runs["status"].value_counts()
     status = ", ".join(
         f"{counts[s]} {s}" for s in ("ok", "diverged", "error", "crashed") if s in counts
@@ -273,37 +300,26 @@ def _markdown(meta: dict, command: str, runs: pd.DataFrame, table: Table, figure
 
     suite = yaml.safe_load(meta.get("suite_text") or "") or {}
     desc = " ".join(str(suite.get("description", "")).split()) if isinstance(suite, dict) else ""
-    out = [f"# hessbench RL report: {meta.get('suite', '?')}", ""]
-    if desc:
-        out += [f"> {desc}", ""]
-    out += [f"Made by `{command}`. {len(runs)} runs: {status}.", ""]
-    out += [
-        "A2C (`hessbench/rl`, docs/rl.md): the actor is trained by the optimizer named, on "
-        "the advantage-weighted cross-entropy; the critic by Adam in every run.",
-        "",
-        f"Environment: Python {meta.get('python')}, torch {meta.get('torch')}, gymnasium "
-        f"{meta.get('gymnasium')}, {meta.get('cpu_count')} CPU cores; hessbench "
-        f"{hessbench_provenance(meta)}.",
-        "",
-        *(f"The run: `{cmd}`." for cmd in session_commands(meta)),
-        "",
-        "## Figures",
-        "",
-        *figure_sections(figures),
+    intro = [
+        text(f"Made by `{command}`. {len(runs)} runs: {status}."),
+        text(
+            "A2C (`hessbench/rl`, docs/rl.md): the actor is trained by the optimizer named, on "
+            "the advantage-weighted cross-entropy; the critic by Adam in every run."
+        ),
+        text(
+            f"Environment: Python {meta.get('python')}, torch {meta.get('torch')}, gymnasium "
+            f"{meta.get('gymnasium')}, {meta.get('cpu_count')} CPU cores; hessbench "
+            f"{hessbench_provenance(meta)}."
+        ),
+        *(text(f"The run: `{cmd}`.") for cmd in session_commands(meta)),
     ]
-    links = table_links("final")
-    out += [
-        "## Table",
-        "",
-        f"### {table.title}",
-        "",
-        table.caption,
-        "",
-        table.markdown(),
-        links,
-        "",
-    ]
-    return "\n".join(out)
+    return Document(
+        title=f"hessbench RL report: {meta.get('suite', '?')}",
+        kind="rl",
+        description=desc,
+        intro=intro,
+        sections=[figures_section(figures), tables_section([(table.title, table)], "Table")],
+    )
 
 
 def render_rl_report(
@@ -334,6 +350,8 @@ def render_rl_report(
     for f in figures:
         for ext in ("png", "pdf"):
             files[f"figures/{f.name}.{ext}"] = figure_bytes(f.figure, ext)
-    files["report.md"] = _markdown(meta, command, runs, table, figures).encode()
+    page = _document(meta, command, runs, table, figures)
+    files["report.md"] = page.markdown().encode()
+    files["index.html"] = page.html().encode()
     write_files(out, files)
     return files

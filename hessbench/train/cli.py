@@ -124,7 +124,10 @@ def train_report_command(run_dir: str | Path, output: Path | None = None) -> int
         if f.figure is None:
             print(f"skipped figure {f.name}: {f.skipped}", file=sys.stderr)
     drawn = sum(f.figure is not None for f in report.figures)
-    print(f"report: {out / 'report.md'} ({len(report.tables)} tables, {drawn} figures)")
+    print(
+        f"report: {out / 'report.md'} and {out / 'index.html'} "
+        f"({len(report.tables)} tables, {drawn} figures)"
+    )
     return 0
 
 

@@ -11,7 +11,8 @@ folder,
 - ``figures/<name>.{png,pdf}``: held-out and training loss against steps, held-out
   loss against training wall-clock time, held-out accuracy against steps
   (classification), and the final held-out loss against the learning rate;
-- ``report.md``: everything above on one page.
+- ``report.md`` and ``index.html``: everything above on one page
+  (:mod:`hessbench.report.document`).
 
 **The learning rate is chosen** per optimizer (label) among the grid by
 :func:`best_lrs`: fewest seeds that did not end ``ok`` first (so a rate that
@@ -38,14 +39,25 @@ from matplotlib.lines import Line2D
 
 from hessbench.errors import HessbenchError
 from hessbench.optim.spec import format_lr
-from hessbench.report.figures import figure_bytes
-from hessbench.report.page import (
-    figure_sections,
-    hessbench_provenance,
-    table_links,
-    write_files,
+from hessbench.report.document import (
+    Document,
+    Section,
+    figures_section,
+    pairs,
+    tables_section,
+    text,
 )
-from hessbench.report.plotting import FigureResult, grid, legend, log_axis, needs_log
+from hessbench.report.figures import figure_bytes
+from hessbench.report.page import hessbench_provenance, write_files
+from hessbench.report.plotting import (
+    FigureResult,
+    coincide_notes,
+    coinciding,
+    grid,
+    legend,
+    log_axis,
+    needs_log,
+)
 from hessbench.report.stats import compare_to_reference
 from hessbench.report.style import figure_context, optimizer_style
 from hessbench.report.table import Table, fmt
@@ -64,6 +76,7 @@ _FIGURES = ("loss_vs_steps", "loss_vs_time", "accuracy_vs_steps", "lr_sensitivit
 _TABLES = ("final", "per_lr")
 TRAIN_OUTPUTS = (
     "report.md",
+    "index.html",
     *(f"tables/{t}.{f}" for t in _TABLES for f in ("md", "csv", "tex")),
     *(f"figures/{n}.{f}" for n in _FIGURES for f in ("png", "pdf")),
 )
@@ -300,14 +313,17 @@ def _best_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> dict[str, pd.DataF
     return out
 
 
-def _handles(runs: pd.DataFrame, best: dict[str, float]) -> list[Line2D]:
+def _handles(runs: pd.DataFrame, best: dict[str, float], marker: bool = False) -> list[Line2D]:
     names = runs.drop_duplicates("label").set_index("label")["optimizer"]
     out = []
     for label, lr in best.items():
         style, ls = optimizer_style(str(names[label]))
         out.append(
-            Line2D([], [], color=style.colour, linestyle=ls, label=f"{label} (lr {format_lr(lr)})")
-        )
+            Line2D(
+                [], [], color=style.colour, linestyle=ls, marker=style.marker if marker else None,
+                label=f"{label} (lr {format_lr(lr)})",
+            )
+        )  # fmt: skip
     return out
 
 
@@ -327,10 +343,12 @@ def _curve_figure(
     best = best_lrs(runs)
     chosen = _best_curves(runs, curves)
     names = runs.drop_duplicates("label").set_index("label")["optimizer"]
+    hidden: dict[str, list[tuple[str, str]]] = {}
     with figure_context():
         fig, axes = grid(len(panels), 4.2, 3.0)
         for ax, (value, ylabel) in zip(axes, panels, strict=True):
             everything = []
+            drawn = []
             for label, c in chosen.items():
                 b = _band(c, value)
                 if b.empty:
@@ -338,6 +356,7 @@ def _curve_figure(
                 style, ls = optimizer_style(str(names[label]))
                 xs = b.index.to_numpy(float) if x == "step" else b["time_s"].to_numpy(float)
                 ax.plot(xs, b["median"], color=style.colour, linestyle=ls, lw=1.4, gid=label)
+                drawn.append((f"{label} (lr {format_lr(best[label])})", xs, b["median"]))
                 ax.fill_between(xs, b["lo"], b["hi"], color=style.colour, alpha=0.15, lw=0)
                 everything += [*b["lo"], *b["hi"]]
             positive = [v for v in everything if v > 0 and math.isfinite(v)]
@@ -345,8 +364,15 @@ def _curve_figure(
                 log_axis(ax, "y", positive)
             ax.set_ylabel(ylabel)
             ax.set_xlabel("optimizer steps" if x == "step" else f"training {clock_name(runs)} (s)")
-        legend(fig, _handles(runs, best), title="optimizer (chosen lr)")
+            hidden[ylabel] = coinciding(drawn)
+        handles = _handles(runs, best)
+        everywhere = set.intersection(*(set(p) for p in hidden.values())) if hidden else set()
+        for gone, front in sorted(everywhere):  # the legend says so too
+            h = next(h for h in handles if h.get_label() == front)
+            h.set_label(f"{front} = {gone.split(' (')[0]}")
+        legend(fig, handles, title="optimizer (chosen lr)")
     r.figure = fig
+    r.notes += coincide_notes(hidden, len(panels))
     return r
 
 
@@ -363,6 +389,9 @@ def _lr_figure(runs: pd.DataFrame, loss_label: str) -> FigureResult:
         "Final held-out loss per learning rate of the grid: median over the seeds that ended "
         "ok, bars from the minimum to the maximum; a cross at the top marks a rate where "
         "every seed diverged or failed. Filled markers: the chosen rate.",
+        read="A wide, flat valley is an optimizer that forgives the choice of learning "
+        "rate; a chosen (filled) point at either end of its curve may be beaten by a rate "
+        "outside the grid.",
     )
     table, best = lr_table(runs), best_lrs(runs)
     names = runs.drop_duplicates("label").set_index("label")["optimizer"]
@@ -372,9 +401,11 @@ def _lr_figure(runs: pd.DataFrame, loss_label: str) -> FigureResult:
         values = table[["heldout_loss_min", "heldout_loss_max"]].to_numpy(float).ravel()
         finite = values[np.isfinite(values)]
         top = float(finite.max()) if len(finite) else 1.0
+        drawn = []
         for label, g in table.groupby("optimizer", sort=False):
             style, ls = optimizer_style(str(names[label]))
             ok = g[g["ok"] > 0]
+            drawn.append((str(label), ok["lr"], ok["heldout_loss_median"]))
             ax.errorbar(
                 ok["lr"],
                 ok["heldout_loss_median"],
@@ -405,8 +436,9 @@ def _lr_figure(runs: pd.DataFrame, loss_label: str) -> FigureResult:
             log_axis(ax, "y", finite)
         ax.set_xlabel("learning rate")
         ax.set_ylabel(f"final held-out loss ({loss_label})")
-        legend(fig, _handles(runs, best), title="optimizer (chosen lr)")
+        legend(fig, _handles(runs, best, marker=True), title="optimizer (chosen lr)")
     r.figure = fig
+    r.notes += coincide_notes({"": coinciding(drawn)}, 1)
     return r
 
 
@@ -431,6 +463,9 @@ def make_train_figures(
                 "Loss against steps",
                 "Held-out loss (left) and mean minibatch training loss over each evaluation "
                 f"interval (right) at each optimizer's chosen learning rate; {band}.",
+                read="The lower curve at a given step trained better with as many updates; "
+                "a held-out curve that turns up while the training curve keeps falling is "
+                "overfitting.",
             ),
         ),
         _curve_figure(
@@ -445,6 +480,8 @@ def make_train_figures(
                 f"excluded; x: median over seeds at each evaluation) at the chosen rates; {band}. "
                 "On CPU the time is the worker process's CPU time with a fixed number of "
                 "threads, which other processes on the machine do not inflate.",
+                read="The lower curve at a given time trained better for the same compute: "
+                "a cheaper optimizer can win here and lose against steps.",
             ),
         ),
     ]
@@ -452,6 +489,7 @@ def make_train_figures(
         "accuracy_vs_steps",
         "Held-out accuracy against steps",
         f"Held-out classification accuracy (fraction correct) at the chosen rates; {band}.",
+        read="The higher curve classifies more held-out examples correctly after as many steps.",
     )
     if classification:
         out.append(
@@ -484,17 +522,14 @@ def _description(meta: dict) -> str:
     return " ".join(str(suite.get("description", "")).split()) if isinstance(suite, dict) else ""
 
 
-def _markdown(meta, command, runs, tables, figures) -> str:
+def _document(meta, command, runs, tables, figures) -> Document:
     suite = meta.get("suite", "?")
     counts = runs["status"].value_counts()
     order = ["ok", "diverged", "error", "crashed"]
     status = ", ".join(f"{counts[s]} {s}" for s in order if s in counts)
-    out = [f"# hessbench training report: {suite}", ""]
-    if desc := _description(meta):
-        out += [f"> {desc}", ""]
-    out += [f"Made by `{command}`. {len(runs)} runs: {status}.", ""]
+    intro = [text(f"Made by `{command}`. {len(runs)} runs: {status}.")]
     if cmds := session_commands(meta):
-        out += ["The run: " + "; ".join(f"`{c}`" for c in cmds) + ".", ""]
+        intro.append(text("The run: " + "; ".join(f"`{c}`" for c in cmds) + "."))
     sessions = meta.get("sessions") or [{}]
     env = [
         ("suite file", f"{meta.get('suite_file', '?')} (SHA-256 {str(meta.get('suite_hash'))[:12]})"),
@@ -505,26 +540,26 @@ def _markdown(meta, command, runs, tables, figures) -> str:
         ("device, threads", f"{meta.get('device')}, {meta.get('threads')} torch thread(s) per run"),
         ("worker processes", str(sessions[-1].get("jobs", "?"))),
     ]  # fmt: skip
-    out += ["## Environment", "", "| | |", "|---|---|"]
-    out += [f"| {k} | {v.replace('|', '/')} |" for k, v in env] + [""]
-    out += [
+    clock = text(
         f"Training times are {clock_name(runs)}"
         + (
             " of the worker process (fixed threads), which other work on the machine does "
             "not inflate; still, compare them within one run."
             if clock_name(runs) == "CPU time"
             else ", measured on this machine: compare them within one run only."
-        ),
-        "",
-        "## Figures",
-        "",
-        *figure_sections(figures),
-        "## Tables",
-        "",
-    ]
-    for t in tables:
-        out += [f"### {t.title}", "", t.markdown(), table_links(t.name), ""]
-    return "\n".join(out)
+        )
+    )
+    return Document(
+        title=f"hessbench training report: {suite}",
+        kind="train",
+        description=_description(meta),
+        intro=intro,
+        sections=[
+            Section("Environment", [pairs(env), clock]),
+            figures_section(figures),
+            tables_section([(t.title, t) for t in tables]),
+        ],
+    )
 
 
 @dataclass
@@ -559,7 +594,9 @@ def render_train_files(run_dir: str | Path, command: str) -> TrainReport:
         if f.figure is not None:
             for fmt_ in ("png", "pdf"):
                 files[f"figures/{f.name}.{fmt_}"] = figure_bytes(f.figure, fmt_)
-    files["report.md"] = _markdown(meta, command, runs, tables, figures).encode()
+    page = _document(meta, command, runs, tables, figures)
+    files["report.md"] = page.markdown().encode()
+    files["index.html"] = page.html().encode()
     return TrainReport(files, tables, figures)
 
 
