@@ -104,8 +104,10 @@ def budget_figure(df: pd.DataFrame) -> FigureResult:
         "estimators against their budget of Hessian-vector products, log-log; dashed "
         "horizontal lines are the medians of the estimators that take no budget (HesScale, "
         "the GGN family, the zero estimator's error of 1; AdaHessian's sample sweep is in "
-        "the previous figure). Read off where a curve crosses "
-        "HesScale's line: the budget at which that estimator becomes as accurate.",
+        "the previous figure).",
+        read="Where a curve crosses HesScale's dashed line is the budget at which that "
+        "estimator becomes as accurate as HesScale; a curve that stays above it never does "
+        "within the budgets run.",
     )
     found = _skip(r, df)
     if not found:
@@ -120,8 +122,9 @@ def budget_time_figure(df: pd.DataFrame) -> FigureResult:
         "Error against CPU time, matrix-free estimators",
         "The points of the previous figure against their median CPU-time ratio to one "
         "gradient instead of the budget; the estimators that take no budget are points "
-        "(hollow markers). Lower left is better: a matrix-free curve left of and below "
-        "HesScale's point would beat it at equal time.",
+        "(hollow markers).",
+        read="Lower left is better: a matrix-free curve left of and below HesScale's point "
+        "would beat it at equal CPU time.",
     )
     found = _skip(r, df)
     if not found:
