@@ -451,7 +451,9 @@ def test_pages_have_a_viewport_contents_and_a_link_to_the_index(report_dir):
 
 def test_tables_scroll_in_their_box_and_numbers_do_not_wrap(report_dir):
     page = (report_dir / "index.html").read_text()
-    assert page.count("<table") == page.count('<div class="scroll"><table') == 5  # env + 4 (matvec_budget: hutchinson sweeps num_matvecs)
+    assert (
+        page.count("<table") == page.count('<div class="scroll"><table') == 5
+    )  # env + 4 (matvec_budget: hutchinson sweeps num_matvecs)
     assert ".scroll{overflow-x:auto" in page
     assert re.search(r"td\.num\{[^}]*white-space:nowrap", page)
 
