@@ -37,11 +37,34 @@ def fmt(value: object, spec: str = ".3g") -> str:
 def summary_table(df, title: str) -> Table:
     """Per estimator label: cells by status, median relative L1, L1/HesScale, cost ratios.
 
-    ``time`` is the median CPU-time ratio to one gradient, ``memory`` the median
-    peak-memory ratio to one gradient.
+    ``L1 / HesScale`` is per task first (the median L1 over seeds divided by
+    HesScale's median over the same seeds), then the geometric mean over tasks,
+    with the smallest and largest per-task ratio and the number of tasks; tasks
+    where HesScale's error is at rounding level are left out and named in the
+    caption (:mod:`hessbench.report.summary`). ``time`` is the median CPU-time
+    ratio to one gradient, ``memory`` the median peak-memory ratio to one
+    gradient, both over the label's cells.
     """
-    table = Table(title=title, caption="time, memory: ratio to one gradient (median)")
-    for col in ("estimator", "ok", "other", "rel. L1", "L1 / HesScale", "time", "memory"):
+    from hessbench.report.summary import ratio_summaries, rounding_tasks
+
+    ratios = ratio_summaries(df)
+    rounding = rounding_tasks(df)
+    caption = (
+        "rel. L1: median over cells. L1 / HesScale: per task, median L1 over seeds / "
+        "HesScale's median on the same seeds; geometric mean over tasks; range: smallest "
+        "and largest per-task ratio; tasks: in the mean / with a ratio. "
+        "time, memory: ratio to one gradient (median over cells)."
+    )
+    if rounding:
+        caption += "\nLeft out of L1 / HesScale (HesScale exact to rounding there): " + "; ".join(
+            t.describe() for t in rounding.values()
+        )
+    table = Table(title=title, caption=escape(caption), caption_justify="left")
+    columns = (
+        "estimator", "ok", "other", "rel. L1", "L1 / HesScale", "range", "tasks", "time",
+        "memory",
+    )  # fmt: skip
+    for col in columns:
         if col == "estimator":
             table.add_column(col, overflow="fold")
         else:
@@ -51,12 +74,17 @@ def summary_table(df, title: str) -> Table:
         other = ", ".join(
             f"{k} {v}" for k, v in g[g["status"] != "ok"]["status"].value_counts().items()
         )
+        r = ratios.get(str(label))
+        spread = "-" if r is None or r.tasks < 2 else f"{r.low:.2g}–{r.high:.2g}"
+        tasks = "-" if r is None else f"{r.tasks}/{r.tasks + len(r.left_out)}"
         table.add_row(
             escape(str(label)),
             str(len(ok)),
             other or "-",
             fmt(ok["rel_l1"].median()),
-            fmt(ok["l1_over_hesscale"].median()),
+            fmt(r.geomean if r else None),
+            spread,
+            tasks,
             fmt(ok["cpu_time_ratio"].median(), ".2f"),
             fmt(ok["memory_ratio"].median(), ".2f"),
         )
