@@ -205,6 +205,7 @@ class AccuracyKind:
                 jobs_ = ", ".join(sorted(set(summary.in_flight.values())))
                 err.print(f"{len(summary.in_flight)} cells still running in earlier jobs ({jobs_})")
             bar["id"] = progress.add_task("cells", total=len(summary.todo), cell="")
+            progress.start()  # only now: an error before the plan prints no empty bar line
 
         def on_record(rec: dict) -> None:
             progress.update(bar["id"], advance=1)
@@ -223,7 +224,7 @@ class AccuracyKind:
             )
             progress.update(bar["id"], cell=f"job {ids}")
 
-        with progress:
+        try:
             summary = run_suite(
                 suite,
                 opts,
@@ -232,6 +233,9 @@ class AccuracyKind:
                 on_record=on_record,
                 on_submit=on_submit,
             )
+        finally:
+            if progress.live.is_started:  # stop() itself prints a line break
+                progress.stop()
         collect_cmd = f"hessbench collect {summary.run_dir}"
         if summary.manifest is not None and no_wait:
             m = summary.manifest
