@@ -91,6 +91,55 @@ def summary_table(df, title: str) -> Table:
     return table
 
 
+def _count(n: int) -> str:
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2g}{unit}" if n < 10 * scale else f"{n / scale:.0f}{unit}"
+    return str(n)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.2g} min"
+    return f"{seconds / 3600:.2g} h"
+
+
+def estimates_table(estimates) -> str:
+    """``validate``'s estimates: per task memory of one worker and time of its cells; a total."""
+    from hessbench.suite.estimate import format_bytes
+
+    header = ("task", "params", "batch", "activations", "ground truth", "peak", "cells", "time")
+    rows = [
+        (
+            e.task, _count(e.num_params), str(e.batch_size), format_bytes(e.activation_bytes),
+            format_bytes(e.truth_bytes), format_bytes(e.peak_bytes), str(e.cells),
+            _duration(e.seconds),
+        )
+        for e in estimates
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r: tuple[str, ...]) -> str:
+        cells = [r[0].ljust(widths[0])] + [
+            v.rjust(w) for v, w in zip(r[1:], widths[1:], strict=True)
+        ]
+        return "  " + "  ".join(cells).rstrip()
+
+    total = sum(e.seconds for e in estimates)
+    return "\n".join(
+        [
+            "estimates (a cost model, not measurements): memory of one worker, "
+            "time of the cells on one core",
+            line(header),
+            *map(line, rows),
+            f"about {_duration(total)} for {sum(e.cells for e in estimates)} cells on one worker "
+            "(-j N: about 1/N), plus a few seconds per worker to start",
+        ]
+    )
+
+
 def add_estimator_facts(df):
     """Fill in the estimator facts that records written before they carried them lack.
 
@@ -147,6 +196,7 @@ class AccuracyKind:
     def validate(self, suite: Path) -> int:
         """Check a suite file and print its task variants, labels, seeds and cells."""
         from hessbench.suite import load_suite, plan_cells, task_variants
+        from hessbench.suite.estimate import estimate_suite, memory_warnings
 
         s = load_suite(suite)
         cells = plan_cells(s)
@@ -155,7 +205,10 @@ class AccuracyKind:
             f"{suite}: ok: suite '{s.name}': {len(task_variants(s))} task variants, "
             f"{len(labels)} estimator labels, {len(s.defaults.seed_list)} seeds, {len(cells)} cells"
         )
-
+        estimates = estimate_suite(s, cells)
+        print(estimates_table(estimates))
+        for line in memory_warnings(estimates):
+            print(f"hessbench: warning: {line}", file=sys.stderr)
         return 0
 
     def describe(self, suite: Path) -> tuple[str, str]:
