@@ -230,6 +230,42 @@ def test_every_problem_of_one_params_block_is_reported_together():
     assert len(lines) == 3
 
 
+def test_a_problem_of_the_whole_block_is_reported_with_the_fields_problems():
+    # num_samples with num_matvecs is refused by the block's own check, which used to be
+    # skipped when a field (method) had a problem too
+    ests = [{"name": "hutchinson", "params": {"num_samples": 2, "num_matvecs": 4, "method": "x"}}]
+    assert problems(suite(estimators=ests)) == [
+        f"{SRC}: estimators[0].params.method: 'x' is not one of auto, structured, autograd",
+        f"{SRC}: estimators[0].params: give num_samples or num_matvecs, not both",
+    ]
+    # and a grid's bad value does not hide another field's
+    ests = [{"name": "xdiag", "params": {"num_matvecs": [2, 3], "method": ["auto", "y"]}}]
+    lines = problems(suite(estimators=ests))
+    assert [line.split(": ")[1] for line in lines] == [
+        "estimators[0].params.num_matvecs",
+        "estimators[0].params.method",
+    ]
+
+
+@pytest.mark.parametrize(("lr", "got"), [(".inf", "inf"), ("1e400", "'1e400'"), (".nan", "nan")])
+def test_a_non_finite_learning_rate_of_a_trained_state_names_its_field(lr, got):
+    text = f"""
+name: t
+tasks:
+  - name: ce
+    model: {{kind: mlp, widths: [4]}}
+    loss: {{kind: cross_entropy}}
+    data: {{kind: synthetic, input_shape: [3], num_classes: 2}}
+    eval: {{states: [init, {{steps: 5, lr: {lr}}}]}}
+estimators: [{{name: hesscale}}]
+"""
+    with pytest.raises(SuiteError) as info:
+        parse_suite(text, SRC)
+    assert str(info.value) == (
+        f"{SRC}: tasks[0].eval.states[1].lr: Input should be a finite number (got {got})"
+    )
+
+
 def test_hyper_parameter_values_must_be_plain_data():
     ests = [{"name": "hutchinson", "params": {"num_samples": {"a": 1}}}]
     (line,) = problems(suite(estimators=ests))

@@ -47,6 +47,9 @@ def _write(tmp_path: Path, text: str = TINY) -> Path:
         ("bogus: 1\n", "t.yaml: bogus: unknown field"),
         ("gamma: 1.5\n", "t.yaml: gamma: "),
         ("env: Pong-v5\n", "t.yaml: env: "),
+        ("critic_lr: .inf\n", "t.yaml: critic_lr: Input should be a finite number (got inf)"),
+        ("critic_lr: 1e400\n", "t.yaml: critic_lr: Input should be a finite number"),
+        ("critic_lr: .nan\n", "t.yaml: critic_lr: Input should be "),
     ],
 )
 def test_schema_errors_are_one_line(extra, message):

@@ -127,6 +127,7 @@ class GroupEvaluator:
             "num_batches": len(p.batches),
             "batch_size": int(p.batches[0][0].shape[0]),
             "num_params": p.num_params,
+            "dtype": str(self.dtype).removeprefix("torch."),  # what the estimator computed in
         }
 
     def _memory(self, est: Estimator) -> dict:

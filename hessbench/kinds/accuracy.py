@@ -37,11 +37,34 @@ def fmt(value: object, spec: str = ".3g") -> str:
 def summary_table(df, title: str) -> Table:
     """Per estimator label: cells by status, median relative L1, L1/HesScale, cost ratios.
 
-    ``time`` is the median CPU-time ratio to one gradient, ``memory`` the median
-    peak-memory ratio to one gradient.
+    ``L1 / HesScale`` is per task first (the median L1 over seeds divided by
+    HesScale's median over the same seeds), then the geometric mean over tasks,
+    with the smallest and largest per-task ratio and the number of tasks; tasks
+    where HesScale's error is at rounding level are left out and named in the
+    caption (:mod:`hessbench.report.summary`). ``time`` is the median CPU-time
+    ratio to one gradient, ``memory`` the median peak-memory ratio to one
+    gradient, both over the label's cells.
     """
-    table = Table(title=title, caption="time, memory: ratio to one gradient (median)")
-    for col in ("estimator", "ok", "other", "rel. L1", "L1 / HesScale", "time", "memory"):
+    from hessbench.report.summary import ratio_summaries, rounding_tasks
+
+    ratios = ratio_summaries(df)
+    rounding = rounding_tasks(df)
+    caption = (
+        "rel. L1: median over cells. L1 / HesScale: per task, median L1 over seeds / "
+        "HesScale's median on the same seeds; geometric mean over tasks; range: smallest "
+        "and largest per-task ratio; tasks: in the mean / with a ratio. "
+        "time, memory: ratio to one gradient (median over cells)."
+    )
+    if rounding:
+        caption += "\nLeft out of L1 / HesScale (HesScale exact to rounding there): " + "; ".join(
+            t.describe() for t in rounding.values()
+        )
+    table = Table(title=title, caption=escape(caption), caption_justify="left")
+    columns = (
+        "estimator", "ok", "other", "rel. L1", "L1 / HesScale", "range", "tasks", "time",
+        "memory",
+    )  # fmt: skip
+    for col in columns:
         if col == "estimator":
             table.add_column(col, overflow="fold")
         else:
@@ -51,16 +74,70 @@ def summary_table(df, title: str) -> Table:
         other = ", ".join(
             f"{k} {v}" for k, v in g[g["status"] != "ok"]["status"].value_counts().items()
         )
+        r = ratios.get(str(label))
+        spread = "-" if r is None or r.tasks < 2 else f"{r.low:.2g}–{r.high:.2g}"
+        tasks = "-" if r is None else f"{r.tasks}/{r.tasks + len(r.left_out)}"
         table.add_row(
             escape(str(label)),
             str(len(ok)),
             other or "-",
             fmt(ok["rel_l1"].median()),
-            fmt(ok["l1_over_hesscale"].median()),
+            fmt(r.geomean if r else None),
+            spread,
+            tasks,
             fmt(ok["cpu_time_ratio"].median(), ".2f"),
             fmt(ok["memory_ratio"].median(), ".2f"),
         )
     return table
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2g}{unit}" if n < 10 * scale else f"{n / scale:.0f}{unit}"
+    return str(n)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.2g} min"
+    return f"{seconds / 3600:.2g} h"
+
+
+def estimates_table(estimates) -> str:
+    """``validate``'s estimates: per task memory of one worker and time of its cells; a total."""
+    from hessbench.suite.estimate import format_bytes
+
+    header = ("task", "params", "batch", "activations", "ground truth", "peak", "cells", "time")
+    rows = [
+        (
+            e.task, _count(e.num_params), str(e.batch_size), format_bytes(e.activation_bytes),
+            format_bytes(e.truth_bytes), format_bytes(e.peak_bytes), str(e.cells),
+            _duration(e.seconds),
+        )
+        for e in estimates
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r: tuple[str, ...]) -> str:
+        cells = [r[0].ljust(widths[0])] + [
+            v.rjust(w) for v, w in zip(r[1:], widths[1:], strict=True)
+        ]
+        return "  " + "  ".join(cells).rstrip()
+
+    total = sum(e.seconds for e in estimates)
+    return "\n".join(
+        [
+            "estimates (a cost model, not measurements): memory of one worker, "
+            "time of the cells on one core",
+            line(header),
+            *map(line, rows),
+            f"about {_duration(total)} for {sum(e.cells for e in estimates)} cells on one worker "
+            "(-j N: about 1/N), plus a few seconds per worker to start",
+        ]
+    )
 
 
 def add_estimator_facts(df):
@@ -119,6 +196,7 @@ class AccuracyKind:
     def validate(self, suite: Path) -> int:
         """Check a suite file and print its task variants, labels, seeds and cells."""
         from hessbench.suite import load_suite, plan_cells, task_variants
+        from hessbench.suite.estimate import estimate_suite, memory_warnings
 
         s = load_suite(suite)
         cells = plan_cells(s)
@@ -127,7 +205,10 @@ class AccuracyKind:
             f"{suite}: ok: suite '{s.name}': {len(task_variants(s))} task variants, "
             f"{len(labels)} estimator labels, {len(s.defaults.seed_list)} seeds, {len(cells)} cells"
         )
-
+        estimates = estimate_suite(s, cells)
+        print(estimates_table(estimates))
+        for line in memory_warnings(estimates):
+            print(f"hessbench: warning: {line}", file=sys.stderr)
         return 0
 
     def describe(self, suite: Path) -> tuple[str, str]:
@@ -177,6 +258,7 @@ class AccuracyKind:
                 jobs_ = ", ".join(sorted(set(summary.in_flight.values())))
                 err.print(f"{len(summary.in_flight)} cells still running in earlier jobs ({jobs_})")
             bar["id"] = progress.add_task("cells", total=len(summary.todo), cell="")
+            progress.start()  # only now: an error before the plan prints no empty bar line
 
         def on_record(rec: dict) -> None:
             progress.update(bar["id"], advance=1)
@@ -195,7 +277,7 @@ class AccuracyKind:
             )
             progress.update(bar["id"], cell=f"job {ids}")
 
-        with progress:
+        try:
             summary = run_suite(
                 suite,
                 opts,
@@ -204,6 +286,9 @@ class AccuracyKind:
                 on_record=on_record,
                 on_submit=on_submit,
             )
+        finally:
+            if progress.live.is_started:  # stop() itself prints a line break
+                progress.stop()
         collect_cmd = f"hessbench collect {summary.run_dir}"
         if summary.manifest is not None and no_wait:
             m = summary.manifest

@@ -88,6 +88,7 @@ def run_with_progress(
         skipped = len(summary.planned) - len(summary.todo)
         err.print(f"{len(summary.planned)} runs, {skipped} already done; writing {summary.run_dir}")
         bar["id"] = progress.add_task("runs", total=len(summary.todo), run="")
+        progress.start()  # only now: an error before the plan prints no empty bar line
 
     def on_record(rec: dict) -> None:
         progress.update(bar["id"], advance=1)
@@ -97,12 +98,15 @@ def run_with_progress(
                 f"{escape(str(rec.get('message', '')))}"
             )
 
-    with progress:
+    try:
         return start(
             on_plan=on_plan,
             on_start=lambda rid: progress.update(bar["id"], run=rid),
             on_record=on_record,
         )
+    finally:
+        if progress.live.is_started:  # stop() itself prints a line break
+            progress.stop()
 
 
 def finish_runs(

@@ -20,6 +20,7 @@ import pandas as pd
 
 from hessbench.report.stats import RESAMPLES, Estimate, ratio_of_means_ci
 from hessbench.report.style import label_infos, natural_key
+from hessbench.report.summary import ROUNDING_EPS, reference_cells, rounding_tasks
 from hessbench.report.table import Table, fmt, missing
 
 __all__ = [
@@ -127,9 +128,7 @@ def paper_ratios(df: pd.DataFrame) -> dict[tuple[str, str], Estimate]:
     ok = df[(df["status"] == "ok") & df["l1"].notna()]
     out: dict[tuple[str, str], Estimate] = {}
     for task, sub in ok.groupby("task"):
-        ref = sub[sub["estimator"] == "hesscale"]
-        ref = ref[ref["label"] == "hesscale"] if "hesscale" in set(ref["label"]) else ref
-        ref_l1 = ref.groupby("seed")["l1"].first()
+        ref_l1 = reference_cells(sub).groupby("seed")["l1"].first()
         if ref_l1.empty:
             continue
         for label, g in sub.groupby("label"):
@@ -160,7 +159,9 @@ def accuracy_table(df: pd.DataFrame) -> Table:
         "divided by the mean over the same seeds of HesScale's L1 error, with a 95 % "
         f"percentile-bootstrap interval over seeds ({RESAMPLES} resamples, fixed seed). "
         "L1 / HesScale (median): the median over seeds of the per-seed ratio, each cell's "
-        "L1 divided by HesScale's on the same seed (what earlier tables showed)."
+        "L1 divided by HesScale's on the same seed (what earlier tables showed). "
+        "A task where HesScale's error is at rounding level has its ratios marked: they "
+        "measure rounding, not accuracy."
     )
     table = _summary_table(df, metrics, name="accuracy", title="accuracy", caption=caption)
     ratios = paper_ratios(df)
@@ -174,6 +175,22 @@ def accuracy_table(df: pd.DataFrame) -> Table:
         ci = "-" if e is None or math.isnan(e.low) else f"{e.low:.3g}–{e.high:.3g}"
         row[at:at] = [fmt(e.value if e else math.nan), ci]
         mark[at:at] = [m, m]
+    rounding = rounding_tasks(df)
+    for row, mark, rec in zip(table.rows, table.marks, table.data.to_dict("records"), strict=True):
+        task = rounding.get(str(rec["task"]))
+        if task is None or row[at + 2] == "-":
+            continue
+        text = (
+            f"HesScale's error on this task is at rounding level: median relative L1 "
+            f"{task.rel_l1:.2g} <= {task.bound:.2g} ({ROUNDING_EPS} machine epsilons of "
+            f"{task.dtype}); ratios to it measure rounding, not accuracy, and the run summary "
+            "leaves the task out"
+        )
+        if text not in table.notes:
+            table.notes.append(text)
+        n = table.notes.index(text) + 1
+        for i in (at, at + 1, at + 2):
+            mark[i] = (*mark[i], n)
     nan = math.nan
     table.data.insert(
         table.data.columns.get_loc("l1_over_hesscale_median"),
@@ -186,6 +203,14 @@ def accuracy_table(df: pd.DataFrame) -> Table:
             col,
             [getattr(e, key) if e else nan for e in est_list],
         )
+    table.data.insert(
+        table.data.columns.get_loc("note"),
+        "hesscale_at_rounding",
+        [
+            None if missing(v) else str(t) in rounding
+            for t, v in zip(table.data["task"], table.data["l1_over_hesscale_median"], strict=True)
+        ],
+    )
     return table
 
 

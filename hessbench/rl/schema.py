@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
@@ -58,7 +58,7 @@ class RLSuite(StrictModel):
     n_steps: PositiveInt = 5
     gamma: float = Field(0.99, gt=0.0, le=1.0)
     hidden: list[PositiveInt] = Field(default_factory=lambda: [64, 64])
-    critic_lr: PositiveFloat = 1e-3
+    critic_lr: Annotated[PositiveFloat, Field(allow_inf_nan=False)] = 1e-3
     normalize_advantages: bool = False
     return_window: PositiveInt = 10
     threads: PositiveInt = 1

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from hessbench.errors import HessbenchError, StorageError
@@ -307,6 +308,7 @@ CELL_COLUMNS = [
     "num_batches",
     "batch_size",
     "num_params",
+    "dtype",
     "elapsed_s",
     "stochastic",
     "sample_param",
@@ -349,6 +351,7 @@ def frame(records: Iterable[dict]) -> pd.DataFrame:
             "status",
             "message",
             "l1_over_hesscale",
+            "dtype",
             "stochastic",
             "sample_param",
             "default_params",
@@ -358,7 +361,9 @@ def frame(records: Iterable[dict]) -> pd.DataFrame:
     ref = df[(df["estimator"] == "hesscale") & (df["status"] == "ok")]
     ref = ref.drop_duplicates(["task", "seed"]).set_index(["task", "seed"])["l1"]
     keys = pd.MultiIndex.from_frame(df[["task", "seed"]])
-    df.insert(11, "l1_over_hesscale", df["l1"].to_numpy() / ref.reindex(keys).to_numpy())
+    with np.errstate(divide="ignore", invalid="ignore"):  # HesScale's L1 can be 0 in float64
+        ratio = df["l1"].to_numpy() / ref.reindex(keys).to_numpy()
+    df.insert(11, "l1_over_hesscale", ratio)
     return df.sort_values(["task", "seed", "label"], kind="stable").reset_index(drop=True)
 
 

@@ -104,20 +104,52 @@ class EstimatorSpec(StrictModel):
             elif value == []:
                 problems["params", key] = "an empty list of values"
         # the values of the known hyper-parameters are checked too, so one run of
-        # `validate` reports every problem of the block
-        valid = {k: v for k, v in self.params.items() if ("params", k) not in problems}
-        values = [v if isinstance(v, list) else [v] for v in valid.values()]
-        for combo in itertools.product(*values):
-            params = dict(zip(valid, combo, strict=True))
+        # `validate` reports every problem of the block: each value on its own first
+        # (one line per field: its first bad value), then the combinations of the values
+        # that passed, for what only a combination gets wrong (whole-block checks)
+        good: dict[str, list[object]] = {}
+        for key, value in self.params.items():
+            if ("params", key) in problems:
+                continue
+            good[key] = []
+            for v in value if isinstance(value, list) else [value]:
+                problem = _field_problem(cls, key, v)
+                if problem is None:
+                    good[key].append(v)
+                else:
+                    problems.setdefault(("params", key), problem)
+        good = {k: v for k, v in good.items() if v}  # a field with no good value: its default
+        whole: list[str] = []
+        for combo in itertools.product(*good.values()):
             try:
-                cls(**params)
+                cls(**dict(zip(good, combo, strict=True)))
             except pydantic.ValidationError as exc:
                 for err in exc.errors():
-                    problems.setdefault(("params", *err["loc"][:1]), format_error(err, None)[1])
+                    if err["loc"][:1]:
+                        problems.setdefault(("params", *err["loc"][:1]), format_error(err, None)[1])
+                    else:  # the block as a whole: its input is every value, not shown
+                        whole.append(err["msg"].removeprefix("Value error, "))
             except (HessbenchError, ValueError, TypeError) as exc:
-                problems.setdefault(("params",), str(exc))
-        fail(problems.items())
+                whole.append(str(exc))
+        fail([*problems.items(), *((("params",), m) for m in dict.fromkeys(whole))])
         return self
+
+
+def _field_problem(cls: type[Estimator], key: str, value: object) -> str | None:
+    """Why hyper-parameter ``key`` cannot be ``value`` (the others at their defaults), or None.
+
+    Only the field's own problems count; what fails with the defaults of the other
+    fields is left to the check of the combinations.
+    """
+    try:
+        cls(**{key: value})
+    except pydantic.ValidationError as exc:
+        for err in exc.errors():
+            if err["loc"][:1] == (key,):
+                return format_error(err, None)[1]
+    except (HessbenchError, ValueError, TypeError):
+        pass
+    return None
 
 
 class Timing(StrictModel):

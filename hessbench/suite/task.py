@@ -147,7 +147,7 @@ class TrainState(StrictModel):
 
     steps: PositiveInt
     optimizer: Literal["adam", "sgd"] = "adam"
-    lr: PositiveFloat = 1e-3
+    lr: Annotated[PositiveFloat, Field(allow_inf_nan=False)] = 1e-3
     batch_size: PositiveInt = 32
 
     @property
