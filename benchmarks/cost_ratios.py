@@ -41,7 +41,13 @@ Problems (float32; ``exact`` with ``compute_dtype="model"``):
   estimated as ``P`` times one timed Hessian-vector product;
 - ``costnet``: the HesScale paper's cost net ``Linear(64,512)`` + L x
   [``Linear(512,512)``, ``Tanh``] + ``Linear(512,100)``, no biases, MSE, at
-  batch 1 and 64 for L = 1, 4, 16.
+  batch 1 and 64 for L = 1, 4, 16;
+- ``matfree``: the overhead of the matrix-free estimators. ``xdiag`` and ``diagpp``
+  at ``m`` = 10, 50, 200 Hessian-vector products, each over the same ``m`` products of
+  plain ``hutchinson[num_matvecs=m]`` plus the orthogonalisation they need (a reduced
+  QR of a ``P x s`` Gaussian matrix, ``s = m/2`` for XDiag, ``m/3`` for Diag++), timed
+  interleaved as above; on the 64-32-32-10 tanh MLP (``P = 3466``), the 784-128-64-10
+  MLP and the CNN at batch 8. The target is at most 1.2x.
 """
 
 from __future__ import annotations
@@ -171,6 +177,56 @@ def gpt_problem(batch: int) -> Problem:
     )
 
 
+def small_mlp_problem(batch: int) -> Problem:
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10)
+    )
+    x = torch.randn(batch, 64, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    return f"mlp64 tanh CE batch={batch}", model, nn.CrossEntropyLoss(), x, y
+
+
+MATFREE: list[tuple[str, Callable[[int], int]]] = [
+    ("xdiag", lambda m: m // 2),  # s test vectors
+    ("diagpp", lambda m: m // 3),  # k sketch columns
+]
+"""Matrix-free estimators and the width of the matrix each orthogonalises for budget ``m``."""
+
+
+def matfree_overhead(problem: Problem, args, emit: Callable[[str], None]) -> None:
+    """A table: each matrix-free estimator over ``hutchinson`` at equal budget plus a QR."""
+    title, model, loss_fn, x, y = problem
+    nparams = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    emit(f"### {title} ({nparams} parameters)")
+    emit()
+    emit(
+        "| estimator | m | its CPU ms | hutchinson + QR, CPU ms | CPU ratio | wall ratio |\n"
+        "|---|---:|---:|---:|---:|---:|"
+    )
+    gen = torch.Generator()
+    for name, width in MATFREE:
+        for m in (10, 50, 200):
+            est = get_estimator(name, num_matvecs=m)
+            hutch = get_estimator("hutchinson", num_matvecs=m)
+            sketch = torch.randn(nparams, width(m), generator=torch.Generator().manual_seed(0))
+
+            def run(est=est):
+                return est(model, loss_fn, x, y, generator=gen.manual_seed(0))
+
+            def baseline(hutch=hutch, sketch=sketch):
+                hutch(model, loss_fn, x, y, generator=gen.manual_seed(0))
+                return torch.linalg.qr(sketch)
+
+            r = measure(run, baseline, min_time=args.min_time, max_repeats=200, min_repeats=5)
+            emit(
+                f"| `{est.label}` | {m} | {r['est_ms']:.1f} | {r['grad_ms']:.1f} "
+                f"| {r['cpu_ratio']:.2f}x | {r['wall_ratio']:.2f}x |"
+            )
+    emit()
+
+
 def hvp_ratio(problem: Problem, grad, min_time: float) -> float:
     """``P`` times one double-backprop Hessian-vector product, over one gradient."""
     _, model, loss_fn, x, y = problem
@@ -282,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (0.3 s per cell)")
     parser.add_argument(
         "--only",
-        choices=["cnn", "mlp", "costnet", "resnet", "resmlp", "gpt"],
+        choices=["cnn", "mlp", "costnet", "resnet", "resmlp", "gpt", "matfree"],
         help="one problem family",
     )
     parser.add_argument("--estimators", nargs="*", help="rows whose hessbench estimator is named")
@@ -305,6 +361,9 @@ def main(argv: list[str] | None = None) -> None:
         problems += [
             lambda la=la, b=b: cost_net_problem(la, b) for la in (1, 4, 16) for b in (1, 64)
         ]
+    overhead: list[Callable[[], Problem]] = []
+    if args.only in (None, "matfree"):
+        overhead = [lambda: small_mlp_problem(1), lambda: mlp_problem(1), lambda: cnn_problem(8)]
     rows = [r for r in ROWS if not args.estimators or r[1][0] in args.estimators]
     lines: list[str] = []
 
@@ -355,6 +414,17 @@ def main(argv: list[str] | None = None) -> None:
             cells = [label, *_cell(ours, problem, grad, grad_mem, args)]
             cells += _cell(peer, problem, grad, grad_mem, args)
             emit("| " + " | ".join(cells) + " |")
+    if overhead:
+        emit()
+        emit("## Matrix-free overhead: `xdiag` and `diagpp` over `hutchinson` at equal budget")
+        emit()
+        emit(
+            "Ratio = the estimator / (`hutchinson[num_matvecs=m]` + a reduced QR of the "
+            "`P x s` matrix it orthogonalises), medians, interleaved; target at most 1.2x."
+        )
+        emit()
+        for make in overhead:
+            matfree_overhead(make(), args, emit)
     if args.output is not None:
         args.output.write_text("\n".join(lines) + "\n")
 

@@ -54,16 +54,20 @@ class FlatOperator:
         self.count = 0
 
     def matmat(self, v: Tensor) -> Tensor:
-        """``H v`` column by column; ``v`` is ``(P, k)``."""
-        cols = []
+        """``H v`` column by column; ``v`` is ``(P, k)``.
+
+        The result is the transpose of a contiguous ``(k, P)`` tensor: each
+        column is one contiguous product, the layout the estimators' algebra
+        works in (see :func:`rademacher_matrix`).
+        """
+        rows = v.T
+        out = v.new_empty(v.shape[1], self.dim)
         for j in range(v.shape[1]):
-            parts = [c.view(s) for c, s in zip(v[:, j].split(self.sizes), self.shapes, strict=True)]
+            parts = [c.view(s) for c, s in zip(rows[j].split(self.sizes), self.shapes, strict=True)]
             hv = self._product(parts)
-            cols.append(torch.cat([h.reshape(-1) for h in hv]))
+            torch.cat([h.reshape(-1) for h in hv], out=out[j])
             self.count += 1
-        if not cols:
-            return v.new_zeros(v.shape)
-        return torch.stack(cols, 1)
+        return out.T
 
     def split(self, flat: Tensor) -> dict[str, Tensor]:
         """A flat ``(P,)`` vector as one tensor per parameter, keyed by name."""
@@ -80,11 +84,18 @@ def rademacher_matrix(
 
     Each column is one call of :func:`~hessbench.estimators._autograd.rademacher`
     (bits of 32-bit words), so it equals ``hutchinson``'s probe of the same index.
+
+    Layout: the transpose of a contiguous ``(k, dim)`` tensor (each column
+    contiguous). The matrix-free estimators compute with such tall matrices
+    through their transposes (``A.T``, rows of ``dim`` entries), where products
+    with small ``k x k`` matrices are one short-and-wide matmul: for ``dim`` in
+    the hundreds of thousands and ``k`` of a few, ``(dim, k) @ (k, k)`` in
+    row-major layout takes several times as long as the products themselves.
     """
     like = [torch.empty(dim, dtype=dtype, device=device)]
     if k == 0:
-        return torch.empty(dim, 0, dtype=dtype, device=device)
-    return torch.stack([rademacher(like, generator)[0] for _ in range(k)], 1)
+        return torch.empty(0, dim, dtype=dtype, device=device).T
+    return torch.stack([rademacher(like, generator)[0] for _ in range(k)]).T
 
 
 def range_basis(y: Tensor) -> tuple[Tensor, Tensor, bool]:
@@ -104,7 +115,7 @@ def range_basis(y: Tensor) -> tuple[Tensor, Tensor, bool]:
     rank = int((sig > tol).sum())
     if rank == k:
         return q, r, True
-    basis = q @ u[:, :rank]
+    basis = (u[:, :rank].T @ q.T).T  # Q U_r, each column contiguous
     return basis, basis.T @ y, False
 
 

@@ -61,17 +61,22 @@ def diagpp(
     """
     device = torch.device(device)
     k, h = diagpp_split(num_matvecs)
-    q = torch.empty(dim, 0, dtype=dtype, device=device)
+    # the algebra on transposes (rows of dim entries): see rademacher_matrix's layout note
+    qt = torch.empty(0, dim, dtype=dtype, device=device)
     d = torch.zeros(dim, dtype=dtype, device=device)
     if k:
         q, _, _ = range_basis(matmat(rademacher_matrix(dim, k, generator, dtype, device)))
-    if q.shape[1]:
-        z = matmat(q)
-        d = 2 * (q * z).sum(1) - ((q @ (q.T @ z)) * q).sum(1)
+        qt = q.T
+    if qt.shape[0]:
+        zt = matmat(qt.T).T
+        # 2 rowsum(Q o Z) - rowsum(Q Q^T Z o Q) = rowsum(Q o (2 Z - Q Q^T Z))
+        d = torch.linalg.vecdot(qt, torch.addmm(zt, (qt @ zt.T).T, qt, beta=2, alpha=-1), dim=0)
     if h:
-        g = rademacher_matrix(dim, h, generator, dtype, device)
-        hg = matmat(g - q @ (q.T @ g))
-        d = d + (g * (hg - q @ (q.T @ hg))).sum(1) / h
+        gt = rademacher_matrix(dim, h, generator, dtype, device).T
+        deflated = torch.addmm(gt, (qt @ gt.T).T, qt, alpha=-1)  # (g - Q Q^T g)^T
+        hgt = matmat(deflated.T).T
+        deflated_hg = torch.addmm(hgt, (qt @ hgt.T).T, qt, alpha=-1)
+        d = d + torch.linalg.vecdot(gt, deflated_hg, dim=0) / h
     return d
 
 

@@ -65,25 +65,26 @@ def xdiag_from_probes(matmat: Callable[[Tensor], Tensor], omega: Tensor) -> Tens
     s = omega.shape[1]
     y = matmat(omega)
     q, r, full = range_basis(y)
+    # the algebra on transposes (s rows of n entries): see rademacher_matrix's layout note
+    wt, yt, qt = omega.T, y.T, q.T
     if not full:
-        if q.shape[1] == 0:  # A Omega = 0: only the Hutchinson terms remain
-            return (omega * y).sum(1) / s
-        z = matmat(q)
-        t = z.T @ omega
-        return (q * z).sum(1) + (omega * (y - q @ t)).sum(1) / s
-    z = matmat(q)
-    t = z.T @ omega
+        if qt.shape[0] == 0:  # A Omega = 0: only the Hutchinson terms remain
+            return torch.linalg.vecdot(wt, yt, dim=0) / s
+        zt = matmat(q).T
+        t = zt @ wt.T  # Z^T Omega
+        residual = torch.addmm(yt, t.T, qt, alpha=-1)  # (Y - Q T)^T
+        return torch.linalg.vecdot(qt, zt, dim=0) + torch.linalg.vecdot(wt, residual, dim=0) / s
+    zt = matmat(q).T
+    t = zt @ wt.T  # Z^T Omega
     eye = torch.eye(s, dtype=r.dtype, device=r.device)
     sv = torch.linalg.solve_triangular(r.T, eye, upper=False)  # R^{-T}
     sv = sv / torch.linalg.vector_norm(sv, dim=0)
-    qs, zs = q @ sv, z @ sv
-    loo = (
-        -(qs * zs).sum(1)
-        + (omega * y).sum(1)
-        - (omega * (q @ t)).sum(1)
-        + (omega * (qs * (sv * t).sum(0))).sum(1)
-    )
-    return (q * z).sum(1) + loo / s
+    # rowsum(Q o Z) - rowsum(QS o ZS) / s = rowsum(Q o Z (I - S S^T / s))
+    first = torch.linalg.vecdot(qt, (eye - sv @ sv.T / s) @ zt, dim=0)
+    # Omega o (Y - QT + QS diag(colsum(S o T))) = Omega o (Y - Q M), M = T - S diag(c)
+    m = t - sv * (sv * t).sum(0)
+    residual = torch.addmm(yt, m.T, qt, alpha=-1)
+    return first + torch.linalg.vecdot(wt, residual, dim=0) / s
 
 
 def xdiag(
