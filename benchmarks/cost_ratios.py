@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import itertools
 import platform
 import statistics
 import subprocess
@@ -101,15 +102,17 @@ def cnn_problem(batch: int) -> Problem:
     return f"cnn 3x16x16 relu/tanh CE batch={batch}", model, nn.CrossEntropyLoss(), x, y
 
 
-def mlp_problem(batch: int) -> Problem:
+def mlp_problem(batch: int, widths: tuple[int, ...] = (784, 128, 64, 10)) -> Problem:
+    """A tanh MLP of ``widths`` (inputs first) with cross-entropy on random data."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(784, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(), nn.Linear(64, 10)
-    )
-    x = torch.randn(batch, 784, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
-    return f"mlp784 tanh CE batch={batch}", model, nn.CrossEntropyLoss(), x, y
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers += [nn.Linear(a, b)] + ([nn.Tanh()] if i < len(widths) - 2 else [])
+    model = nn.Sequential(*layers)
+    x = torch.randn(batch, widths[0], generator=gen)
+    y = torch.randint(0, widths[-1], (batch,), generator=gen)
+    return f"mlp{widths[0]} tanh CE batch={batch}", model, nn.CrossEntropyLoss(), x, y
 
 
 def cost_net_problem(layers: int, batch: int) -> Problem:
@@ -175,17 +178,6 @@ def gpt_problem(batch: int) -> Problem:
         x,
         y,
     )
-
-
-def small_mlp_problem(batch: int) -> Problem:
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10)
-    )
-    x = torch.randn(batch, 64, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
-    return f"mlp64 tanh CE batch={batch}", model, nn.CrossEntropyLoss(), x, y
 
 
 MATFREE: list[tuple[str, Callable[[int], int]]] = [
@@ -363,7 +355,11 @@ def main(argv: list[str] | None = None) -> None:
         ]
     overhead: list[Callable[[], Problem]] = []
     if args.only in (None, "matfree"):
-        overhead = [lambda: small_mlp_problem(1), lambda: mlp_problem(1), lambda: cnn_problem(8)]
+        overhead = [
+            lambda: mlp_problem(1, (64, 32, 32, 10)),
+            lambda: mlp_problem(1),
+            lambda: cnn_problem(8),
+        ]
     rows = [r for r in ROWS if not args.estimators or r[1][0] in args.estimators]
     lines: list[str] = []
 
