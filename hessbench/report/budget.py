@@ -28,12 +28,12 @@ from hessbench.report.plotting import (
     tasks_of,
 )
 from hessbench.report.style import LabelInfo, figure_context, label_infos, sweeps
+from hessbench.report.summary import reference_cells
 from hessbench.report.table import Table, fmt
 
 __all__ = ["BUDGET", "budget_figure", "budget_table", "budget_time_figure"]
 
 BUDGET = "num_matvecs"
-REFERENCE = "hesscale"
 _REL_L1 = "relative L1 error"
 
 
@@ -221,7 +221,7 @@ def budget_table(df: pd.DataFrame) -> Table | None:
     notes = ["seed ranges overlap with HesScale's: no difference found at this budget"]
     for task in tasks_of(ok):
         t = ok[ok["task"] == task]
-        ref = _seed_stats(t.loc[t["estimator"] == REFERENCE, "rel_l1"])
+        ref = _seed_stats(reference_cells(t)["rel_l1"])
         for s in found:
             row = [task, s.name, _cell(ref)]
             mark: list[tuple[int, ...]] = [(), (), ()]

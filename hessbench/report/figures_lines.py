@@ -239,20 +239,13 @@ def accuracy_cost_figure(df: pd.DataFrame) -> FigureResult:
             "they are drawn on the dotted line at the bottom so that the other points keep "
             "the axis."
         )
-    r.notes += _overlap_notes(overlaps, len(axes))
+    r.notes += coincide_notes(overlaps, len(axes), _points_sentence)
     return r
 
 
-def _overlap_notes(pairs: dict[str, list[tuple[str, str]]], panels: int) -> list[str]:
-    where: dict[tuple[str, str], list[str]] = {}
-    for task, found in pairs.items():
-        for pair in found:
-            where.setdefault(pair, []).append(task)
-    out = []
-    for (a, b), tasks in where.items():
-        on = "" if len(tasks) == panels or panels == 1 else f" on {', '.join(tasks)}"
-        out.append(f"The points of {a} and {b} lie on top of each other{on}.")
-    return out
+def _points_sentence(a: str, b: str, tasks: list[str]) -> str:
+    on = f" on {', '.join(tasks)}" if tasks else ""
+    return f"The points of {a} and {b} lie on top of each other{on}."
 
 
 # Why a Monte-Carlo estimator's error may not fall with its number of samples: what its

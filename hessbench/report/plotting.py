@@ -10,7 +10,7 @@ would make the figure wider than that.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -208,24 +208,33 @@ def coinciding(
     return out
 
 
-def coincide_notes(pairs: dict[str, list[tuple[str, str]]], panels: int) -> list[str]:
+def _hidden_sentence(hidden: str, front: str, titles: list[str]) -> str:
+    on = f" (on {', '.join(titles)})" if titles else ""
+    return (
+        f"{hidden} and {front} coincide{on} (equal within {SAME:.1%}): one is hidden "
+        "behind the other."
+    )
+
+
+def coincide_notes(
+    pairs: dict[str, list[tuple[str, str]]],
+    panels: int,
+    sentence: Callable[[str, str, list[str]], str] = _hidden_sentence,
+) -> list[str]:
     """Sentences naming the curves hidden behind identical ones, per panel title.
 
     ``pairs`` maps a panel's title to its :func:`coinciding` pairs; a pair found on
-    every one of the ``panels`` panels is named once.
+    every one of the ``panels`` panels is named once. ``sentence(a, b, titles)``
+    words one pair (``titles`` empty when the pair is on every panel).
     """
     where: dict[tuple[str, str], list[str]] = {}
     for title, found in pairs.items():
         for pair in found:
             where.setdefault(pair, []).append(title)
-    out = []
-    for (hidden, front), titles in where.items():
-        on = "" if len(titles) == panels or panels == 1 else f" (on {', '.join(titles)})"
-        out.append(
-            f"{hidden} and {front} coincide{on} (equal within {SAME:.1%}): one is hidden "
-            "behind the other."
-        )
-    return out
+    return [
+        sentence(a, b, [] if len(titles) == panels or panels == 1 else titles)
+        for (a, b), titles in where.items()
+    ]
 
 
 def note(ax: Axes, y: float, text: str) -> None:
