@@ -27,6 +27,7 @@ _KINDS = {
     "accuracy": "Accuracy of Hessian-diagonal estimators",
     "train": "Optimizer benchmarks (training)",
     "rl": "Optimizer benchmarks (reinforcement learning)",
+    "cost": "Cost of the estimators and their peers",
 }
 
 
@@ -62,7 +63,15 @@ def _entry(folder: Path) -> ReportEntry | None:
         lines = md.read_text(encoding="utf-8").splitlines()
         title = next((x[2:] for x in lines if x.startswith("# ")), folder.name)
         desc = next((x[2:] for x in lines if x.startswith("> ")), "")
-        kind = "rl" if "RL report" in title else "train" if "training report" in title else ""
+        kind = (
+            "rl"
+            if "RL report" in title
+            else "train"
+            if "training report" in title
+            else "cost"
+            if title.startswith("Estimator cost")  # benchmarks/cost_ratios.py
+            else ""
+        )
         return ReportEntry(folder.name, f"{folder.name}/report.md", title, kind or "accuracy", desc)
     return None
 
