@@ -352,10 +352,26 @@ def test_matfree_exact_when_budget_covers_all_parameters(loss, name):
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
-@pytest.mark.parametrize("name", ["hesscale", "ggn_exact", "kfac", "exact", "sophia_gnb"])
-def test_gradient_and_loss_handed_back(loss, name):
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "hesscale",
+        "ggn_exact",
+        "kfac",
+        "exact",
+        "sophia_gnb",
+        "sophia_gnb[method=autograd]",
+        "efisher",
+        "efisher[method=vmap]",
+    ],
+)
+def test_gradient_and_loss_handed_back(loss, spec):
+    """From the estimate's own pass (layer-by-layer and generic paths), for every loss."""
     model, loss_fn, x, y = problem(V("mlp_tanh", loss, 3))
-    _, grad, value = get_estimator(name).estimate_with_grad(model, loss_fn, x, y, generator=gen(0))
+    name, _, method = spec.rstrip("]").partition("[method=")
+    est = get_estimator(name, **({"method": method} if method else {}))
+    diag, grad, value = est.estimate_with_grad(model, loss_fn, x, y, generator=gen(0))
+    assert_close(diag, est(model, loss_fn, x, y, generator=gen(0)), 0.0)
     params = dict(model.named_parameters())
     want = torch.autograd.grad(loss_fn(model(x), y), list(params.values()))
     assert_close(grad, dict(zip(params, want, strict=True)), TOL["exact"])

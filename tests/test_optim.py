@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import hessbench.estimators._factor_pass as factor_pass_module
 import hessbench.estimators._sequential as seq
 from hessbench.errors import ConfigError, DivergenceError
 from hessbench.estimators import available_estimators, get_estimator
@@ -85,7 +86,7 @@ def test_estimate_with_grad_same_dropout_mask():
             torch.testing.assert_close(grad[k], grad_hs[k], rtol=1e-12, atol=1e-12)
 
 
-def test_hesscale_hands_back_the_gradient_in_one_pass(monkeypatch):
+def test_one_pass_estimators_hand_back_the_gradient_in_their_pass(monkeypatch):
     calls = {"forward": 0, "autograd": 0}
     run_start = seq.run_start
     autograd_grad = torch.autograd.grad
@@ -99,10 +100,11 @@ def test_hesscale_hands_back_the_gradient_in_one_pass(monkeypatch):
         return autograd_grad(*args, **kwargs)
 
     monkeypatch.setattr(seq, "run_start", counting_start)
+    monkeypatch.setattr(factor_pass_module, "run_start", counting_start)
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
     model = _mlp()
     x, y = _data("mlp")
-    for name in ("hesscale", "hesscale_gn", "bl89"):
+    for name in ("hesscale", "hesscale_gn", "bl89", "sophia_gnb", "efisher"):
         calls.update(forward=0, autograd=0)
         get_estimator(name).estimate_with_grad(model, nn.CrossEntropyLoss(), x, y)
         assert calls == {"forward": 1, "autograd": 0}, name

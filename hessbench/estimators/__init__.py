@@ -18,6 +18,7 @@ from hessbench.estimators._base import (
     Flag,
     all_finite,
     available_estimators,
+    defer_registration,
     estimator_class,
     estimator_dataclass,
     get_estimator,
@@ -78,5 +79,11 @@ __all__ = [
     "trainable_parameters",
 ]
 
-# Peer libraries' implementations (BackPACK, curvlinops), registered when they import.
-import hessbench.estimators.peers  # noqa: F401
+
+def _register_peers() -> None:
+    # Peer libraries' implementations (BackPACK, curvlinops), registered when they
+    # import; deferred to the first lookup that needs them (their imports take ~0.3 s).
+    import hessbench.estimators.peers  # noqa: F401
+
+
+defer_registration(_register_peers)

@@ -264,9 +264,18 @@ def refuse_batch_coupling(model: nn.Module) -> None:
 
 @differentiable_attention
 def per_sample_grad_sq(
-    model: nn.Module, loss: LossSpec, x: Tensor, y: Tensor
+    model: nn.Module,
+    loss: LossSpec,
+    x: Tensor,
+    y: Tensor,
+    *,
+    extras: dict[str, object] | None = None,
 ) -> tuple[dict[str, Tensor], float]:
-    """``sum_n (grad l_n)^2`` with ``l_n`` the per-sample loss summed over outputs, and ``c``."""
+    """``sum_n (grad l_n)^2`` with ``l_n`` the per-sample loss summed over outputs, and ``c``.
+
+    With ``extras``, also the gradient of ``L = c sum_n l_n``, ``c sum_n grad l_n``
+    (``extras["grad"]``), and the loss (``extras["loss"]``).
+    """
     refuse_batch_coupling(model)
     params = _cast_params(model, None)
     buffers = _buffers(model, None)
@@ -282,7 +291,11 @@ def per_sample_grad_sq(
     grads = vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(
         params, x, y
     )
-    return {n: g.square().sum(0) for n, g in grads.items()}, loss.scale(y)
+    c = loss.scale(y)
+    if extras is not None:
+        extras["grad"] = {n: g.sum(0).mul_(c) for n, g in grads.items()}
+        extras["loss"] = loss.evaluate(out, y).value()
+    return {n: g.square().sum(0) for n, g in grads.items()}, c
 
 
 @differentiable_attention

@@ -30,7 +30,7 @@ import abc
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, ClassVar, TypeVar
 
 import pydantic
@@ -48,6 +48,7 @@ __all__ = [
     "all_finite",
     "available_estimators",
     "check_output",
+    "defer_registration",
     "estimator_class",
     "finalize",
     "fresh_generator",
@@ -60,7 +61,28 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type[Estimator]] = {}
+_DEFERRED: list[Callable[[], object]] = []
 E = TypeVar("E", bound="type[Estimator]")
+
+
+def defer_registration(load: Callable[[], object]) -> None:
+    """Register more estimators only when a lookup needs them.
+
+    ``load`` (say, importing the optional peers, whose libraries take a quarter
+    of a second to import) runs once, the first time the registry is listed or
+    asked for a name it does not hold. So a command that only uses built-in
+    estimators never imports the optional libraries.
+    """
+    _DEFERRED.append(load)
+
+
+def _load_deferred() -> bool:
+    """Run the deferred registrations; whether there were any."""
+    if not _DEFERRED:
+        return False
+    while _DEFERRED:
+        _DEFERRED.pop(0)()
+    return True
 
 
 def register(cls: E) -> E:
@@ -73,11 +95,14 @@ def register(cls: E) -> E:
 
 def available_estimators() -> list[str]:
     """Names of every registered estimator, sorted."""
+    _load_deferred()
     return sorted(_REGISTRY)
 
 
 def estimator_class(name: str) -> type[Estimator]:
     """The class registered as ``name``; :class:`ConfigError` listing the known ones otherwise."""
+    if name not in _REGISTRY and _load_deferred():
+        return estimator_class(name)
     try:
         return _REGISTRY[name]
     except KeyError:

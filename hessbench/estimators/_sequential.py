@@ -249,25 +249,34 @@ def sampled_grad_pass(
     x: Tensor,
     targets: Tensor,
     generator: torch.Generator,
-) -> tuple[dict[str, Tensor], LossState]:
+    *,
+    with_grad: bool = False,
+) -> tuple[dict[str, Tensor], LossState, dict[str, Tensor]]:
     """The gradient of the loss at targets drawn from the model's predictive distribution.
 
     The output gradient is the loss's ``sampled_grad`` (see
-    :class:`~hessbench.estimators._losses.LossSpec`).
+    :class:`~hessbench.estimators._losses.LossSpec`). With ``with_grad`` the same
+    walk also backpropagates the gradient at the true targets (the forward pass
+    is shared; each layer does two ``J^T g`` and two parameter gradients).
 
     Returns:
-        the parameter gradients and the loss state at the true targets.
+        the parameter gradients at the sampled targets, the loss state at the true
+        targets and (with ``with_grad``, else empty) the parameter gradients there.
     """
     with torch.no_grad():
         out, caches, _, state = run_start(plan, model, loss, x, targets, generator)
-        g = loss.sampled_grad(out, state, generator)
-        grads: dict[str, Tensor] = {}
+        vectors = [loss.sampled_grad(out, state, generator)]
+        if with_grad:
+            vectors.append(state.grad)
+        grads: list[dict[str, Tensor]] = [{} for _ in vectors]
         steps = plan.steps
         for i in range(len(steps) - 1, plan.first_param - 1, -1):
             st = steps[i]
-            if st.rule.parametric:
-                store(grads, st, *st.rule.param_grad(st.module, caches[i], g))
+            for k, g in enumerate(vectors):
+                if st.rule.parametric:
+                    store(grads[k], st, *st.rule.param_grad(st.module, caches[i], g))
+                if i > plan.first_param:
+                    vectors[k] = st.rule.vjp(st.module, caches[i], g)
             if i == plan.first_param:
                 break
-            g = st.rule.vjp(st.module, caches[i], g)
-    return ordered(plan, grads), state
+    return ordered(plan, grads[0]), state, ordered(plan, grads[1]) if with_grad else {}

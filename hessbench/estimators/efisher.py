@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from hessbench.estimators._autograd import per_sample_grad_sq
 from hessbench.estimators._base import estimator_dataclass, register
 from hessbench.estimators._factor_pass import Mode, Problem, factor_pass
-from hessbench.estimators._layerwise import DualPathEstimator
+from hessbench.estimators._layerwise import DualPathEstimator, keep_grad
 from hessbench.estimators._losses import LossSpec
 from hessbench.estimators._sequential import Plan
 
@@ -32,7 +32,8 @@ class EmpiricalFisher(DualPathEstimator):
     Args:
         method: ``auto``, ``structured`` or ``vmap``.
 
-    Cost: one backprop. Supports any differentiable ``nn.Module`` that handles a
+    Cost: one backprop; :meth:`estimate_with_grad` takes the gradient from the same
+    pass (the vmap path sums the per-sample gradients it has anyway). Supports any differentiable ``nn.Module`` that handles a
     batch of one sample (the vmap path).
     Reference: Kunstner, Hennig & Balles, "Limitations of the empirical Fisher
     approximation" (NeurIPS 2019).
@@ -52,6 +53,7 @@ class EmpiricalFisher(DualPathEstimator):
     name: ClassVar[str] = "efisher"
     cost: ClassVar[str] = "1 backprop"
     impl_fields: ClassVar[tuple[str, ...]] = ("method",)
+    passes_grad: ClassVar[bool] = True
     method: Literal["auto", "structured", "vmap"] = "auto"
 
     def _structured(
@@ -62,10 +64,14 @@ class EmpiricalFisher(DualPathEstimator):
         inputs: Tensor,
         targets: Tensor,
         generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
         # columns = dL/dz_n = c dl_n/dz_n, so the pass gives c^2 sum_n (grad l_n)^2
         problem = Problem(model, loss, inputs, targets, generator)
-        sq = factor_pass(plan, problem, Mode(columns="grad", residual=False)).diag
+        res = factor_pass(
+            plan, problem, Mode(columns="grad", residual=False), with_grad=extras is not None
+        )
+        sq = keep_grad(res, extras)
         c = loss.scale(targets)
         return {n: s.div_(c) for n, s in sq.items()}
 
@@ -76,6 +82,7 @@ class EmpiricalFisher(DualPathEstimator):
         inputs: Tensor,
         targets: Tensor,
         generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
-        sq, c = per_sample_grad_sq(model, loss, inputs, targets)
+        sq, c = per_sample_grad_sq(model, loss, inputs, targets, extras=extras)
         return {n: s.mul_(c) for n, s in sq.items()}

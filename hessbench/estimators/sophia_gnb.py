@@ -45,6 +45,8 @@ class SophiaGNB(DualPathEstimator):
             Both draw the same labels from the same generator.
 
     Cost: one forward and one backprop. Supports any differentiable ``nn.Module``.
+    :meth:`estimate_with_grad` shares the forward pass: the gradient at the true
+    labels is a second backpropagated vector (about half a gradient more).
     Reference: Liu et al., "Sophia" (ICLR 2024).
 
     Example:
@@ -60,6 +62,7 @@ class SophiaGNB(DualPathEstimator):
     cost: ClassVar[str] = "1 backprop"
     stochastic: ClassVar[bool] = True
     impl_fields: ClassVar[tuple[str, ...]] = ("method",)
+    passes_grad: ClassVar[bool] = True
     method: Literal["auto", "structured", "autograd"] = "auto"
 
     def _structured(
@@ -70,9 +73,14 @@ class SophiaGNB(DualPathEstimator):
         inputs: Tensor,
         targets: Tensor,
         generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
         assert generator is not None
-        grads, state = sampled_grad_pass(plan, model, loss, inputs, targets, generator)
+        grads, state, true_grads = sampled_grad_pass(
+            plan, model, loss, inputs, targets, generator, with_grad=extras is not None
+        )
+        if extras is not None:
+            extras["grad"], extras["loss"] = true_grads, state.value()
         if state.scale == 1.0:
             return {n: g.square_() for n, g in grads.items()}
         return {n: g.square_().div_(state.scale) for n, g in grads.items()}
@@ -84,6 +92,7 @@ class SophiaGNB(DualPathEstimator):
         inputs: Tensor,
         targets: Tensor,
         generator: torch.Generator | None,
+        extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
         assert generator is not None
         params = trainable_parameters(model)
@@ -93,5 +102,10 @@ class SophiaGNB(DualPathEstimator):
         with torch.no_grad():
             state = loss.evaluate(out.detach(), targets)
             g = loss.sampled_grad(out.detach(), state, generator)
-        grads = torch.autograd.grad(out, list(params.values()), grad_outputs=g)
+        keep = extras is not None
+        grads = torch.autograd.grad(out, list(params.values()), grad_outputs=g, retain_graph=keep)
+        if keep:  # the true labels' gradient from the same forward pass
+            true = torch.autograd.grad(out, list(params.values()), grad_outputs=state.grad)
+            extras["grad"] = {n: t.detach() for n, t in zip(params, true, strict=True)}
+            extras["loss"] = state.value()
         return {n: g.square().div_(state.scale) for n, g in zip(params, grads, strict=True)}
