@@ -45,6 +45,9 @@ Problems (float32; ``exact`` with ``compute_dtype="model"``):
 - ``costnet``: the HesScale paper's cost net ``Linear(64,512)`` + L x
   [``Linear(512,512)``, ``Tanh``] + ``Linear(512,100)``, no biases, MSE, at
   batch 1 and 32 for L = 1, 4, 16;
+- ``hutchinson``: ``hutchinson[num_samples=1]`` against plain double backprop
+  (an int8 ``randint`` Rademacher probe) on tanh MLPs of ``10^4`` to ``4 x 10^6``
+  parameters at batch 1; the target is at most 1.2x.
 - ``matfree``: the overhead of the matrix-free estimators. ``xdiag`` and ``diagpp``
   at ``m`` = 10, 50, 200 Hessian-vector products, each over the same ``m`` products of
   plain ``hutchinson[num_matvecs=m]`` plus the orthogonalisation they need (a reduced
@@ -115,7 +118,8 @@ def mlp_problem(batch: int, widths: tuple[int, ...] = (784, 128, 64, 10)) -> Pro
     model = nn.Sequential(*layers)
     x = torch.randn(batch, widths[0], generator=gen)
     y = torch.randint(0, widths[-1], (batch,), generator=gen)
-    return f"mlp{widths[0]} tanh CE batch={batch}", model, nn.CrossEntropyLoss(), x, y
+    name = "-".join(map(str, widths))
+    return f"mlp {name} tanh CE batch={batch}", model, nn.CrossEntropyLoss(), x, y
 
 
 def cost_net_problem(layers: int, batch: int) -> Problem:
@@ -220,6 +224,44 @@ def matfree_overhead(problem: Problem, args, emit: Callable[[str], None]) -> Non
                 f"| {r['cpu_ratio']:.2f}x | {r['wall_ratio']:.2f}x |"
             )
     emit()
+
+
+HUTCHINSON_WIDTHS: list[tuple[int, ...]] = [
+    (64, 128, 10),  # P = 9,610
+    (784, 128, 64, 10),  # P = 109,386
+    (784, 1024, 128, 10),  # P = 936,330
+    (784, 2048, 1152, 10),  # P = 3,978,378
+]
+"""Tanh MLPs from ``10^4`` to ``4 x 10^6`` parameters for ``--only hutchinson``."""
+
+
+def hutchinson_overhead(problem: Problem, args, emit: Callable[[str], None]) -> None:
+    """One row: ``hutchinson[num_samples=1]`` over plain double backprop with an int8 probe."""
+    title, model, loss_fn, x, y = problem
+    params = [p for p in model.parameters() if p.requires_grad]
+    nparams = sum(p.numel() for p in params)
+    est = get_estimator("hutchinson", num_samples=1)
+    gen, plain_gen = torch.Generator(), torch.Generator()
+
+    def ours():
+        return est(model, loss_fn, x, y, generator=gen.manual_seed(0))
+
+    def plain():  # what a user writes: double backprop, a Rademacher probe from randint
+        plain_gen.manual_seed(0)
+        grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+        z = [
+            torch.randint(0, 2, p.shape, dtype=torch.int8, generator=plain_gen).mul_(2).sub_(1)
+            for p in params
+        ]
+        z = [v.to(p.dtype) for v, p in zip(z, params, strict=True)]
+        hv = torch.autograd.grad(grads, params, grad_outputs=z)
+        return [v * h for v, h in zip(z, hv, strict=True)]
+
+    r = measure(ours, plain, min_time=args.min_time, max_repeats=500, min_repeats=5)
+    emit(
+        f"| {title} | {nparams:,} | {r['est_ms']:.2f} | {r['grad_ms']:.2f} "
+        f"| {r['cpu_ratio']:.2f}x | {r['wall_ratio']:.2f}x |"
+    )
 
 
 def hvp_ratio(problem: Problem, grad, min_time: float) -> float:
@@ -349,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (0.3 s per cell)")
     parser.add_argument(
         "--only",
-        choices=["cnn", "mlp", "costnet", "resnet", "resmlp", "gpt", "matfree"],
+        choices=["cnn", "mlp", "costnet", "resnet", "resmlp", "gpt", "matfree", "hutchinson"],
         help="one problem family",
     )
     parser.add_argument("--estimators", nargs="*", help="rows whose hessbench estimator is named")
@@ -379,6 +421,9 @@ def main(argv: list[str] | None = None) -> None:
             lambda: mlp_problem(1),
             lambda: cnn_problem(8),
         ]
+    hutch: list[Callable[[], Problem]] = []
+    if args.only in (None, "hutchinson"):
+        hutch = [lambda w=w: mlp_problem(1, w) for w in HUTCHINSON_WIDTHS]
     rows = [r for r in ROWS if not args.estimators or r[1][0] in args.estimators]
     lines: list[str] = []
 
@@ -447,6 +492,23 @@ def main(argv: list[str] | None = None) -> None:
         emit()
         for make in overhead:
             matfree_overhead(make(), args, emit)
+    if hutch:
+        emit()
+        emit("## Hutchinson against plain double backprop")
+        emit()
+        emit(
+            "Ratio = `hutchinson[num_samples=1]` / (one `torch.autograd.grad` with "
+            "`create_graph=True`, an int8 `torch.randint` Rademacher probe, a second "
+            "`torch.autograd.grad` and `z * Hz`), medians, interleaved, batch 1; "
+            "target at most 1.2x."
+        )
+        emit()
+        emit(
+            "| problem | parameters | hutchinson, CPU ms | plain torch, CPU ms | CPU ratio "
+            "| wall ratio |\n|---|---:|---:|---:|---:|---:|"
+        )
+        for make in hutch:
+            hutchinson_overhead(make(), args, emit)
     if args.output is not None:
         args.output.write_text("\n".join(lines) + "\n")
 
