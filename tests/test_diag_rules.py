@@ -217,3 +217,56 @@ def test_pool_rules_match_the_jacobian(case):
                 assert relerr(rule.vjp(mod, cache, v), want_v) <= TOL_ROUNDING
                 assert relerr(rule.vjp_sq(mod, cache, h), want_h) <= TOL_ROUNDING
         x = mod(x).detach()
+
+
+def _count_conv_backward(monkeypatch) -> dict:
+    calls = {"n": 0}
+    original = ConvRule._backward
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConvRule, "_backward", counting)
+    return calls
+
+
+@pytest.mark.parametrize(("first_act", "backward_calls"), [(nn.ReLU, 2), (nn.Tanh, 3)])
+def test_hesscale_skips_the_gradient_below_the_lowest_curved_activation(
+    monkeypatch, first_act, backward_calls
+):
+    """ReLU has no ``f'' g`` term: below the last curved activation no ``J^T g`` is needed.
+
+    Conv-act-Conv-ReLU-Linear: each conv's diagonal is one convolution backward; the
+    second conv also backpropagates ``g`` only when a curved activation (Tanh) lies
+    below it. The diagonal is the same either way (the brute-force tests check it).
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), first_act(), nn.Conv2d(2, 2, 3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(2 * 2 * 2, 3),
+    ).double()  # fmt: skip
+    x, y = torch.randn(2, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 2])
+    calls = _count_conv_backward(monkeypatch)
+    get_estimator("hesscale")(model, nn.CrossEntropyLoss(), x, y)
+    assert calls["n"] == backward_calls
+    calls["n"] = 0
+    _, grad, _ = get_estimator("hesscale").estimate_with_grad(model, nn.CrossEntropyLoss(), x, y)
+    assert calls["n"] == 4  # with the gradient: (h) and (g) for both convs
+    want = torch.autograd.grad(nn.CrossEntropyLoss()(model(x), y), list(model.parameters()))
+    for (name, _), w in zip(model.named_parameters(), want, strict=True):
+        torch.testing.assert_close(grad[name], w, rtol=1e-12, atol=1e-14)
+
+
+def test_graph_hesscale_on_a_relu_resnet_backpropagates_no_gradient(monkeypatch):
+    """The graph engine: a ReLU ResNet with eval-mode BatchNorm has no curved node."""
+    from hessbench.suite.architectures import ResNet
+
+    torch.manual_seed(0)
+    model = ResNet((3, 8, 8), 4, channels=[4, 8], blocks=1, act=nn.ReLU, bn=True).double()
+    model.eval()
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 3])
+    calls = _count_conv_backward(monkeypatch)
+    get_estimator("hesscale")(model, nn.CrossEntropyLoss(), x, y)
+    assert calls["n"] == convs  # one convolution backward per conv: h only

@@ -72,6 +72,29 @@ def _split_cat(cache, t: Tensor | None, lead: int) -> list:
 
 
 # --------------------------------------------------------------- diagonal pass
+def _curved(gn) -> bool:
+    """Whether a node's diagonal rule reads the gradient at its output (``f'' g``)."""
+    rule = gn.rule
+    if gn.kind != "rule" or rule is None:
+        return False
+    return (rule.elementwise and rule.curved) or isinstance(rule, LocalRule)
+
+
+def _needs_grad(plan: GraphPlan, residual: bool, with_grad: bool) -> list[bool]:
+    """``need[i]``: the gradient at node ``i``'s output is used, at ``i`` or below it.
+
+    A curved node reads it (with ``residual``), and so does every node above one
+    (to backpropagate it); below the lowest curved node nothing does, so the
+    pass skips those ``J^T g`` products (in a ReLU network, all of them).
+    """
+    if with_grad:
+        return [True] * len(plan.nodes)
+    need: list[bool] = []
+    for gn in plan.nodes:  # topological order: inputs first
+        need.append((residual and _curved(gn)) or any(need[j] for j in gn.inputs))
+    return need
+
+
 def graph_diag_pass(
     plan: GraphPlan, model, loss, x, targets, *, output, residual, generator=None, with_grad=False
 ):
@@ -90,9 +113,9 @@ def graph_diag_pass(
             h0 = loss.target_hess_diag(out, targets, state)
         else:
             h0 = torch.zeros_like(out)
-        need_g = residual or with_grad
+        need_g = _needs_grad(plan, residual, with_grad)
         acc: list[list | None] = [None] * len(plan.nodes)
-        acc[plan.output] = [state.grad if need_g else None, h0]
+        acc[plan.output] = [state.grad if need_g[plan.output] else None, h0]
         diag: dict[str, Tensor] = {}
         grads: dict[str, Tensor] = {}
         need = plan.need
@@ -100,6 +123,8 @@ def graph_diag_pass(
         def send(j, g, h):
             if not need[j]:
                 return
+            if not need_g[j]:
+                g = None
             if acc[j] is None:
                 acc[j] = [g, h]
             else:
@@ -113,14 +138,15 @@ def graph_diag_pass(
             acc[i] = None
             c = caches[i]
             need_in = any(need[j] for j in gn.inputs)
+            g_down = g if any(need_g[j] for j in gn.inputs) else None  # to backpropagate
             if gn.kind == "add":
                 a, b = gn.inputs
-                send(a, g, h)
-                send(b, None if g is None else g * gn.coef, h)
+                send(a, g_down, h)
+                send(b, None if g_down is None else g_down * gn.coef, h)
                 continue
             if gn.kind == "cat":
                 for j, gj, hj in zip(
-                    gn.inputs, _split_cat(c, g, 0), _split_cat(c, h, 0), strict=True
+                    gn.inputs, _split_cat(c, g_down, 0), _split_cat(c, h, 0), strict=True
                 ):
                     send(j, gj, hj)
                 continue
@@ -128,13 +154,13 @@ def graph_diag_pass(
             j = gn.inputs[0]
             if gn.has_params:
                 hw, hb, gw, gb, h_in, g_in = rule.diag_backward(
-                    m, c, g, h, need_input=need_in, with_grad=with_grad
+                    m, c, g if with_grad else g_down, h, need_input=need_in, with_grad=with_grad
                 )
                 _store(diag, gn, hw, hb)
                 if with_grad:
                     _store(grads, gn, gw, gb)
                 if need_in:
-                    send(j, g_in if need_g else None, h_in)
+                    send(j, g_in, h_in)
                 continue
             if not need_in:
                 continue
@@ -144,10 +170,10 @@ def graph_diag_pass(
                 h_in = rule.vjp_sq(m, c, h)
                 if residual:
                     h_in = h_in + rule.residual_diag(m, c, g)
-                g_in = None if g is None else rule.vjp(m, c, g)
+                g_in = None if g_down is None else rule.vjp(m, c, g_down)
             else:
                 h_in = rule.vjp_sq(m, c, h)
-                g_in = None if g is None else rule.vjp(m, c, g)
+                g_in = None if g_down is None else rule.vjp(m, c, g_down)
             send(j, g_in, h_in)
     return _ordered(plan, diag), (_ordered(plan, grads) if with_grad else grads), state
 

@@ -212,11 +212,14 @@ def diag_pass(
             h = loss.target_hess_diag(out, targets, state)
         else:
             h = torch.zeros_like(out)
-        need_g = residual or with_grad
-        g = state.grad if need_g else None
+        steps = plan.steps
+        # the gradient is read by curved activations (f'' g) and needed down to the lowest
+        # one; with ``with_grad`` everywhere (below it, no J^T g is computed)
+        curved = [i for i, st in enumerate(steps) if st.rule.elementwise and st.rule.curved]
+        low = plan.first_param if with_grad else curved[0] if residual and curved else len(steps)
+        g = state.grad if low < len(steps) else None
         diag: dict[str, Tensor] = {}
         grads: dict[str, Tensor] = {}
-        steps = plan.steps
         for i in range(len(steps) - 1, plan.first_param - 1, -1):
             st = steps[i]
             rule = st.rule
@@ -225,7 +228,12 @@ def diag_pass(
             last = i == plan.first_param
             if rule.parametric:
                 hw, hb, gw, gb, h_in, g_in = rule.diag_backward(
-                    m, c, g if need_g else None, h, need_input=not last, with_grad=with_grad
+                    m,
+                    c,
+                    g if with_grad or i > low else None,
+                    h,
+                    need_input=not last,
+                    with_grad=with_grad,
                 )
                 store(diag, st, hw, hb)
                 if with_grad:
@@ -237,8 +245,7 @@ def diag_pass(
                 g, h = rule.backward_diag(m, c, g, h, residual)
             else:
                 h = rule.vjp_sq(m, c, h)
-                if need_g:
-                    g = rule.vjp(m, c, g)
+                g = rule.vjp(m, c, g) if g is not None and i > low else None
     return ordered(plan, diag), ordered(plan, grads) if with_grad else grads, state
 
 
