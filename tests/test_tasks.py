@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -179,6 +182,30 @@ def test_digits_are_scikit_learns():
     x, labels = load_digits()
     assert torch.equal(x, torch.tensor(ref.data / 16, dtype=torch.float32))
     assert torch.equal(labels, torch.tensor(ref.target))
+
+
+def test_digits_without_the_file_use_scikit_learns_loader(monkeypatch):
+    """The file is read without importing scikit-learn; without it, ``load_digits`` is used."""
+    import hessbench.suite.data as data_module
+
+    direct = load_digits()
+    monkeypatch.setattr(data_module.importlib.util, "find_spec", lambda name: None)
+    load_digits.cache_clear()
+    try:
+        x, labels = load_digits()
+    finally:
+        load_digits.cache_clear()
+    assert torch.equal(x, direct[0])
+    assert torch.equal(labels, direct[1])
+
+
+def test_reading_the_digits_does_not_import_scikit_learn():
+    code = (
+        "import sys\nfrom hessbench.suite import load_digits\nload_digits()\n"
+        "print('sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("name", ["mlp_ce", "mlp_mse_dropout", "digits_mse"])
