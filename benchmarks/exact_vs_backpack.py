@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
             cells.append(_cells(backpack_fn(model, loss_fn, x, y), grad, min_time))
         except Exception as exc:  # a layer BackPACK does not support
             emit(
-                f"| {title} | {cells[0][0]:.1f}x | {cells[0][1]:.1f} | {cells[1][0]:.1f}x "
-                f"| {cells[1][1]:.1f} | n/a ({type(exc).__name__}) | | | |"
+                f"| {title} | {cells[0][0]:.1f}x | {cells[0][1]:.0f} | {cells[1][0]:.1f}x "
+                f"| {cells[1][1]:.0f} | n/a ({type(exc).__name__}) | | | |"
             )
             continue
         (a, am), (b, bm), (c, cm) = cells
