@@ -33,8 +33,8 @@ class EmpiricalFisher(DualPathEstimator):
         method: ``auto``, ``structured`` or ``vmap``.
 
     Cost: one backprop; :meth:`estimate_with_grad` takes the gradient from the same
-    pass (the vmap path sums the per-sample gradients it has anyway). Supports any differentiable ``nn.Module`` that handles a
-    batch of one sample (the vmap path).
+    pass (the vmap path sums the per-sample gradients it has anyway). Supports any
+    differentiable ``nn.Module`` that handles a batch of one sample (the vmap path).
     Reference: Kunstner, Hennig & Balles, "Limitations of the empirical Fisher
     approximation" (NeurIPS 2019).
 
