@@ -22,6 +22,7 @@ from test_runner import TESTS, accuracy, cli, write_suite
 
 from hessbench.errors import HessbenchError
 from hessbench.run.runner import RunOptions, collect, run_suite
+from hessbench.store import shards as shards_module
 from hessbench.store.records import CellStore, load, read_records
 from hessbench.store.shards import Collector, Shard, parse_shard
 
@@ -206,6 +207,52 @@ def test_collect_merges_shards_idempotently_and_never_loses_an_ok(tmp_path):
     new = Collector(run).step(lambda m, t: states[t["job_id"]])
     assert [r["cell_id"] for r in new] == ["t/d/seed=0"]
     assert read_records(run)["t/d/seed=0"]["status"] == "ok"
+
+
+def test_a_record_written_during_a_merge_is_merged_before_its_task_settles(tmp_path):
+    """The job writes its last cell after the merge read its shard, before the task settles.
+
+    The task is complete, but its last record was not merged: it must not settle
+    (a waiting run would stop and report the cell's old failure), the next step
+    merges the record. This race failed a CI run once.
+    """
+    run = tmp_path / "run"
+    (run / "shards").mkdir(parents=True)
+    main = CellStore(run)
+    main.append(_rec("t/b/seed=0", "timeout"))  # from an earlier, timed-out submission
+    main.close()
+    shard = run / "shards" / "s2-0.jsonl"
+    first = CellStore(path=shard)
+    first.append(_rec("t/a/seed=0", "ok"))
+    first.close()
+    manifest = {
+        "session": "s2", "executor": "slurm", "folder": "unused", "job_id": "8",
+        "tasks": [{"task": 0, "job_id": "8_0", "shard": "s2-0.jsonl",
+                   "cells": [_rec(c, "x") for c in ("t/a/seed=0", "t/b/seed=0")]}],
+    }  # fmt: skip
+    (run / "shards" / "s2.json").write_text(json.dumps(manifest))
+    collector = Collector(run)
+    original = shards_module.iter_records
+
+    def writes_after_the_merge(path, *args):
+        out = original(path, *args)
+        # the merge's read of the shard from its offset (0: nothing merged yet)
+        if path == shard and args == (0,) and "written" not in collector.__dict__:
+            collector.__dict__["written"] = True  # the job appends its last record now
+            last = CellStore(path=shard)
+            last.append(_rec("t/b/seed=0", "ok"))
+            last.close()
+        return out
+
+    shards_module.iter_records = writes_after_the_merge
+    try:
+        collector.step(lambda m, t: "RUNNING")
+    finally:
+        shards_module.iter_records = original
+    assert collector.pending_tasks()  # not settled on a record it has not merged
+    collector.step(lambda m, t: "COMPLETED")
+    assert read_records(run)["t/b/seed=0"]["status"] == "ok"
+    assert not collector.pending_tasks()
 
 
 def test_shares_partition_the_cells_and_collect_merges_them(tmp_path):

@@ -194,9 +194,9 @@ class Collector:
                 self.offsets[path.name] = end
             self.in_flight, self.unknown = {}, {}
             for (m, t), state in zip(tasks, states, strict=True):
-                recorded = {
-                    r["cell_id"] for r in iter_records(self.run_dir / SHARDS / t["shard"])[0]
-                }
+                # what was merged, not the shard as it is now: a record written after the
+                # merge above would otherwise settle its task without being merged
+                recorded = self._recorded(t["shard"])
                 missing = [c for c in t["cells"] if c["cell_id"] not in recorded]
                 if state in TERMINAL or not missing:  # a full shard needs no job state
                     for cell in missing:
