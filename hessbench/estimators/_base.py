@@ -78,11 +78,10 @@ def defer_registration(load: Callable[[], object]) -> None:
 
 def _load_deferred() -> bool:
     """Run the deferred registrations; whether there were any."""
-    if not _DEFERRED:
-        return False
+    loaded = bool(_DEFERRED)
     while _DEFERRED:
         _DEFERRED.pop(0)()
-    return True
+    return loaded
 
 
 def register(cls: E) -> E:

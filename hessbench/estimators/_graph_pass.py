@@ -154,7 +154,7 @@ def graph_diag_pass(
             j = gn.inputs[0]
             if gn.has_params:
                 hw, hb, gw, gb, h_in, g_in = rule.diag_backward(
-                    m, c, g if with_grad else g_down, h, need_input=need_in, with_grad=with_grad
+                    m, c, g_down, h, need_input=need_in, with_grad=with_grad
                 )
                 _store(diag, gn, hw, hb)
                 if with_grad:

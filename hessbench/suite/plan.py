@@ -10,19 +10,41 @@ import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 from hessbench.errors import ConfigError
 from hessbench.estimators import Estimator
 from hessbench.suite.parsing import glob
 
 if TYPE_CHECKING:
-    from hessbench.suite.schema import Suite
     from hessbench.suite.task import TaskSpec, TrainState
 
 __all__ = ["CellSpec", "TaskVariant", "derive_seed", "matches", "plan_cells", "task_variants"]
 
 T = TypeVar("T")
+
+
+class _Seeds(Protocol):
+    @property
+    def seed_list(self) -> list[int]: ...
+
+
+class PlannedSuite(Protocol):
+    """What planning reads of a suite; :class:`hessbench.suite.schema.Suite` is one.
+
+    (A protocol, so this module, which the schema's validation calls, does not
+    import the schema.)
+    """
+
+    @property
+    def tasks(self) -> Sequence[TaskSpec]: ...
+    @property
+    def include(self) -> Sequence[str]: ...
+    @property
+    def exclude(self) -> Sequence[str]: ...
+    @property
+    def defaults(self) -> _Seeds: ...
+    def estimator_list(self) -> list[Estimator]: ...
 
 
 def derive_seed(*parts: object) -> int:
@@ -57,7 +79,7 @@ class TaskVariant:
         return hash(self.name)
 
 
-def task_variants(suite: Suite) -> list[TaskVariant]:
+def task_variants(suite: PlannedSuite) -> list[TaskVariant]:
     """Every task variant of ``suite``: one per task and evaluated state, in suite order."""
     out = []
     for task in suite.tasks:
@@ -109,7 +131,7 @@ def _select(
 
 
 def plan_cells(
-    suite: Suite,
+    suite: PlannedSuite,
     *,
     tasks: list[str] | None = None,
     estimators: list[str] | None = None,
