@@ -49,7 +49,8 @@ def diagpp(
     deflated remainder, so ``d`` is unbiased for any ``Q``; it is exact when
     ``range(A) = range(A Omega)``, i.e. when ``rank A <= k``. ``m < 3`` leaves
     no sketch (plain Hutchinson with ``m`` probes). The sketch's columns are
-    drawn first, then the probes.
+    drawn first, then the probes. ``matmat`` returns a new tensor on each call
+    (the products are overwritten in place).
 
     Example:
         >>> import torch
@@ -69,14 +70,16 @@ def diagpp(
         qt = q.T
     if qt.shape[0]:
         zt = matmat(qt.T).T
-        # 2 rowsum(Q o Z) - rowsum(Q Q^T Z o Q) = rowsum(Q o (2 Z - Q Q^T Z))
-        d = torch.linalg.vecdot(qt, torch.addmm(zt, (qt @ zt.T).T, qt, beta=2, alpha=-1), dim=0)
+        # 2 rowsum(Q o Z) - rowsum(Q Q^T Z o Q) = rowsum(Q o (2 Z - Q Q^T Z)), in place
+        d = zt.addmm_((qt @ zt.T).T, qt, beta=2, alpha=-1).mul_(qt).sum(0)
     if h:
         gt = rademacher_matrix(dim, h, generator, dtype, device).T
         deflated = torch.addmm(gt, (qt @ gt.T).T, qt, alpha=-1)  # (g - Q Q^T g)^T
         hgt = matmat(deflated.T).T
-        deflated_hg = torch.addmm(hgt, (qt @ hgt.T).T, qt, alpha=-1)
-        d = d + torch.linalg.vecdot(gt, deflated_hg, dim=0) / h
+        del deflated
+        # (I - Q Q^T) H (g - Q Q^T g), then g o . summed over the probes, in place
+        hgt.addmm_((qt @ hgt.T).T, qt, alpha=-1)
+        d = d + hgt.mul_(gt).sum(0).div_(h)
     return d
 
 

@@ -46,6 +46,15 @@ def xdiag_from_probes(matmat: Callable[[Tensor], Tensor], omega: Tensor) -> Tens
         d = rowsum(Q o Z) + (1/s) [ - rowsum(QS o ZS) + rowsum(Omega o Y)
                                     - rowsum(Omega o QT) + rowsum(Omega o QS diag(colsum(S o T))) ]
 
+    ``T = Z^T Omega = Q^T A Omega = Q^T Y = R`` (``A`` symmetric, ``Q^T Q = I``), so
+    ``Y - QT = Y - QR`` is the QR's rounding and ``R`` stands for ``T``. With
+    ``N = S diag(colsum(S o R))`` and ``rowsum(Omega o Q N) = rowsum(Q o Omega N^T)``::
+
+        d = rowsum(Q o [Z (I - S S^T / s) + Omega N^T / s])
+
+    the same estimate to rounding, from one ``n x 2s`` by ``2s x s`` product
+    (the paper's evaluation takes three ``n x s`` by ``s x s`` products).
+
     When ``Y`` is numerically rank deficient (rank ``r < s``, in particular
     ``s > n``), ``range(Y) = range(A)`` almost surely and every leave-one-out
     basis spans it as well: ``Q_i = Q`` (``r`` columns), and the estimate is
@@ -71,20 +80,16 @@ def xdiag_from_probes(matmat: Callable[[Tensor], Tensor], omega: Tensor) -> Tens
         if qt.shape[0] == 0:  # A Omega = 0: only the Hutchinson terms remain
             return torch.linalg.vecdot(wt, yt, dim=0) / s
         zt = matmat(q).T
-        t = zt @ wt.T  # Z^T Omega
-        residual = torch.addmm(yt, t.T, qt, alpha=-1)  # (Y - Q T)^T
+        residual = torch.addmm(yt, r.T, qt, alpha=-1)  # (Y - Q T)^T, T = Q^T Y = R
         return torch.linalg.vecdot(qt, zt, dim=0) + torch.linalg.vecdot(wt, residual, dim=0) / s
     zt = matmat(q).T
-    t = zt @ wt.T  # Z^T Omega
     eye = torch.eye(s, dtype=r.dtype, device=r.device)
     sv = torch.linalg.solve_triangular(r.T, eye, upper=False)  # R^{-T}
     sv = sv / torch.linalg.vector_norm(sv, dim=0)
-    # rowsum(Q o Z) - rowsum(QS o ZS) / s = rowsum(Q o Z (I - S S^T / s))
-    first = torch.linalg.vecdot(qt, (eye - sv @ sv.T / s) @ zt, dim=0)
-    # Omega o (Y - QT + QS diag(colsum(S o T))) = Omega o (Y - Q M), M = T - S diag(c)
-    m = t - sv * (sv * t).sum(0)
-    residual = torch.addmm(yt, m.T, qt, alpha=-1)
-    return first + torch.linalg.vecdot(wt, residual, dim=0) / s
+    n_over_s = sv * ((sv * r).sum(0) / s)  # S diag(colsum(S o R)) / s
+    # the rows of [Z (I - S S^T / s) + Omega N^T / s]^T, then rowsum(Q o .) in place
+    inner = torch.mm(eye - sv @ sv.T / s, zt).addmm_(n_over_s, wt)
+    return inner.mul_(qt).sum(0)
 
 
 def xdiag(
