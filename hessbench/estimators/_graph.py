@@ -30,7 +30,7 @@ from __future__ import annotations
 import inspect
 import operator
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -188,6 +188,15 @@ class GraphPlan:
     """``need[i]``: node ``i`` has parameters or an input that leads to one."""
     values: tuple[Any, ...]
     """fx nodes that compute non-tensor values (``x.size(0)``), evaluated in the forward pass."""
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    """What the passes derive from the plan alone, computed at their first use."""
+
+    @property
+    def by_fx(self) -> dict[Any, int]:
+        """The index of each tensor node by its fx node."""
+        if "by_fx" not in self.memo:
+            self.memo["by_fx"] = {gn.fx: i for i, gn in enumerate(self.nodes) if gn.fx is not None}
+        return self.memo["by_fx"]
 
 
 _PLANS: dict[int, tuple[Any, tuple, GraphPlan]] = {}
@@ -700,7 +709,7 @@ def graph_forward(plan: GraphPlan, x, generator):
     """The forward pass: every tensor node's output and cache."""
     outs: list[Any] = [None] * len(plan.nodes)
     caches: list[Any] = [None] * len(plan.nodes)
-    by_fx = {gn.fx: i for i, gn in enumerate(plan.nodes) if gn.fx is not None}
+    by_fx = plan.by_fx
     env: dict[Any, Any] = {}
 
     def value(arg):

@@ -89,10 +89,13 @@ def _needs_grad(plan: GraphPlan, residual: bool, with_grad: bool) -> list[bool]:
     """
     if with_grad:
         return [True] * len(plan.nodes)
-    need: list[bool] = []
-    for gn in plan.nodes:  # topological order: inputs first
-        need.append((residual and _curved(gn)) or any(need[j] for j in gn.inputs))
-    return need
+    key = ("needs_grad", residual)
+    if key not in plan.memo:
+        need: list[bool] = []
+        for gn in plan.nodes:  # topological order: inputs first
+            need.append((residual and _curved(gn)) or any(need[j] for j in gn.inputs))
+        plan.memo[key] = need
+    return plan.memo[key]
 
 
 def graph_diag_pass(

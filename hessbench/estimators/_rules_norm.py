@@ -13,6 +13,7 @@ through them as a diagonal.
 from __future__ import annotations
 
 import math
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,17 @@ from hessbench.estimators._rules import Elementwise, LinearMap, Parametric, _wei
 from hessbench.estimators._rules_maps import FlattenRule
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+_CONSTANTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+
+
+def _constant(value: float, like: Tensor) -> Tensor:
+    """``value`` as a cached 0-dim tensor of ``like``'s dtype and device."""
+    key = (value, like.dtype, like.device)
+    out = _CONSTANTS.get(key)
+    if out is None:
+        out = _CONSTANTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return out
 
 
 # ------------------------------------------------------------------ activations
@@ -41,9 +53,13 @@ class GELURule(Elementwise):
         return F.gelu(x), x
 
     def derivs(self, m, x):
-        phi = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
-        cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
-        return cdf + x * phi, phi * (2.0 - x * x)
+        # e = sqrt(2 pi) phi(x); seven kernels, the constants as cached 0-dim tensors
+        # (a Python scalar operand costs a conversion per kernel, as much as the kernel at batch 1)
+        x2 = x * x
+        e = torch.exp(x2 * _constant(-0.5, x))
+        d1 = torch.addcmul(torch.special.ndtr(x), x, e, value=_INV_SQRT_2PI)
+        d2 = e * torch.addcmul(_constant(2.0 * _INV_SQRT_2PI, x), x2, _constant(-_INV_SQRT_2PI, x))
+        return d1, d2
 
 
 class SiLURule(Elementwise):
@@ -103,7 +119,10 @@ class AffineSpec:
 
     @property
     def invstd(self):
-        return None if self.bn is None else (self.bn.running_var + self.bn.eps).rsqrt()
+        if self.bn is None:
+            return None
+        var = self.bn.running_var
+        return torch.rsqrt(var + _constant(self.bn.eps, var))
 
     def view(self, x: Tensor) -> tuple[int, ...]:
         """The parameters' broadcast shape against ``x`` (N, *S), right-aligned."""
@@ -118,27 +137,32 @@ class AffineRule(Parametric):
 
     ``dy/dweight = x_hat`` (the normalized input), ``dy/dbias = 1``: parameter
     diagonals are sums over the positions sharing a parameter. The cache is
-    ``(x_hat, scale, view)``.
+    ``(x_hat, scale, view, dims)``, ``dims`` those an output-shaped tensor sums over
+    per parameter entry.
     """
 
     diag_jacobian = True
 
     def forward(self, m: AffineSpec, x, generator):
         view = m.view(x)
-        xhat = x
-        invstd = m.invstd
-        if invstd is not None:
-            xhat = (x - m.mean.view(view)) * invstd.view(view)
-        y = xhat if m.weight is None else xhat * m.weight.view(view)
-        if m.bias is not None:
-            y = y + m.bias.view(view)
-        scale = None
-        if m.weight is not None:
-            scale = m.weight.view(view)
-        if invstd is not None:
-            inv = invstd.view(view)
-            scale = inv if scale is None else scale * inv
-        return y, (xhat, scale, view)
+        w = None if m.weight is None else m.weight.view(view)
+        b = None if m.bias is None else m.bias.view(view)
+        xhat, scale = x, w
+        if m.bn is not None:
+            inv = m.invstd.view(view)
+            xhat = (x - m.mean.view(view)) * inv
+            scale = inv if w is None else w * inv
+        if w is None:
+            y = xhat if b is None else xhat + b
+        else:
+            y = xhat * w if b is None else torch.addcmul(b, xhat, w)
+        return y, (xhat, scale, view, self._sum_dims(x.shape, view))
+
+    @staticmethod
+    def _sum_dims(shape: torch.Size, pview: tuple[int, ...]) -> list[int]:
+        """The dims of an output-shaped tensor that a parameter's entry sums over."""
+        view = (1,) * (len(shape) - len(pview)) + tuple(pview)
+        return [i for i, (a, b) in enumerate(zip(view, shape, strict=True)) if a == 1 and b != 1]
 
     def jac_diag(self, m, cache):
         scale = cache[1]
@@ -157,13 +181,12 @@ class AffineRule(Parametric):
     @staticmethod
     def _reduce(cache, t: Tensor, lead: int) -> Tensor:
         """Sum ``t`` (``lead`` leading dims, then the output's) to ``(*lead dims, param size)``."""
-        shape = t.shape[lead:]
         pview = cache[2]
-        view = (1,) * (len(shape) - len(pview)) + tuple(pview)
-        dims = [
-            lead + i for i, (a, b) in enumerate(zip(view, shape, strict=True)) if a == 1 and b != 1
-        ]
-        out = t.sum(dims, keepdim=True) if dims else t
+        if lead == 0:
+            dims = cache[3]
+        else:
+            dims = [lead + i for i in AffineRule._sum_dims(t.shape[lead:], pview)]
+        out = t.sum(dims) if dims else t
         return out.reshape(*t.shape[:lead], math.prod(pview))
 
     @staticmethod
@@ -307,6 +330,23 @@ class LocalRule(LinearMap):
         return cols.reshape(n, f, *cache[2]), torch.sign(lam)
 
 
+class _LNCache(NamedTuple):
+    """:class:`LayerNormRule`'s cache (``shape`` at index 2, as the generic rule's)."""
+
+    xhat: Tensor
+    """The normalized input, (N, D)."""
+    inv: Tensor
+    """``1 / sigma``, (N, 1)."""
+    shape: torch.Size
+    """The per-sample input shape."""
+    x: Tensor
+    mean: Tensor
+    rstd: Tensor
+    """The input and ``torch.native_layer_norm``'s statistics, for its backward."""
+    lazy: dict[str, tuple[Tensor, ...]]
+    """Per-sample bases of ``vjp_sq`` and ``residual_diag``, built at first use."""
+
+
 class LayerNormRule(LocalRule):
     """LayerNorm's normalization ``x_hat = (x - mean) / sigma`` over all non-batch features, closed form.
 
@@ -315,61 +355,100 @@ class LayerNormRule(LocalRule):
     ``(J o J)^T h = (h (1 - 2 (1 + x_hat^2) / D) + (S0 + 2 x_hat S1 + x_hat^2 S2) / D^2) / sigma^2``
     with ``Sk = sum h x_hat^k``. The residual ``nabla^2 (g . x_hat)`` is
     ``(-m I + m (1 1^T + x_hat x_hat^T) / D - (x_hat a^T + a x_hat^T) / D) / sigma^2``,
-    ``m = mean(g x_hat)``, ``a = g - mean(g) - x_hat m``. The cache is ``(x_hat, 1/sigma, shape)``.
+    ``m = mean(g x_hat)``, ``a = g - mean(g) - x_hat m``; its diagonal is
+    ``(m (-1 + (1 + 3 x_hat^2) / D) - 2 x_hat (g - mean(g)) / D) / sigma^2``.
+
+    The forward pass and ``J^T v`` are torch's own LayerNorm kernels; the sums
+    ``Sk`` are one batched product with the per-sample basis ``[1, x_hat, x_hat^2]``,
+    so each rule costs a handful of kernels whatever ``D`` (at batch 1 the pass is
+    bound by the number of kernels, not their size).
     """
 
     def forward(self, m, x, generator):
         if tuple(x.shape[1:]) != m.shape:  # leading positions: the generic per-sample rule
             return LocalRule.forward(self, m, x, generator)
+        y, mean, rstd = torch.native_layer_norm(x, m.shape, None, None, m.eps)
         n = x.shape[0]
-        flat = x.reshape(n, -1)
-        mu = flat.mean(1, keepdim=True)
-        var = (flat - mu).square().mean(1, keepdim=True)
-        inv = (var + m.eps).rsqrt()
-        xhat = (flat - mu) * inv
-        return xhat.view(x.shape), (xhat, inv, x.shape[1:])
+        return y, _LNCache(y.reshape(n, -1), rstd.reshape(n, 1), x.shape[1:], x, mean, rstd, {})
 
     def vjp(self, m, cache, v):
-        if len(cache) == 4:  # the generic rule's cache
+        if not isinstance(cache, _LNCache):  # the generic rule's cache
             return LocalRule.vjp(self, m, cache, v)
-        xhat, inv, shape = cache
-        n = v.shape[0]
-        vf = v.reshape(n, -1)
-        out = vf - vf.mean(1, keepdim=True) - xhat * (vf * xhat).mean(1, keepdim=True)
-        return (out * inv).view(n, *shape)
+        return torch.ops.aten.native_layer_norm_backward(
+            v, cache.x, m.shape, cache.mean, cache.rstd, None, None, [True, False, False]
+        )[0]
 
     def vjp_cols(self, m, cache, v):
-        if len(cache) == 4:  # the generic rule's cache
+        if not isinstance(cache, _LNCache):  # the generic rule's cache
             return LocalRule.vjp_cols(self, m, cache, v)
-        xhat, inv, shape = cache
+        xhat, inv, shape = cache[:3]
         n, k = v.shape[:2]
         vf = v.reshape(n, k, -1)
         xh = xhat.unsqueeze(1)
         out = vf - vf.mean(2, keepdim=True) - xh * (vf * xh).mean(2, keepdim=True)
         return (out * inv.unsqueeze(1)).view(n, k, *shape)
 
+    _constants: ClassVar[dict[tuple, tuple[Tensor, ...]]] = {}
+    """Per ``(D, dtype, device)``: the constant tables of :meth:`_coefficients`."""
+
+    @classmethod
+    def _coefficients(cls, cache: _LNCache) -> tuple[Tensor, ...]:
+        """The per-sample terms of :meth:`vjp_sq` and :meth:`residual_diag`, built once per cache.
+
+        ``basis = [1, x_hat, x_hat^2]`` stacked first (3, N, D), so that the sums
+        ``Sk = sum h x_hat^k`` and their spread back are contiguous reductions;
+        ``weights`` turns ``[S0, S1, S2]`` into ``[S0, 2 S1, S2] / (D sigma)^2``.
+        The four per-feature coefficients are each ``k0 + k1 x_hat + k2 x_hat^2``
+        times ``1 / sigma^2``, computed together from a constant table:
+        ``scale = (1 - 2 (1 + x_hat^2) / D) / sigma^2`` (``h``'s own weight in
+        ``vjp_sq``), ``mix = [2 x_hat / D^2, (1/D - 1 + 3 x_hat^2 / D) / D] / sigma^2``
+        (the weights of ``sum g`` and ``sum g x_hat`` in ``residual_diag``) and
+        ``own = -2 x_hat / (D sigma^2)`` (``g``'s own weight). A dozen kernels in
+        all: at batch 1 their launch, not their size, is the cost.
+        """
+        if not cache.lazy:
+            xhat = cache.xhat
+            d = xhat.shape[1]
+            key = (d, xhat.dtype, xhat.device)
+            if key not in cls._constants:
+                table = torch.tensor(
+                    [  # k0, k1, k2 of scale, mix (2 rows), own
+                        [1 - 2 / d, 0.0, -2 / d],
+                        [0.0, 2 / d**2, 0.0],
+                        [(1 / d - 1) / d, 0.0, 3 / d**2],
+                        [0.0, -2 / d, 0.0],
+                    ],
+                    dtype=xhat.dtype,
+                    device=xhat.device,
+                ).view(4, 3, 1, 1)
+                weights = torch.tensor([1.0, 2.0, 1.0], dtype=xhat.dtype, device=xhat.device)
+                cls._constants[key] = (*table.unbind(1), weights.div_(d * d).view(3, 1, 1))
+            k0, k1, k2, weights = cls._constants[key]
+            x2 = xhat * xhat
+            inv2 = cache.inv * cache.inv  # (N, 1)
+            coef = torch.addcmul(torch.addcmul(k0, k1, xhat), k2, x2).mul_(inv2)  # (4, N, D)
+            basis = torch.stack([torch.ones_like(xhat), xhat, x2])
+            cache.lazy["c"] = (basis, weights * inv2, coef[0], coef[1:3], coef[3])
+        return cache.lazy["c"]
+
     def vjp_sq(self, m, cache, h):
-        if len(cache) == 4:  # the generic rule's cache
+        if not isinstance(cache, _LNCache):  # the generic rule's cache
             return LocalRule.vjp_sq(self, m, cache, h)
-        xhat, inv, shape = cache
+        basis, weights, scale = self._coefficients(cache)[:3]
         n = h.shape[0]
         hf = h.reshape(n, -1)
-        d = hf.shape[1]
-        s0 = hf.sum(1, keepdim=True)
-        s1 = (hf * xhat).sum(1, keepdim=True)
-        s2 = (hf * xhat * xhat).sum(1, keepdim=True)
-        out = hf * (1 - 2 * (1 + xhat * xhat) / d) + (s0 + 2 * xhat * s1 + xhat * xhat * s2) / d**2
-        return (out * inv * inv).view(n, *shape)
+        sums = (basis * hf).sum(2, keepdim=True).mul_(weights)  # [S0, 2 S1, S2] / (D sigma)^2
+        return torch.addcmul((basis * sums).sum(0), hf, scale).view(n, *cache.shape)
 
     def _terms(self, cache, g):
-        xhat, inv, _ = cache
+        xhat, inv = cache[:2]
         gf = g.reshape(g.shape[0], -1)
         mm = (gf * xhat).mean(1, keepdim=True)
         a = gf - gf.mean(1, keepdim=True) - xhat * mm
         return xhat, inv, mm, a
 
     def residual(self, m, cache, g):
-        if len(cache) == 4:  # the generic rule's cache
+        if not isinstance(cache, _LNCache):  # the generic rule's cache
             return LocalRule.residual(self, m, cache, g)
         xhat, inv, mm, a = self._terms(cache, g)
         d = xhat.shape[1]
@@ -381,9 +460,10 @@ class LayerNormRule(LocalRule):
         return res * (inv * inv).unsqueeze(2)
 
     def residual_diag(self, m, cache, g):
-        if len(cache) == 4:  # the generic rule's cache
+        if not isinstance(cache, _LNCache):  # the generic rule's cache
             return LocalRule.residual_diag(self, m, cache, g)
-        xhat, inv, mm, a = self._terms(cache, g)
-        d = xhat.shape[1]
-        out = -mm + mm * (1 + xhat * xhat) / d - 2 * xhat * a / d
-        return (out * inv * inv).view(g.shape[0], *cache[2])
+        basis, _, _, mix, own = self._coefficients(cache)
+        n = g.shape[0]
+        gf = g.reshape(n, -1)
+        sums = (basis[:2] * gf).sum(2, keepdim=True)  # [sum g, sum g x_hat]
+        return torch.addcmul((mix * sums).sum(0), gf, own).view(n, *cache.shape)
