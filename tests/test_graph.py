@@ -411,16 +411,19 @@ def test_graph_engine_refuses_in_one_line(cls, match):
     _close(get_estimator("exact")(model, nn.CrossEntropyLoss(), x, y), want)
 
 
-@pytest.mark.parametrize("shape", [(5,), (2, 3)])
-def test_layernorm_closed_form_equals_the_generic_local_rule(shape):
+@pytest.mark.parametrize(
+    ("shape", "positions"), [((5,), ()), ((2, 3), ()), ((5,), (4,)), ((3,), (2, 4))]
+)
+def test_layernorm_closed_form_equals_the_generic_local_rule(shape, positions):
+    """Also per position (``(N, *P, D)``, a transformer's tokens): a block-diagonal residual."""
     from hessbench.estimators._graph import _LNSpec
     from hessbench.estimators._rules_norm import LayerNormRule, LocalRule, _LNCache
 
     torch.manual_seed(5)
     spec = _LNSpec(1e-5, shape)
-    x = torch.randn(3, *shape, dtype=torch.float64)
-    g = torch.randn(3, *shape, dtype=torch.float64)
-    v = torch.randn(3, 4, *shape, dtype=torch.float64)
+    x = torch.randn(3, *positions, *shape, dtype=torch.float64)
+    g = torch.randn(3, *positions, *shape, dtype=torch.float64)
+    v = torch.randn(3, 4, *positions, *shape, dtype=torch.float64)
     closed, generic = LayerNormRule(), LocalRule()
     yc, cc = closed.forward(spec, x, None)
     yg, cg = generic.forward(spec, x, None)
@@ -435,6 +438,42 @@ def test_layernorm_closed_form_equals_the_generic_local_rule(shape):
         # a second call reuses the bases built at the first, not its argument
         ("vjp_sq", v[:, 0].abs()),
         ("residual_diag", v[:, 1]),
+    ]:
+        got = getattr(closed, meth)(spec, cc, arg)
+        want = getattr(generic, meth)(spec, cg, arg)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=meth)
+
+
+@pytest.mark.parametrize("mask", [None, "causal_bool", "float"])
+def test_attention_closed_form_equals_the_generic_local_rule(mask):
+    """The attention core's diagonal-pass products in closed form, against ``jacrev`` of it."""
+    from hessbench.estimators._rules_attention import AttentionRule, AttentionSpec
+    from hessbench.estimators._rules_norm import LocalRule
+
+    torch.manual_seed(7)
+    length, d, heads = 5, 6, 2
+    owner = nn.Module()
+    if mask == "causal_bool":
+        owner.register_buffer("m", torch.ones(length, length, dtype=torch.bool).triu(1))
+    elif mask == "float":
+        owner.register_buffer("m", torch.randn(length, length, dtype=torch.float64))
+    spec = AttentionSpec(heads, owner, None if mask is None else "m", "attn")
+    x = torch.randn(3, length, 3 * d, dtype=torch.float64)
+    g = torch.randn(3, length, d, dtype=torch.float64)
+    h = torch.rand(3, length, d, dtype=torch.float64)
+    v = torch.randn(3, 4, length, d, dtype=torch.float64)
+    closed, generic = AttentionRule(), LocalRule()
+    yc, cc = closed.forward(spec, x, None)
+    yg, cg = generic.forward(spec, x, None)
+    torch.testing.assert_close(yc, yg, rtol=1e-12, atol=1e-12)
+    assert "generic" not in cc.lazy  # the diagonal pass builds no Jacobian
+    for meth, arg in [
+        ("vjp", g),
+        ("vjp_sq", h),
+        ("residual_diag", g),
+        ("vjp_sq", h.flip(1)),  # a second call reuses M_i^2, not its argument
+        ("vjp_cols", v),
+        ("residual", g),
     ]:
         got = getattr(closed, meth)(spec, cc, arg)
         want = getattr(generic, meth)(spec, cg, arg)

@@ -51,6 +51,7 @@ from hessbench.estimators._rules_activations import (
 from hessbench.estimators._rules_attention import (
     AddParamRule,
     AddParamSpec,
+    AttentionRule,
     EmbeddingRule,
     LinearSpec,
     PosLinearRule,
@@ -83,6 +84,7 @@ GRAPH_RULES: dict[type[nn.Module], Rule] = {
 _AFFINE = AffineRule()
 _LOCAL = LocalRule()
 _LAYERNORM = LayerNormRule()
+_ATTENTION = AttentionRule()
 
 
 class _LNSpec(LocalSpec):
@@ -440,7 +442,7 @@ def _build(model: nn.Module, gm) -> GraphPlan:
         spec = LinearSpec(w, b)
         qkv = emit(GNode(name + ".in_proj", "rule", (x,), _POSLINEAR, spec, wk, bk))
         core = attention_spec(m.num_heads, owner, attr, path)
-        att = emit(GNode(name + ".attention", "rule", (qkv,), _LOCAL, core))
+        att = emit(GNode(name + ".attention", "rule", (qkv,), _ATTENTION, core))
         o = m.out_proj
         owk, obk = _keys(path + ".out_proj", o)
         register(name, path, owk, o.weight)

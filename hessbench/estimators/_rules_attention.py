@@ -10,15 +10,17 @@
   broadcast over the batch (a learned positional embedding): bias-like.
 - :class:`SelectRule`: ``x[:, i]`` (basic indexing keeping the batch
   dimension): a selection, ``J o J = J``.
-- :func:`attention_spec`: the attention core ``softmax(Q K^T / sqrt(d_h) + mask) V``
-  per head on the packed ``(q, k, v)`` of one sample, as a generic local rule
-  (:class:`~hessbench.estimators._rules_norm.LocalRule`).
+- :class:`AttentionRule`: the attention core ``softmax(Q K^T / sqrt(d_h) + mask) V``
+  per head on the packed ``(q, k, v)``, in closed form for the diagonal pass and as
+  a generic local rule (:class:`~hessbench.estimators._rules_norm.LocalRule`) for the
+  column and full-matrix passes.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +29,13 @@ from torch import Tensor
 from hessbench.errors import UnsupportedError
 from hessbench.estimators._rules import LinearMap, Parametric, _weighted_sum
 from hessbench.estimators._rules_affine import LinearRule
-from hessbench.estimators._rules_norm import LocalSpec
+from hessbench.estimators._rules_norm import LocalRule, LocalSpec
 
 __all__ = [
     "AddParamRule",
     "AddParamSpec",
+    "AttentionRule",
+    "AttentionSpec",
     "EmbeddingRule",
     "LinearSpec",
     "PosLinearRule",
@@ -260,34 +264,169 @@ class SelectRule(LinearMap):
 
 
 # ------------------------------------------------------------------ attention core
-def attention_spec(heads: int, mask_owner, mask_name: str | None, name: str) -> LocalSpec:
-    """The attention core on packed ``(q, k, v)`` (N, L, 3 d) -> (N, L, d) as a local map.
+class AttentionSpec(LocalSpec):
+    """The attention core on packed ``(q, k, v)`` (N, L, 3 d) -> (N, L, d).
 
     Per head ``h``: ``softmax(Q_h K_h^T / sqrt(d_h) + M) V_h``, heads merged as
     ``nn.MultiheadAttention`` does; ``M`` is the attention mask read at every call from
     ``mask_owner.<mask_name>`` (a float mask added, a bool mask with ``True`` = not allowed;
     shape (L, L)), or none.
     """
-    ref = None if mask_name is None else weakref.ref(mask_owner)
 
-    def fn(x: Tensor) -> Tensor:
+    def __init__(self, heads: int, mask_owner, mask_name: str | None, name: str):
+        super().__init__(self._apply, name)
+        self.heads = heads
+        self._mask = None if mask_name is None else (weakref.ref(mask_owner), mask_name)
+
+    def mask(self) -> Tensor | None:
+        """The current attention mask, or None."""
+        if self._mask is None:
+            return None
+        ref, attr = self._mask
+        mask = getattr(ref(), attr)
+        if mask is not None and mask.dim() != 2:
+            raise UnsupportedError(
+                f"attention '{self.name}': only (L, L) attention masks are supported"
+            )
+        return mask
+
+    def scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """``Q K^T / sqrt(d_h) + M`` per head, (N, H, L, L)."""
+        s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+        mask = self.mask()
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                s = s.masked_fill(mask, float("-inf"))
+            else:
+                s = s + mask.to(s.dtype)
+        return s
+
+    def split(self, x: Tensor) -> list[Tensor]:
+        """``q, k, v`` of packed ``x`` (N, L, 3 d), each (N, H, L, d_h)."""
         n, length, three = x.shape
         d = three // 3
-        dh = d // heads
-        q, k, v = (t.reshape(n, length, heads, dh).transpose(1, 2) for t in x.split(d, -1))
-        s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(dh))
-        if ref is not None:
-            mask = getattr(ref(), mask_name)
-            if mask is not None:
-                if mask.dim() != 2:
-                    raise UnsupportedError(
-                        f"attention '{name}': only (L, L) attention masks are supported"
-                    )
-                if mask.dtype == torch.bool:
-                    s = s.masked_fill(mask, float("-inf"))
-                else:
-                    s = s + mask.to(s.dtype)
-        a = torch.softmax(s, -1)
-        return (a @ v).transpose(1, 2).reshape(n, length, d)
+        return [
+            t.reshape(n, length, self.heads, d // self.heads).transpose(1, 2)
+            for t in x.split(d, -1)
+        ]
 
-    return LocalSpec(fn, name)
+    @staticmethod
+    def merge(parts: list[Tensor]) -> Tensor:
+        """Per-head tensors (N, H, L, d_h) back to (N, L, len(parts) * d)."""
+        n, heads, length, dh = parts[0].shape
+        flat = [t.transpose(1, 2).reshape(n, length, heads * dh) for t in parts]
+        return flat[0] if len(flat) == 1 else torch.cat(flat, -1)
+
+    def _apply(self, x: Tensor) -> Tensor:
+        q, k, v = self.split(x)
+        return self.merge([torch.softmax(self.scores(q, k), -1) @ v])
+
+
+def attention_spec(heads: int, mask_owner, mask_name: str | None, name: str) -> AttentionSpec:
+    """The attention core of an ``nn.MultiheadAttention`` (see :class:`AttentionSpec`)."""
+    return AttentionSpec(heads, mask_owner, mask_name, name)
+
+
+class _AttnCache(NamedTuple):
+    """:class:`AttentionRule`'s cache (``shape`` at index 2, as the generic rule's)."""
+
+    x: Tensor
+    a: Tensor
+    """The attention weights, (N, H, L, L)."""
+    shape: torch.Size
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    o: Tensor
+    """Per head, (N, H, L, d_h)."""
+    lazy: dict[str, object]
+    """The generic rule's cache (for the column and full-matrix passes) and the
+    ``vjp_sq`` tensor, built at first use."""
+
+
+class AttentionRule(LocalRule):
+    r"""The attention core in closed form for the diagonal pass; the generic rule for the rest.
+
+    Per head, with ``c = 1 / sqrt(d_h)``, ``A = softmax(c Q K^T + M)``, ``O = A V``,
+    the output gradient ``g`` and diagonal curvature ``h`` (all ``L x d_h``),
+    ``u = g V^T``, ``w = u - rowsum(A o u)``, ``A_w = A o w`` (the score gradient):
+
+    - ``J^T g``: ``g_V = A^T g``, ``g_Q = c A_w K``, ``g_K = c A_w^T Q``;
+    - ``(J o J)^T h``: ``h_V = (A o A)^T h``,
+      ``h_Q[i,c] = c^2 sum_a h[i,a] M_i[a,c]^2`` with
+      ``M_i = V^T diag(A_i) K - O_i (A K)_i^T``, and
+      ``h_K = c^2 ((A o A o E)^T (Q o Q))``, ``E[i,j] = sum_a h[i,a] (V[j,a] - O[i,a])^2``;
+    - ``diag nabla^2 (g . attn)``: zero for ``V`` (the output is linear in it),
+      ``c^2 (A_w (K o K) - 2 (A_w K) o (A K))`` for ``Q`` and
+      ``c^2 (A_w o (1 - 2 A))^T (Q o Q)`` for ``K``.
+
+    Masked entries have ``A = 0`` and drop out. Each is a few batched products of
+    ``L x L`` and ``L x d_h`` matrices per head; the generic rule builds the
+    ``3 L d x 3 L d`` residual with ``jacrev(jacrev)`` (tested equal in float64).
+    The column and full-matrix passes (``vjp_cols``, ``residual``,
+    ``residual_cols``) build the generic rule's Jacobian on first use.
+    """
+
+    def forward(self, m: AttentionSpec, x, generator):
+        q, k, v = m.split(x)
+        a = torch.softmax(m.scores(q, k), -1)
+        o = a @ v
+        return m.merge([o]), _AttnCache(x, a, x.shape[1:], q, k, v, o, {})
+
+    def _generic(self, m, cache: _AttnCache):
+        if "generic" not in cache.lazy:
+            cache.lazy["generic"] = LocalRule.forward(self, m, cache.x, None)[1]
+        return cache.lazy["generic"]
+
+    @staticmethod
+    def _heads(cache: _AttnCache, t: Tensor) -> Tensor:
+        n, length, heads, dh = t.shape[0], cache.q.shape[2], cache.q.shape[1], cache.q.shape[3]
+        return t.reshape(n, length, heads, dh).transpose(1, 2)
+
+    @staticmethod
+    def _score_grad(cache: _AttnCache, gh: Tensor) -> Tensor:
+        """``A_w = A o (u - rowsum(A o u))``, ``u = g V^T``."""
+        a = cache.a
+        u = gh @ cache.v.transpose(-1, -2)
+        return a * (u - (a * u).sum(-1, keepdim=True))
+
+    def vjp(self, m, cache, v):
+        gh = self._heads(cache, v)
+        c = 1.0 / math.sqrt(cache.q.shape[-1])
+        aw = self._score_grad(cache, gh)
+        gq = (aw @ cache.k).mul_(c)
+        gk = (aw.transpose(-1, -2) @ cache.q).mul_(c)
+        return AttentionSpec.merge([gq, gk, cache.a.transpose(-1, -2) @ gh])
+
+    def vjp_sq(self, m, cache, h):
+        a, q, k, v, o = cache.a, cache.q, cache.k, cache.v, cache.o
+        hh = self._heads(cache, h)
+        c2 = 1.0 / q.shape[-1]
+        if "m2" not in cache.lazy:  # (M_i^T)^2, (N, H, L, d_h, d_h): independent of h
+            # K^T diag(A_i) V for every row i at once: A (K_j V_j^T flattened), one
+            # (L, L) @ (L, d_h^2) product per sample and head
+            n, heads, length, dh = v.shape
+            kv = (k.unsqueeze(-1) * v.unsqueeze(-2)).view(n, heads, length, dh * dh)
+            mt = (a @ kv).view(n, heads, length, dh, dh)
+            mt -= (a @ k).unsqueeze(-1) * o.unsqueeze(-2)
+            cache.lazy["m2"] = mt.square_()
+        hq = (cache.lazy["m2"] * hh.unsqueeze(-2)).sum(-1).mul_(c2)
+        # E[i, j] = sum_a h[i, a] (V[j, a] - O[i, a])^2, on (N, H, L, L, d_h)
+        e = ((v.unsqueeze(-3) - o.unsqueeze(-2)).square_() * hh.unsqueeze(-2)).sum(-1)
+        a2 = a * a
+        hk = ((a2 * e).transpose(-1, -2) @ (q * q)).mul_(c2)
+        return AttentionSpec.merge([hq, hk, a2.transpose(-1, -2) @ hh])
+
+    def residual_diag(self, m, cache, g):
+        a, q, k = cache.a, cache.q, cache.k
+        aw = self._score_grad(cache, self._heads(cache, g))
+        c2 = 1.0 / q.shape[-1]
+        rq = (aw @ (k * k) - 2.0 * (aw @ k) * (a @ k)).mul_(c2)
+        rk = ((aw * (1.0 - 2.0 * a)).transpose(-1, -2) @ (q * q)).mul_(c2)
+        return AttentionSpec.merge([rq, rk, torch.zeros_like(rq)])
+
+    def vjp_cols(self, m, cache, v):
+        return LocalRule.vjp_cols(self, m, self._generic(m, cache), v)
+
+    def residual(self, m, cache, g):
+        return LocalRule.residual(self, m, self._generic(m, cache), g)

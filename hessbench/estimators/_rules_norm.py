@@ -334,9 +334,9 @@ class _LNCache(NamedTuple):
     """:class:`LayerNormRule`'s cache (``shape`` at index 2, as the generic rule's)."""
 
     xhat: Tensor
-    """The normalized input, (N, D)."""
+    """The normalized input, one row per sample and position: (N * P, D)."""
     inv: Tensor
-    """``1 / sigma``, (N, 1)."""
+    """``1 / sigma``, (N * P, 1)."""
     shape: torch.Size
     """The per-sample input shape."""
     x: Tensor
@@ -348,7 +348,11 @@ class _LNCache(NamedTuple):
 
 
 class LayerNormRule(LocalRule):
-    """LayerNorm's normalization ``x_hat = (x - mean) / sigma`` over all non-batch features, closed form.
+    """LayerNorm's normalization ``x_hat = (x - mean) / sigma`` over the trailing ``D`` features, closed form.
+
+    Every leading position (``(N, *P, D)``, a transformer's tokens) is normalized
+    on its own, so the formulas below hold row by row and the per-sample
+    residual is block diagonal, one ``D x D`` block per position.
 
     With ``D`` features, ``J = (I - (1 1^T + x_hat x_hat^T) / D) / sigma`` (symmetric), so
     ``J^T v = (v - mean(v) - x_hat mean(v x_hat)) / sigma`` and
@@ -365,11 +369,12 @@ class LayerNormRule(LocalRule):
     """
 
     def forward(self, m, x, generator):
-        if tuple(x.shape[1:]) != m.shape:  # leading positions: the generic per-sample rule
+        k = len(m.shape)
+        if x.dim() <= k or tuple(x.shape[-k:]) != m.shape:  # not LayerNorm's own layout
             return LocalRule.forward(self, m, x, generator)
         y, mean, rstd = torch.native_layer_norm(x, m.shape, None, None, m.eps)
-        n = x.shape[0]
-        return y, _LNCache(y.reshape(n, -1), rstd.reshape(n, 1), x.shape[1:], x, mean, rstd, {})
+        d = math.prod(m.shape)
+        return y, _LNCache(y.reshape(-1, d), rstd.reshape(-1, 1), x.shape[1:], x, mean, rstd, {})
 
     def vjp(self, m, cache, v):
         if not isinstance(cache, _LNCache):  # the generic rule's cache
@@ -383,10 +388,11 @@ class LayerNormRule(LocalRule):
             return LocalRule.vjp_cols(self, m, cache, v)
         xhat, inv, shape = cache[:3]
         n, k = v.shape[:2]
-        vf = v.reshape(n, k, -1)
-        xh = xhat.unsqueeze(1)
-        out = vf - vf.mean(2, keepdim=True) - xh * (vf * xh).mean(2, keepdim=True)
-        return (out * inv.unsqueeze(1)).view(n, k, *shape)
+        rows, d = xhat.shape[0] // n, xhat.shape[1]
+        vf = v.reshape(n, k, rows, d)
+        xh = xhat.view(n, 1, rows, d)
+        out = vf - vf.mean(3, keepdim=True) - xh * (vf * xh).mean(3, keepdim=True)
+        return (out * inv.view(n, 1, rows, 1)).view(n, k, *shape)
 
     _constants: ClassVar[dict[tuple, tuple[Tensor, ...]]] = {}
     """Per ``(D, dtype, device)``: the constant tables of :meth:`_coefficients`."""
@@ -435,14 +441,13 @@ class LayerNormRule(LocalRule):
         if not isinstance(cache, _LNCache):  # the generic rule's cache
             return LocalRule.vjp_sq(self, m, cache, h)
         basis, weights, scale = self._coefficients(cache)[:3]
-        n = h.shape[0]
-        hf = h.reshape(n, -1)
+        hf = h.reshape(scale.shape)
         sums = (basis * hf).sum(2, keepdim=True).mul_(weights)  # [S0, 2 S1, S2] / (D sigma)^2
-        return torch.addcmul((basis * sums).sum(0), hf, scale).view(n, *cache.shape)
+        return torch.addcmul((basis * sums).sum(0), hf, scale).view(h.shape)
 
     def _terms(self, cache, g):
         xhat, inv = cache[:2]
-        gf = g.reshape(g.shape[0], -1)
+        gf = g.reshape(xhat.shape)
         mm = (gf * xhat).mean(1, keepdim=True)
         a = gf - gf.mean(1, keepdim=True) - xhat * mm
         return xhat, inv, mm, a
@@ -457,13 +462,19 @@ class LayerNormRule(LocalRule):
         cross = (xhat.unsqueeze(2) * a.unsqueeze(1) + a.unsqueeze(2) * xhat.unsqueeze(1)) / d
         res = mm.unsqueeze(2) * low - cross
         res.diagonal(dim1=1, dim2=2).sub_(mm)
-        return res * (inv * inv).unsqueeze(2)
+        res = res * (inv * inv).unsqueeze(2)  # (N * P, D, D): one block per row
+        n = g.shape[0]
+        rows = xhat.shape[0] // n
+        if rows == 1:
+            return res
+        full = res.new_zeros(n, rows, d, rows, d)
+        full.diagonal(dim1=1, dim2=3).copy_(res.view(n, rows, d, d).permute(0, 2, 3, 1))
+        return full.view(n, rows * d, rows * d)
 
     def residual_diag(self, m, cache, g):
         if not isinstance(cache, _LNCache):  # the generic rule's cache
             return LocalRule.residual_diag(self, m, cache, g)
         basis, _, _, mix, own = self._coefficients(cache)
-        n = g.shape[0]
-        gf = g.reshape(n, -1)
+        gf = g.reshape(own.shape)
         sums = (basis[:2] * gf).sum(2, keepdim=True)  # [sum g, sum g x_hat]
-        return torch.addcmul((mix * sums).sum(0), gf, own).view(n, *cache.shape)
+        return torch.addcmul((mix * sums).sum(0), gf, own).view(g.shape)
