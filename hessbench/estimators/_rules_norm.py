@@ -363,8 +363,8 @@ class LayerNormRule(LocalRule):
     ``(m (-1 + (1 + 3 x_hat^2) / D) - 2 x_hat (g - mean(g)) / D) / sigma^2``.
 
     The forward pass and ``J^T v`` are torch's own LayerNorm kernels; the sums
-    ``Sk`` are one batched product with the per-sample basis ``[1, x_hat, x_hat^2]``,
-    so each rule costs a handful of kernels whatever ``D`` (at batch 1 the pass is
+    ``Sk`` are one reduction against the per-row basis ``[1, x_hat, x_hat^2]``, so
+    each rule costs a handful of kernels whatever ``D`` (at batch 1 the pass is
     bound by the number of kernels, not their size).
     """
 
