@@ -471,7 +471,7 @@ def test_attention_closed_form_equals_the_generic_local_rule(mask):
         ("vjp", g),
         ("vjp_sq", h),
         ("residual_diag", g),
-        ("vjp_sq", h.flip(1)),  # a second call reuses M_i^2, not its argument
+        ("vjp_sq", h.flip(1)),  # a second call on the same cache, another argument
         ("vjp_cols", v),
         ("residual", g),
     ]:

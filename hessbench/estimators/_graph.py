@@ -52,11 +52,11 @@ from hessbench.estimators._rules_attention import (
     AddParamRule,
     AddParamSpec,
     AttentionRule,
+    AttentionSpec,
     EmbeddingRule,
     LinearSpec,
     PosLinearRule,
     SelectRule,
-    attention_spec,
 )
 from hessbench.estimators._rules_norm import (
     AdaptiveAvgPoolRule,
@@ -441,7 +441,7 @@ def _build(model: nn.Module, gm) -> GraphPlan:
         register(name, path, bk, b)
         spec = LinearSpec(w, b)
         qkv = emit(GNode(name + ".in_proj", "rule", (x,), _POSLINEAR, spec, wk, bk))
-        core = attention_spec(m.num_heads, owner, attr, path)
+        core = AttentionSpec(m.num_heads, owner, attr, path)
         att = emit(GNode(name + ".attention", "rule", (qkv,), _ATTENTION, core))
         o = m.out_proj
         owk, obk = _keys(path + ".out_proj", o)

@@ -40,7 +40,6 @@ __all__ = [
     "LinearSpec",
     "PosLinearRule",
     "SelectRule",
-    "attention_spec",
 ]
 
 
@@ -322,11 +321,6 @@ class AttentionSpec(LocalSpec):
         return self.merge([torch.softmax(self.scores(q, k), -1) @ v])
 
 
-def attention_spec(heads: int, mask_owner, mask_name: str | None, name: str) -> AttentionSpec:
-    """The attention core of an ``nn.MultiheadAttention`` (see :class:`AttentionSpec`)."""
-    return AttentionSpec(heads, mask_owner, mask_name, name)
-
-
 class _AttnCache(NamedTuple):
     """:class:`AttentionRule`'s cache (``shape`` at index 2, as the generic rule's)."""
 
@@ -340,8 +334,7 @@ class _AttnCache(NamedTuple):
     o: Tensor
     """Per head, (N, H, L, d_h)."""
     lazy: dict[str, object]
-    """The generic rule's cache (for the column and full-matrix passes) and the
-    ``vjp_sq`` tensor, built at first use."""
+    """The generic rule's cache (for the column and full-matrix passes), built at first use."""
 
 
 class AttentionRule(LocalRule):
@@ -402,15 +395,13 @@ class AttentionRule(LocalRule):
         a, q, k, v, o = cache.a, cache.q, cache.k, cache.v, cache.o
         hh = self._heads(cache, h)
         c2 = 1.0 / q.shape[-1]
-        if "m2" not in cache.lazy:  # (M_i^T)^2, (N, H, L, d_h, d_h): independent of h
-            # K^T diag(A_i) V for every row i at once: A (K_j V_j^T flattened), one
-            # (L, L) @ (L, d_h^2) product per sample and head
-            n, heads, length, dh = v.shape
-            kv = (k.unsqueeze(-1) * v.unsqueeze(-2)).view(n, heads, length, dh * dh)
-            mt = (a @ kv).view(n, heads, length, dh, dh)
-            mt -= (a @ k).unsqueeze(-1) * o.unsqueeze(-2)
-            cache.lazy["m2"] = mt.square_()
-        hq = (cache.lazy["m2"] * hh.unsqueeze(-2)).sum(-1).mul_(c2)
+        # M_i^T = K^T diag(A_i) V - (A K)_i O_i^T for every row i at once, (N, H, L, d_h, d_h):
+        # A (K_j V_j^T flattened), one (L, L) @ (L, d_h^2) product per sample and head
+        n, heads, length, dh = v.shape
+        kv = (k.unsqueeze(-1) * v.unsqueeze(-2)).view(n, heads, length, dh * dh)
+        mt = (a @ kv).view(n, heads, length, dh, dh)
+        mt -= (a @ k).unsqueeze(-1) * o.unsqueeze(-2)
+        hq = (mt.square_() * hh.unsqueeze(-2)).sum(-1).mul_(c2)
         # E[i, j] = sum_a h[i, a] (V[j, a] - O[i, a])^2, on (N, H, L, L, d_h)
         e = ((v.unsqueeze(-3) - o.unsqueeze(-2)).square_() * hh.unsqueeze(-2)).sum(-1)
         a2 = a * a

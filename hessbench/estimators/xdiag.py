@@ -53,7 +53,7 @@ def xdiag_from_probes(matmat: Callable[[Tensor], Tensor], omega: Tensor) -> Tens
         d = rowsum(Q o [Z (I - S S^T / s) + Omega N^T / s])
 
     the same estimate to rounding, from one ``n x 2s`` by ``2s x s`` product
-    (the paper's evaluation takes three ``n x s`` by ``s x s`` products).
+    (the paper's evaluation also forms ``Z^T Omega``: three products of ``2 n s^2`` flops).
 
     When ``Y`` is numerically rank deficient (rank ``r < s``, in particular
     ``s > n``), ``range(Y) = range(A)`` almost surely and every leave-one-out
