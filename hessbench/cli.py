@@ -203,7 +203,10 @@ def run(
     ``kind: train`` (optimizer benchmark, docs/train.md) and ``kind: rl``
     (docs/rl.md) suites are handed to their own runners.
     """
-    from hessbench.kinds import RunRequest, check_request, kind_of_suite
+    from hessbench.kinds import RunRequest, check_request, kind_of_suite, prestart_workers
+
+    if executor == "local" and not dry_run:
+        prestart_workers()
     from hessbench.suite.shipped import find_suite
 
     suite = find_suite(suite)

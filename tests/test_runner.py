@@ -123,6 +123,26 @@ def test_rerun_resumes_and_skips_finished_cells(tmp_path):
     assert len(ids) == len(set(ids)) == len(summary.planned)
 
 
+def test_workers_that_cannot_start_stop_the_pool_with_a_one_line_error(monkeypatch):
+    from hessbench.run.pool import Batch, run_batches
+
+    monkeypatch.syspath_prepend(str(TESTS / "plugins"))
+    from runner_plugins import DiesOnOpen
+
+    records = []
+    with pytest.raises(HessbenchError, match=r"die before their first unit \(exit code 3, 3 in"):
+        run_batches(
+            [Batch("b", [("u1", None), ("u2", None)])],
+            DiesOnOpen(),
+            jobs=1,
+            threads=1,
+            timeout_s=None,
+            on_start=lambda uid: None,
+            on_record=records.append,
+        )
+    assert records == []  # no unit started, so none is marked crashed
+
+
 def test_failures_are_isolated_per_cell(tmp_path):
     estimators = """
 - name: hesscale

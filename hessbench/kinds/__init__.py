@@ -32,6 +32,7 @@ __all__ = [
     "get_kind",
     "kind_of_run",
     "kind_of_suite",
+    "prestart_workers",
 ]
 
 KINDS: dict[str, str] = {
@@ -40,6 +41,17 @@ KINDS: dict[str, str] = {
     "rl": "hessbench.rl.cli",
 }
 """Kind name -> module holding its ``KIND`` (imported on first use: ``--help`` stays fast)."""
+
+
+def prestart_workers() -> None:
+    """Start the local workers' fork server now (:func:`hessbench.run.pool.start_server`).
+
+    It imports torch and the accuracy cells' modules in the background, while
+    this process imports its own and reads the suite.
+    """
+    from hessbench.run.pool import start_server
+
+    start_server("hessbench.run.cells")
 
 
 @dataclass(frozen=True)

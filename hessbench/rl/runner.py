@@ -5,8 +5,8 @@ the suite file's SHA-256), so the same command resumes and an edited suite start
 a new folder. Each finished run is appended to ``runs.jsonl`` (flushed and
 fsynced) before the next one is recorded; ``metadata.json`` says ``kind: rl``.
 Runs that ended ``ok`` or ``diverged`` are never re-run; ``error`` and ``crashed``
-ones are re-run by the next invocation. With ``jobs > 1`` runs go to spawned
-worker processes.
+ones are re-run by the next invocation. With ``jobs > 1`` runs go to worker
+processes (:mod:`hessbench.run.pool`).
 """
 
 from __future__ import annotations

@@ -2,14 +2,22 @@
 
 Every suite kind runs through :func:`run_batches`. Work comes in *batches* (units
 that share set-up in a worker: an accuracy group of cells sharing one ground
-truth, or a single train or rl run). Each worker is a separate process (``spawn``)
-that receives one batch at a time and reports ``("start", unit_id)`` before and
+truth, or a single train or rl run). Each worker is a separate process that receives one batch at a time and reports ``("start", unit_id)`` before and
 ``("done", record)`` after each unit. The parent watches the workers: a worker
 that dies marks its current unit ``crashed`` (with the exit code or signal), one
 that exceeds the per-unit timeout is killed and marks it ``timeout``; either way
 the rest of its batch goes to a fresh worker, and the other workers go on.
 
 What a worker does is a picklable :class:`Work` object, sent once to each worker.
+
+Workers start from a *fork server* where the platform has one (Linux, macOS;
+``spawn`` elsewhere): a clean single-threaded process that imported torch and
+the work's module once, and forks a worker per request, so a worker costs
+milliseconds instead of the second and a half of importing torch. The server
+starts with the first pool, or earlier with :func:`start_server` (``hessbench
+run`` calls it first thing, so the server imports while the parent does).
+Workers take the parent's ``sys.path`` and working directory but the
+environment variables of the moment the server started.
 """
 
 from __future__ import annotations
@@ -26,9 +34,28 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
+from hessbench.errors import HessbenchError
 
-__all__ = ["Batch", "Work", "run_batches"]
+__all__ = ["Batch", "Work", "run_batches", "start_server"]
+
+
+def _start_method() -> str:
+    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
+def start_server(*modules: str) -> None:
+    """Start the workers' fork server now, importing ``modules`` (and torch) in it.
+
+    Returns at once; the server imports in the background. Does nothing where
+    workers are spawned, or when this process's server already runs.
+    """
+    if _start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", *modules])
+    forkserver.ensure_running()
 
 
 @dataclass
@@ -61,6 +88,8 @@ def _worker_main(conn: Connection, work: Work, threads: int, log_path: str | Non
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
+    import torch
+
     torch.set_num_threads(threads)
     while True:
         batch: Batch | None = conn.recv()
@@ -81,6 +110,7 @@ class _Worker:
     current: str | None = None
     started: float = 0.0
     done: set[str] = field(default_factory=set)
+    ever_started: bool = False  # any unit in this process's life
 
 
 def _signal_name(code: int | None) -> str:
@@ -112,10 +142,16 @@ def run_batches(
     timed-out unit). ``timeout_s`` (None: no limit) bounds one unit. The workers
     run ``threads`` torch threads; their stdout and stderr go to ``log_path`` when
     given. Ctrl-C (KeyboardInterrupt) kills the workers and propagates.
+
+    Raises:
+        HessbenchError: when three workers in a row die before starting any unit
+            (they cannot start here; their output is in ``log_path``).
     """
-    ctx = mp.get_context("spawn")
+    start_server(type(work).__module__)
+    ctx = mp.get_context(_start_method())
     queue: deque[Batch] = deque(batches)
     workers: list[_Worker] = []
+    stillborn = 0  # workers in a row that died before their first unit
 
     def spawn() -> _Worker:
         parent, child = ctx.Pipe()
@@ -161,6 +197,7 @@ def run_batches(
                         break
                     if kind == "start":
                         w.current, w.started = payload, time.monotonic()
+                        w.ever_started, stillborn = True, 0
                         on_start(payload)
                     elif kind == "done":
                         w.done.add(w.current or "")
@@ -172,9 +209,15 @@ def run_batches(
                     continue
                 if not alive or not w.process.is_alive():
                     w.process.join(timeout=1)
-                    fail_current(
-                        w, "crashed", f"worker process died ({_signal_name(w.process.exitcode)})"
-                    )
+                    code = _signal_name(w.process.exitcode)
+                    fail_current(w, "crashed", f"worker process died ({code})")
+                    stillborn = 0 if w.ever_started else stillborn + 1
+                    if stillborn >= 3:
+                        where = f"; their output is in {log_path}" if log_path else ""
+                        raise HessbenchError(
+                            f"worker processes die before their first unit ({code}, 3 in a row)"
+                            + where
+                        )
                     workers[workers.index(w)] = spawn()
                 elif (
                     timeout_s is not None and w.current and time.monotonic() - w.started > timeout_s

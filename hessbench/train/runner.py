@@ -4,7 +4,7 @@ The run folder defaults to ``results/<suite>/<hash>`` (the first 10 hex digits
 of the suite file's SHA-256), so the same command resumes and an edited suite
 starts a new folder. Each finished run is appended to ``runs.jsonl`` (flushed
 and fsynced) before the next result is taken; ``metadata.json`` says
-``kind: train``. Runs go to ``jobs`` worker processes (``spawn``) or, with one
+``kind: train``. Runs go to ``jobs`` worker processes (:mod:`hessbench.run.pool`) or, with one
 job, run in this process.
 """
 

@@ -91,3 +91,13 @@ class HangWhenAsked(Zero):
         if os.environ.get("HESSBENCH_TEST_HANG"):
             time.sleep(3600)
         return super()._estimate(model, loss, inputs, targets, generator)
+
+
+class DiesOnOpen:
+    """A pool :class:`~hessbench.run.pool.Work` whose worker exits before its first unit."""
+
+    def open(self, batch):
+        os._exit(3)
+
+    def failed(self, batch, unit_id, unit, status, message):
+        return {"id": unit_id, "status": status, "message": message}
