@@ -42,6 +42,13 @@ def test_memory_ratio_of_a_function_with_itself_is_one():
     assert res["peak_bytes"] == res["grad_peak_bytes"] > 0
     assert res["memory_ratio"] == 1.0
 
+    # a reference measured before is reused, and the reference function not called
+    def never():
+        raise AssertionError("the reference was measured twice")
+
+    again = memory_ratio(grad, never, device=CPU, grad_peak=res["grad_peak_bytes"])
+    assert again == res
+
 
 def test_time_interleaved_alternates_and_bounds_repeats():
     calls = []

@@ -9,7 +9,13 @@ import pytest
 import torch
 from scipy.stats import rankdata, spearmanr
 
-from hessbench.bench.metrics import aggregate, average_ranks, batch_metrics, spearman
+from hessbench.bench.metrics import (
+    aggregate,
+    average_ranks,
+    batch_metrics,
+    prepare_truth,
+    spearman,
+)
 
 
 def _pairs():
@@ -68,3 +74,24 @@ def test_constant_inputs_give_nan_correlations():
     assert math.isnan(m["spearman"])
     assert math.isnan(m["cosine"])
     assert m["l1"] == 6.0
+
+
+def test_a_prepared_truth_gives_the_same_metrics_bit_for_bit():
+    gen = torch.Generator().manual_seed(0)
+    truth = {"a": torch.randn(7, 3, generator=gen), "b": torch.randn(5, generator=gen)}
+    truth["b"][2] = 0.0
+    est = {k: (v + 0.1 * torch.randn(v.shape, generator=gen)).float() for k, v in truth.items()}
+    prepared = prepare_truth(truth)
+    assert batch_metrics(est, prepared) == batch_metrics(est, truth)
+    # the old per-parameter formulas, term by term
+    m = batch_metrics(est, prepared)
+    for name, h in truth.items():
+        e, t = est[name].double().reshape(-1), h.double().reshape(-1)
+        assert m["per_param"][name] == (float((e - t).abs().sum()), float(t.abs().sum()))
+
+
+def test_a_non_finite_estimate_is_an_error_naming_the_parameter():
+    truth = {"0.weight": torch.ones(3), "2.bias": torch.ones(2)}
+    est = {"0.weight": torch.ones(3), "2.bias": torch.tensor([1.0, math.inf])}
+    with pytest.raises(FloatingPointError, match=r"non-finite estimate for parameter '2\.bias'"):
+        batch_metrics(est, prepare_truth(truth))

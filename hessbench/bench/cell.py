@@ -1,8 +1,9 @@
 """Evaluating cells: what a worker process does for one (task variant, seed) group.
 
-The problem (model, loss, evaluated batches) is built once per group and the
-float64 ground truth once per evaluated batch, then reused by every estimator
-of the group. Each cell yields one record (see :mod:`hessbench.store.records`).
+The problem (model, loss, evaluated batches) is built once per group, the
+float64 ground truth once per evaluated batch and the gradient's peak memory
+once, then reused by every estimator of the group. Each cell yields one record
+(see :mod:`hessbench.store.records`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import traceback
 import torch
 
 from hessbench.bench.measure import memory_ratio, time_interleaved
-from hessbench.bench.metrics import aggregate, batch_metrics
+from hessbench.bench.metrics import Truth, aggregate, batch_metrics, prepare_truth
 from hessbench.bench.problem import Problem, build_problem
 from hessbench.errors import TooLargeError, UnsupportedError
 from hessbench.estimators import Estimator, get_estimator
@@ -63,8 +64,9 @@ class GroupEvaluator:
         self.dtype = _DTYPES[dtype]
         self.device = torch.device(defaults.device)
         self._problem: Problem | None = None
-        self._truth: dict[int, dict[str, torch.Tensor]] = {}
+        self._truth: dict[int, Truth] = {}
         self._truth_model: torch.nn.Module | None = None
+        self._grad_peak: int | None = None
 
     @property
     def problem(self) -> Problem:
@@ -75,8 +77,8 @@ class GroupEvaluator:
             )
         return self._problem
 
-    def truth(self, b: int) -> dict[str, torch.Tensor]:
-        """The float64 exact diagonal for evaluated batch ``b`` (computed once)."""
+    def truth(self, b: int) -> Truth:
+        """The float64 exact diagonal for evaluated batch ``b``, prepared (computed once)."""
         if b not in self._truth:
             p = self.problem
             if self._truth_model is None:
@@ -87,9 +89,8 @@ class GroupEvaluator:
             gen = torch.Generator(device=self.device).manual_seed(
                 derive_seed(self.variant.name, self.seed, b, "truth")
             )
-            self._truth[b] = get_estimator("exact")(
-                self._truth_model, p.loss_fn, x, y, generator=gen
-            )
+            exact = get_estimator("exact")(self._truth_model, p.loss_fn, x, y, generator=gen)
+            self._truth[b] = prepare_truth(exact)
         return self._truth[b]
 
     def evaluate(self, est: Estimator, cell_id: str) -> dict:
@@ -114,9 +115,7 @@ class GroupEvaluator:
                 derive_seed(self.variant.name, est.label, self.seed, b)
             )
             diag = est(p.model, p.loss_fn, x, y, generator=gen)
-            for name, d in diag.items():
-                if not bool(torch.isfinite(d).all()):
-                    raise FloatingPointError(f"non-finite estimate for parameter '{name}'")
+            # raises FloatingPointError naming a parameter whose estimate is not finite
             per_batch.append(batch_metrics(diag, self.truth(b)))
         return {
             "status": "ok",
@@ -131,7 +130,11 @@ class GroupEvaluator:
         }
 
     def _memory(self, est: Estimator) -> dict:
-        """Peak memory of one call and of one gradient (first batch, untimed pass)."""
+        """Peak memory of one call and of one gradient (first batch, untimed passes).
+
+        The gradient's peak is the same for every estimator of the group: it is
+        measured once, after the group's first estimator.
+        """
         if not self.defaults.memory.enabled:
             return {}
         p = self.problem
@@ -140,11 +143,14 @@ class GroupEvaluator:
         gen = torch.Generator(device=self.device).manual_seed(
             derive_seed(self.variant.name, est.label, self.seed, "memory")
         )
-        return memory_ratio(
+        res = memory_ratio(
             lambda: est(p.model, p.loss_fn, x, y, generator=gen),
             lambda: torch.autograd.grad(p.loss_fn(p.model(x), y), params),
             device=self.device,
+            grad_peak=self._grad_peak,
         )
+        self._grad_peak = int(res["grad_peak_bytes"])
+        return res
 
     def _timing(self, est: Estimator) -> dict:
         """The measurement protocol of :mod:`hessbench.bench.measure` on the first batch.

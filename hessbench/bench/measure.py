@@ -126,9 +126,17 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def memory_ratio(
-    est_fn: Callable[[], object], grad_fn: Callable[[], object], *, device: torch.device
+    est_fn: Callable[[], object],
+    grad_fn: Callable[[], object],
+    *,
+    device: torch.device,
+    grad_peak: int | None = None,
 ) -> dict[str, float | int]:
-    """Peak memory of the estimator and of one gradient, and their ratio."""
+    """Peak memory of the estimator and of one gradient, and their ratio.
+
+    ``grad_peak``: the gradient's peak when already measured (``grad_fn`` is
+    then not called).
+    """
     est = peak_memory(est_fn, device)
-    grad = peak_memory(grad_fn, device)
+    grad = peak_memory(grad_fn, device) if grad_peak is None else grad_peak
     return {"peak_bytes": est, "grad_peak_bytes": grad, "memory_ratio": _ratio(est, grad)}

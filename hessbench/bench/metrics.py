@@ -16,18 +16,32 @@ Over the evaluated batches of a cell, :func:`aggregate` averages each metric
 and defines ``rel_l1 = mean(l1) / mean(abs_truth)`` (so ``zero`` scores exactly
 1.0). The same ``l1``/``abs_truth``/``rel_l1`` are kept per parameter and per
 layer (a layer is a parameter's module path, e.g. ``"0"`` for ``"0.weight"``).
+
+What depends on the exact diagonal only (its sums, norm, signs and ranks) is
+computed once per batch (:func:`prepare_truth`) and shared by every estimator
+compared with it.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BatchMetrics", "aggregate", "average_ranks", "batch_metrics", "layer_of", "spearman"]
+__all__ = [
+    "BatchMetrics",
+    "Truth",
+    "aggregate",
+    "average_ranks",
+    "batch_metrics",
+    "layer_of",
+    "prepare_truth",
+    "spearman",
+]
 
 BatchMetrics = dict[str, object]
 
@@ -53,35 +67,83 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _centered_ranks(x: np.ndarray) -> tuple[np.ndarray, float]:
+    r = average_ranks(x)
+    r -= r.mean()
+    return r, float(r @ r)
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation of two finite 1-D arrays, neither constant."""
-    ra, rb = average_ranks(a), average_ranks(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    return float(ra @ rb / math.sqrt(float(ra @ ra) * float(rb @ rb)))
+    (ra, aa), (rb, bb) = _centered_ranks(a), _centered_ranks(b)
+    return float(ra @ rb / math.sqrt(aa * bb))
 
 
-def batch_metrics(estimate: dict[str, Tensor], truth: dict[str, Tensor]) -> BatchMetrics:
-    """Metrics of one evaluated batch; both dicts keyed by parameter name."""
-    per_param: dict[str, tuple[float, float]] = {}
-    est_flat, true_flat = [], []
-    for name, h in truth.items():
-        e = estimate[name].detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-        t = h.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-        per_param[name] = (float((e - t).abs().sum()), float(t.abs().sum()))
-        est_flat.append(e)
-        true_flat.append(t)
-    e = torch.cat(est_flat).numpy()
-    t = torch.cat(true_flat).numpy()
-    norm = float(np.linalg.norm(e) * np.linalg.norm(t))
+@dataclass(frozen=True)
+class Truth:
+    """The exact diagonal of one batch, flattened, with what every estimate is compared to.
+
+    Built once per evaluated batch (:func:`prepare_truth`) and shared by every
+    estimator of a group: its absolute sums, norm and centred ranks do not
+    depend on the estimate.
+    """
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    flat: np.ndarray  # float64, the parameters' diagonals concatenated in ``names`` order
+    abs_by_param: tuple[float, ...]
+    abs_total: float
+    sign: np.ndarray
+    norm: float
+    ranks: np.ndarray | None  # centred average ranks; None when the truth is constant
+    ranks_sq: float
+
+
+def prepare_truth(truth: dict[str, Tensor]) -> Truth:
+    """The comparison data of an exact diagonal keyed by parameter name."""
+    names = tuple(truth)
+    parts = [truth[n].detach().reshape(-1) for n in names]
+    flat = torch.cat(parts).to(device="cpu", dtype=torch.float64)
+    sizes = tuple(p.numel() for p in parts)
+    abs_by_param = tuple(torch.stack([c.abs().sum() for c in flat.split(sizes)]).tolist())
+    t = flat.numpy()
+    ranks, ranks_sq = _centered_ranks(t) if np.ptp(t) > 0 else (None, 0.0)
+    abs_total = float(np.abs(t).sum())
+    norm = float(np.linalg.norm(t))
+    return Truth(names, sizes, t, abs_by_param, abs_total, np.sign(t), norm, ranks, ranks_sq)
+
+
+def batch_metrics(estimate: dict[str, Tensor], truth: Truth | dict[str, Tensor]) -> BatchMetrics:
+    """Metrics of one evaluated batch; ``truth`` keyed like ``estimate`` or prepared.
+
+    Raises:
+        FloatingPointError: naming the first parameter whose estimate is not finite.
+    """
+    if not isinstance(truth, Truth):
+        truth = prepare_truth(truth)
+    parts = [estimate[n].detach().reshape(-1) for n in truth.names]
+    flat = torch.cat(parts).to(device="cpu", dtype=torch.float64)
+    e, t = flat.numpy(), truth.flat
+    if not np.isfinite(e).all():
+        chunks = zip(truth.names, flat.split(truth.sizes), strict=True)
+        bad = next(n for n, c in chunks if not c.isfinite().all())
+        raise FloatingPointError(f"non-finite estimate for parameter '{bad}'")
+    diff = np.abs(e - t)
+    l1_by_param = torch.stack([c.sum() for c in torch.from_numpy(diff).split(truth.sizes)])
+    l1s = l1_by_param.tolist()
+    per_param = dict(zip(truth.names, zip(l1s, truth.abs_by_param, strict=True), strict=True))
+    norm = float(np.linalg.norm(e) * truth.norm)
     cosine = float(e @ t) / norm if norm > 0 else math.nan
-    rank_corr = spearman(e, t) if np.ptp(e) > 0 and np.ptp(t) > 0 else math.nan
+    rank_corr = math.nan
+    if truth.ranks is not None and np.ptp(e) > 0:
+        ra, aa = _centered_ranks(e)
+        rank_corr = float(ra @ truth.ranks / math.sqrt(aa * truth.ranks_sq))
     return {
-        "l1": float(np.abs(e - t).sum()),
-        "abs_truth": float(np.abs(t).sum()),
+        "l1": float(diff.sum()),
+        "abs_truth": truth.abs_total,
         "cosine": cosine,
         "spearman": rank_corr,
-        "sign_agreement": float(np.mean(np.sign(e) == np.sign(t))),
+        "sign_agreement": float(np.mean(np.sign(e) == truth.sign)),
         "per_param": per_param,
     }
 

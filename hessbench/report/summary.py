@@ -102,11 +102,12 @@ def task_ratios(df: pd.DataFrame) -> dict[tuple[str, str], float]:
         ref = reference_cells(sub).groupby("seed")["l1"].first()
         if ref.empty:
             continue
-        for label, g in sub.groupby("label"):
-            both = g.groupby("seed")["l1"].first().to_frame("e").join(ref.rename("r"), how="inner")
-            if len(both):
-                e, r = float(both["e"].median()), float(both["r"].median())
-                out[str(task), str(label)] = e / r if r > 0 else (math.inf if e > 0 else math.nan)
+        # each label's first L1 per seed, next to HesScale's on the same seed
+        per_seed = sub.groupby(["label", "seed"])["l1"].first().rename("e").reset_index()
+        both = per_seed.merge(ref.rename("r").reset_index(), on="seed", how="inner")
+        for label, (e, r) in both.groupby("label")[["e", "r"]].median().iterrows():
+            e, r = float(e), float(r)
+            out[str(task), str(label)] = e / r if r > 0 else (math.inf if e > 0 else math.nan)
     return out
 
 
