@@ -331,3 +331,18 @@ def test_cli_exit_codes_and_messages(tmp_path):
     assert "zero" in res.stdout
     res = cli("show", str(tmp_path / "nowhere"))
     assert res.returncode == 2
+
+
+def test_the_groups_left_after_an_even_deal_are_split_across_the_workers():
+    from hessbench.run.cells import _balanced
+    from hessbench.run.pool import Batch
+
+    batches = [Batch(k, [(f"{k}{i}", i) for i in range(5)]) for k in "abcde"]
+    out = _balanced(batches, 2)
+    assert [b.key for b in out] == ["a", "b", "c", "d", "e", "e"]
+    assert [u for u, _ in out[-2].units] == ["e0", "e2", "e4"]
+    assert [u for u, _ in out[-1].units] == ["e1", "e3"]
+    assert _balanced(batches[:4], 2) == batches[:4]  # an even deal: unchanged
+    assert _balanced(batches, 1) == batches
+    tiny = [Batch("x", [("x0", 0)])]
+    assert [b.units for b in _balanced(tiny, 3)] == [[("x0", 0)]]  # no empty batches

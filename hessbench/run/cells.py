@@ -50,6 +50,23 @@ class CellWork:
         }
 
 
+def _balanced(batches: list[Batch], jobs: int) -> list[Batch]:
+    """The batches, with the groups left over after an even deal split across the workers.
+
+    Workers take the next batch when they finish one, so with ``k * jobs + r``
+    similar groups, ``r`` workers would run one group more while the others
+    wait. Dealing the cells of the last ``r`` groups into ``jobs`` batches each
+    lets the workers finish together; a split group's ground truth is computed
+    once per part (the same numbers: it is seeded by task, seed and batch).
+    """
+    extra = len(batches) % jobs if jobs > 1 else 0
+    if not extra:
+        return batches
+    head, tail = batches[:-extra], batches[-extra:]
+    parts = [Batch(b.key, b.units[i::jobs]) for b in tail for i in range(jobs)]
+    return head + [p for p in parts if p.units]
+
+
 def run_groups(
     groups: list[Group],
     defaults: Defaults,
@@ -66,7 +83,7 @@ def run_groups(
     by ``defaults.timeout_s``. The workers' stdout and stderr go to ``log_path``.
     """
     run_batches(
-        [Batch((g.variant, g.seed), list(g.cells)) for g in groups],
+        _balanced([Batch((g.variant, g.seed), list(g.cells)) for g in groups], jobs),
         CellWork(defaults),
         jobs=jobs,
         threads=defaults.threads,
