@@ -58,6 +58,9 @@ class Plan:
     keys: tuple[str, ...]
 
 
+_IDENTITY, _DROPOUT = nn.Identity, nn.Dropout
+
+
 def _flatten(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]]) -> None:
     for name, child in module._modules.items():
         if child is None:
@@ -96,35 +99,38 @@ def build_plan(model: nn.Module, *, graph: bool = False) -> Plan | GraphPlan:
     keys: list[str] = []
     seen: set[int] = set()
     for path, m in layers:
-        rule = RULES.get(type(m))
+        kind = type(m)
+        rule = RULES.get(kind)
         if rule is None:
             supported = ", ".join(sorted(t.__name__ for t in RULES))
             raise UnsupportedError(
-                f"layer '{path}' ({type(m).__name__}) is not supported; supported layers: {supported}"
+                f"layer '{path}' ({kind.__name__}) is not supported; supported layers: {supported}"
             )
         rule.check(m, path)
         wkey = bkey = None
         if rule.parametric:
-            if m.weight.requires_grad:
-                wkey = f"{path}.weight"
-            if m.bias is not None and m.bias.requires_grad:
-                bkey = f"{path}.bias"
-            for p in (m.weight, m.bias):
-                if p is not None and p.requires_grad:
-                    if id(p) in seen:
-                        raise UnsupportedError(
-                            f"layer '{path}' ({type(m).__name__}) shares a parameter with another "
-                            "layer; tied parameters are not supported by the layer-by-layer pass"
-                        )
-                    seen.add(id(p))
+            weight, bias = m.weight, m.bias  # each read once: nn.Module attributes are slow
+            for p, suffix in ((weight, ".weight"), (bias, ".bias")):
+                if p is None or not p.requires_grad:
+                    continue
+                if id(p) in seen:
+                    raise UnsupportedError(
+                        f"layer '{path}' ({kind.__name__}) shares a parameter with another "
+                        "layer; tied parameters are not supported by the layer-by-layer pass"
+                    )
+                seen.add(id(p))
+                if p is weight:
+                    wkey = path + suffix
+                else:
+                    bkey = path + suffix
         elif m._parameters or m._modules:
             stray = [n for n, p in m.named_parameters() if p.requires_grad]
             if stray:
                 raise UnsupportedError(
-                    f"layer '{path}' ({type(m).__name__}) has trainable parameters {stray} "
+                    f"layer '{path}' ({kind.__name__}) has trainable parameters {stray} "
                     "that this estimator cannot handle"
                 )
-        if type(m) is nn.Identity or (type(m) is nn.Dropout and (not m.training or m.p == 0.0)):
+        if kind is _IDENTITY or (kind is _DROPOUT and (not m.training or m.p == 0.0)):
             continue
         if (wkey or bkey) and first < 0:
             first = len(steps)
