@@ -98,6 +98,17 @@ def _needs_grad(plan: GraphPlan, residual: bool, with_grad: bool) -> list[bool]:
     return plan.memo[key]
 
 
+def _input_flags(plan: GraphPlan, need_g: list[bool]) -> list[tuple[bool, bool]]:
+    """Per node: whether any input needs the curvature, and whether any needs the gradient."""
+    key = ("input_flags", tuple(need_g))
+    if key not in plan.memo:
+        plan.memo[key] = [
+            (any(plan.need[j] for j in gn.inputs), any(need_g[j] for j in gn.inputs))
+            for gn in plan.nodes
+        ]
+    return plan.memo[key]
+
+
 def graph_diag_pass(
     plan: GraphPlan, model, loss, x, targets, *, output, residual, generator=None, with_grad=False
 ):
@@ -117,6 +128,7 @@ def graph_diag_pass(
         else:
             h0 = torch.zeros_like(out)
         need_g = _needs_grad(plan, residual, with_grad)
+        flags = _input_flags(plan, need_g)
         acc: list[list | None] = [None] * len(plan.nodes)
         acc[plan.output] = [state.grad if need_g[plan.output] else None, h0]
         diag: dict[str, Tensor] = {}
@@ -140,8 +152,8 @@ def graph_diag_pass(
             g, h = acc[i]
             acc[i] = None
             c = caches[i]
-            need_in = any(need[j] for j in gn.inputs)
-            g_down = g if any(need_g[j] for j in gn.inputs) else None  # to backpropagate
+            need_in, g_below = flags[i]
+            g_down = g if g_below else None  # to backpropagate
             if gn.kind == "add":
                 a, b = gn.inputs
                 send(a, g_down, h)
