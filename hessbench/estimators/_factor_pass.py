@@ -19,7 +19,6 @@ outnumber features and back to columns before a layer that widens the tensor
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
@@ -27,6 +26,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from hessbench.estimators._base import cast_copy
 from hessbench.estimators._curvature import Curvature, Diagonal, Factored, Full
 from hessbench.estimators._graph import GraphPlan
 from hessbench.estimators._graph_pass import graph_factor_pass
@@ -54,7 +54,7 @@ class Problem:
         return next(self.model.parameters()).dtype
 
     def cast(self, dtype: torch.dtype | None) -> Problem:
-        """The problem in ``dtype`` (a cast copy of the model only where needed)."""
+        """The problem in ``dtype`` (a cast copy of the model only where needed, :func:`cast_copy`)."""
         if dtype is None:
             return self
         x, y, model = self.inputs, self.targets, self.model
@@ -63,7 +63,7 @@ class Problem:
         if y.is_floating_point():
             y = y.to(dtype)
         if any(p.dtype != dtype for p in model.parameters()):
-            model = copy.deepcopy(model).to(dtype)
+            model = cast_copy(model, dtype)
         return replace(self, model=model, inputs=x, targets=y)
 
 

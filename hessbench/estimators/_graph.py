@@ -246,8 +246,29 @@ def _keys(path: str, m: nn.Module) -> tuple[str | None, str | None]:
     return wk, bk
 
 
-def build_graph_plan(model: nn.Module) -> GraphPlan:
+_TRACES: dict[int, tuple[Any, tuple, Any]] = {}
+
+
+def _cached_trace(model: nn.Module, key: tuple):
+    """``_trace(model)``, kept for the last few models while their :func:`_key` holds."""
+    hit = _TRACES.get(id(model))
+    if hit is not None and hit[0]() is model and hit[1] == key:
+        return hit[2]
+    gm = _trace(model)
+    _TRACES.pop(id(model), None)
+    while len(_TRACES) >= _CACHED:
+        del _TRACES[next(iter(_TRACES))]
+    _TRACES[id(model)] = (weakref.ref(model), key, gm)
+    return gm
+
+
+def build_graph_plan(model: nn.Module, *, like: nn.Module | None = None) -> GraphPlan:
     """Trace ``model`` and map its nodes to rules (see the module docstring).
+
+    ``like``: a model ``model`` is a copy of, module for module under the same
+    names (a :func:`~hessbench.estimators._base.cast_copy`): its trace, which
+    is cached, serves for ``model`` (tracing costs several times more than
+    mapping the nodes), and the plan of the short-lived copy is not cached.
 
     Raises:
         UnsupportedError: one line naming the reason (untraceable model, the first
@@ -258,11 +279,13 @@ def build_graph_plan(model: nn.Module) -> GraphPlan:
     training flags and its parameters (objects and ``requires_grad``) are
     unchanged; batch-norm statistics are read at every forward pass.
     """
+    if like is not None:
+        return _build(model, _cached_trace(like, _key(like)))
     key = _key(model)
     hit = _PLANS.get(id(model))
     if hit is not None and hit[0]() is model and hit[1] == key:
         return hit[2]
-    plan = _build(model, _trace(model))
+    plan = _build(model, _cached_trace(model, key))
     _PLANS.pop(id(model), None)
     while len(_PLANS) >= _CACHED:
         del _PLANS[next(iter(_PLANS))]

@@ -72,13 +72,17 @@ def _flatten(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]]) -
             out.append((path, child))
 
 
-def build_plan(model: nn.Module, *, graph: bool = False) -> Plan | GraphPlan:
+def build_plan(
+    model: nn.Module, *, graph: bool = False, like: nn.Module | None = None
+) -> Plan | GraphPlan:
     """Check ``model`` against the rule table and list its steps.
 
     With ``graph``, a model that is not an ``nn.Sequential`` is captured by
     ``torch.fx`` into a :class:`~hessbench.estimators._graph.GraphPlan` (for the
     engines that take one: ``diag_pass`` and ``factor_pass``); an
-    ``nn.Sequential`` always gets the sequential plan.
+    ``nn.Sequential`` always gets the sequential plan. ``like``: the model that
+    ``model`` is a cast copy of, whose trace the graph plan reuses
+    (:func:`~hessbench.estimators._graph.build_graph_plan`).
 
     Raises:
         UnsupportedError: naming the first unsupported layer's path and type, or
@@ -86,7 +90,7 @@ def build_plan(model: nn.Module, *, graph: bool = False) -> Plan | GraphPlan:
             no trainable parameter.
     """
     if graph and type(model) is not nn.Sequential:
-        return build_graph_plan(model)
+        return build_graph_plan(model, like=like)
     if type(model) is not nn.Sequential:
         raise UnsupportedError(
             f"model {type(model).__name__} is not an nn.Sequential; this estimator's "

@@ -92,8 +92,8 @@ class Exact(DualPathEstimator):
     ) -> dict[str, Tensor]:
         dtype = torch.float64 if self.compute_dtype == "float64" else None
         problem = Problem(model, loss, inputs, targets, generator).cast(dtype)
-        if problem.model is not model:
-            plan = build_plan(problem.model, graph=True)
+        if problem.model is not model:  # a cast copy: the same graph, traced once
+            plan = build_plan(problem.model, graph=True, like=model)
         mode = Mode(columns="exact", residual=True, representation=self.representation)
         res = factor_pass(plan, problem, mode, with_grad=extras is not None)
         params = trainable_parameters(model)

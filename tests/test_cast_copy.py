@@ -1,0 +1,91 @@
+"""``cast_copy``: the float64 copy the exact diagonal of a float32 model computes on.
+
+It must hold what ``copy.deepcopy(model).to(dtype)`` holds for the passes
+(parameters, buffers, structure, ties), leave the original alone, and give
+the exact diagonal of a float32 model bit for bit what the same model in
+float64 gives (graph models reuse the original's ``torch.fx`` trace).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_architectures import _tiny
+from test_transformer import Encoder, _gpt
+from torch import nn
+
+from hessbench.estimators import get_estimator
+from hessbench.estimators._base import cast_copy
+
+
+def _models() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    tied[2].weight = tied[0].weight
+    return {
+        "resnet": _tiny("resnet").float(),
+        "resmlp": _tiny("resmlp").float(),
+        "gpt": _gpt(True).float(),
+        "encoder": Encoder("gelu", bool_mask=False).eval(),
+        "tied": tied,
+    }
+
+
+@pytest.mark.parametrize("name", list(_models()))
+def test_cast_copy_holds_what_a_deep_copy_cast_holds(name):
+    model = _models()[name]
+    want = copy.deepcopy(model).to(torch.float64)
+    got = cast_copy(model, torch.float64)
+    assert type(got) is type(model)
+    assert got is not model
+    for a, b in ((want.named_parameters(), got.named_parameters()),
+                 (want.named_buffers(), got.named_buffers())):  # fmt: skip
+        a, b = dict(a), dict(b)
+        assert list(a) == list(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+            assert a[k].dtype == b[k].dtype, k
+            assert a[k].requires_grad == b[k].requires_grad, k
+    assert [n for n, _ in want.named_modules()] == [n for n, _ in got.named_modules()]
+    for p in got.parameters():
+        assert isinstance(p, nn.Parameter)
+        assert p.is_leaf
+
+
+def test_cast_copy_keeps_ties_and_leaves_the_original_alone():
+    models = _models()
+    tied = cast_copy(models["tied"], torch.float64)
+    assert tied[0].weight is tied[2].weight  # one parameter, as in the original
+    resnet = models["resnet"]
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    twin = cast_copy(resnet, torch.float64)
+    for t in list(twin.parameters()) + list(twin.buffers()):
+        with torch.no_grad():
+            t.add_(1)  # buffers (int counters too) and parameters are the copy's own
+    after = resnet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after)
+    assert all(after[k].dtype == before[k].dtype for k in after)
+    assert all(p.dtype == torch.float32 for p in resnet.parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet", "resmlp", "gpt"])
+def test_exact_on_a_float32_model_equals_exact_on_it_in_float64(name):
+    model = _models()[name]
+    g = torch.Generator().manual_seed(0)
+    if name == "gpt":
+        x, y = torch.randint(6, (3, 4), generator=g), torch.randint(6, (3,), generator=g)
+    else:
+        shape = {"resnet": (3, 1, 4, 4), "resmlp": (3, 3)}[name]
+        x, y = torch.randn(shape, generator=g), torch.randint(3, (3,), generator=g)
+    loss = nn.CrossEntropyLoss()
+    exact = get_estimator("exact", method="structured")
+    x64 = x.double() if x.is_floating_point() else x
+    want = exact(copy.deepcopy(model).double(), loss, x64, y)
+    for _ in range(2):  # the second call reuses the cached trace of the original
+        got = exact(model, loss, x, y)
+        assert list(got) == list(want)
+        for k in want:
+            assert got[k].dtype == torch.float32
+            assert torch.equal(got[k], want[k].float()), k
