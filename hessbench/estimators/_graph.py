@@ -201,9 +201,31 @@ class GraphPlan:
         return self.memo["by_fx"]
 
 
-_PLANS: dict[int, tuple[Any, tuple, GraphPlan]] = {}
-_CACHED = 8
-"""Plans of the last few models (a plan holds their modules, so the cache is bounded)."""
+class _PerModel:
+    """Values for the last few models, kept while the model's :func:`_key` is unchanged.
+
+    Bounded (a plan or a trace holds the model's modules); the model itself is
+    held weakly, so a new model at a recycled ``id`` never hits.
+    """
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.items: dict[int, tuple[Any, tuple, Any]] = {}
+
+    def get(self, model: nn.Module, key: tuple) -> Any:
+        hit = self.items.get(id(model))
+        return hit[2] if hit is not None and hit[0]() is model and hit[1] == key else None
+
+    def put(self, model: nn.Module, key: tuple, value: Any) -> Any:
+        self.items.pop(id(model), None)
+        while len(self.items) >= self.size:
+            del self.items[next(iter(self.items))]
+        self.items[id(model)] = (weakref.ref(model), key, value)
+        return value
+
+
+_PLANS = _PerModel()
+_TRACES = _PerModel()
 
 
 def _key(model: nn.Module) -> tuple:
@@ -246,19 +268,11 @@ def _keys(path: str, m: nn.Module) -> tuple[str | None, str | None]:
     return wk, bk
 
 
-_TRACES: dict[int, tuple[Any, tuple, Any]] = {}
-
-
 def _cached_trace(model: nn.Module, key: tuple):
     """``_trace(model)``, kept for the last few models while their :func:`_key` holds."""
-    hit = _TRACES.get(id(model))
-    if hit is not None and hit[0]() is model and hit[1] == key:
-        return hit[2]
-    gm = _trace(model)
-    _TRACES.pop(id(model), None)
-    while len(_TRACES) >= _CACHED:
-        del _TRACES[next(iter(_TRACES))]
-    _TRACES[id(model)] = (weakref.ref(model), key, gm)
+    gm = _TRACES.get(model, key)
+    if gm is None:
+        gm = _TRACES.put(model, key, _trace(model))
     return gm
 
 
@@ -282,14 +296,9 @@ def build_graph_plan(model: nn.Module, *, like: nn.Module | None = None) -> Grap
     if like is not None:
         return _build(model, _cached_trace(like, _key(like)))
     key = _key(model)
-    hit = _PLANS.get(id(model))
-    if hit is not None and hit[0]() is model and hit[1] == key:
-        return hit[2]
-    plan = _build(model, _cached_trace(model, key))
-    _PLANS.pop(id(model), None)
-    while len(_PLANS) >= _CACHED:
-        del _PLANS[next(iter(_PLANS))]
-    _PLANS[id(model)] = (weakref.ref(model), key, plan)
+    plan = _PLANS.get(model, key)
+    if plan is None:
+        plan = _PLANS.put(model, key, _build(model, _cached_trace(model, key)))
     return plan
 
 
