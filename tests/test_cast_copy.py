@@ -3,7 +3,9 @@
 It must hold what ``copy.deepcopy(model).to(dtype)`` holds for the passes
 (parameters, buffers, structure, ties), leave the original alone, and give
 the exact diagonal of a float32 model bit for bit what the same model in
-float64 gives (graph models reuse the original's ``torch.fx`` trace).
+float64 gives (graph models reuse the original's ``torch.fx`` trace). Also:
+the graph plan cache follows frozen parameters, replaced modules and the
+training flags.
 """
 
 from __future__ import annotations
@@ -89,3 +91,22 @@ def test_exact_on_a_float32_model_equals_exact_on_it_in_float64(name):
         for k in want:
             assert got[k].dtype == torch.float32
             assert torch.equal(got[k], want[k].float()), k
+
+
+def test_the_graph_plan_cache_follows_the_model():
+    from hessbench.estimators._graph import build_graph_plan
+
+    model = _models()["resmlp"]
+    plan = build_graph_plan(model)
+    assert build_graph_plan(model) is plan  # unchanged: the cached plan
+    model.out.bias.requires_grad_(False)  # a frozen parameter: a new plan without its key
+    frozen = build_graph_plan(model)
+    assert frozen is not plan
+    assert "out.bias" in plan.keys
+    assert "out.bias" not in frozen.keys
+    model.out = nn.Linear(model.out.in_features, 5)  # a replaced module: a new plan
+    replaced = build_graph_plan(model)
+    assert replaced is not frozen
+    assert "out.bias" in replaced.keys
+    model.train()  # the training flags are part of the key
+    assert build_graph_plan(model) is not replaced

@@ -230,17 +230,22 @@ _TRACES = _PerModel()
 
 def _key(model: nn.Module) -> tuple:
     """What a plan depends on besides the code: the modules, their training flags, the parameters."""
-    # one walk over the module tree (``modules()``/``parameters()`` cost ~0.1 ms per call on
-    # a small ResNet, a tenth of a gradient at batch 1); a module or parameter reached
-    # twice appears twice, which only makes the key longer
-    mods: list[tuple[int, bool]] = []
-    params: list[tuple[int, bool]] = []
+    # one walk over the module tree, as flat (id, flag) pairs without generator expressions
+    # (it runs on every call: ``modules()``/``parameters()`` cost ~0.1 ms on a small
+    # ResNet, a tenth of a gradient at batch 1); a module or parameter reached twice
+    # appears twice, which only makes the key longer
+    mods: list[int | bool] = []
+    params: list[int | bool] = []
     stack = [model]
     while stack:
         m = stack.pop()
-        mods.append((id(m), m.training))
-        params.extend((id(p), p.requires_grad) for p in m._parameters.values() if p is not None)
-        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+        mods += (id(m), m.training)
+        for p in m._parameters.values():
+            if p is not None:
+                params += (id(p), p.requires_grad)
+        children = m._modules
+        if children:
+            stack.extend(reversed([c for c in children.values() if c is not None]))
     return tuple(mods), tuple(params)
 
 
