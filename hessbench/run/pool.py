@@ -2,7 +2,8 @@
 
 Every suite kind runs through :func:`run_batches`. Work comes in *batches* (units
 that share set-up in a worker: an accuracy group of cells sharing one ground
-truth, or a single train or rl run). Each worker is a separate process that receives one batch at a time and reports ``("start", unit_id)`` before and
+truth, or a single train or rl run). Each worker is a separate process that
+receives one batch at a time and reports ``("start", unit_id)`` before and
 ``("done", record)`` after each unit. The parent watches the workers: a worker
 that dies marks its current unit ``crashed`` (with the exit code or signal), one
 that exceeds the per-unit timeout is killed and marks it ``timeout``; either way
