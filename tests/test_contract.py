@@ -12,6 +12,8 @@ Every estimator, called as ``est(model, loss_fn, inputs, targets, generator=...)
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from pairwise import covering, uncovered
@@ -933,6 +935,20 @@ def test_exact_auto_size_guard_on_an_untraceable_module():
     for name in ("mlp", "residual"):
         seq, loss_fn, x, y = make_problem(name, "mse")
         check_output(seq, get_estimator("exact", max_params=5)(seq, loss_fn, x, y))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_torchscript_model_is_refused_in_one_line(name):
+    model, loss_fn, x, y = make_problem("mlp", "ce")
+    with warnings.catch_warnings():  # torch.jit.script is deprecated in recent torch
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(model)
+    est = get_estimator(name)
+    with pytest.raises(UnsupportedError) as info:
+        est.check_supported(scripted, loss_fn)
+    assert "TorchScript" in assert_single_line(info.value)
+    with pytest.raises(UnsupportedError, match="TorchScript"):
+        est(scripted, loss_fn, x, y, generator=gen(0))
 
 
 def test_errors_are_hessbench_errors():

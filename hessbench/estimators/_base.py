@@ -408,6 +408,11 @@ class Estimator(abc.ABC):
 
     def _loss(self, model: nn.Module, loss_fn: nn.Module) -> tuple[nn.Module, LossSpec]:
         """The model and the loss spec the estimate sees; refuses an unsupported loss."""
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UnsupportedError(
+                f"model {type(model).__name__} is TorchScript; pass the eager nn.Module it "
+                "was scripted from (estimators differentiate through the module's parameters)"
+            )
         model, loss = LossSpec.of(loss_fn).absorb(model)
         if self.plain_losses_only and loss.plain_module() is None:
             raise UnsupportedError(
