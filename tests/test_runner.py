@@ -143,6 +143,67 @@ def test_workers_that_cannot_start_stop_the_pool_with_a_one_line_error(monkeypat
     assert records == []  # no unit started, so none is marked crashed
 
 
+@pytest.mark.skipif(
+    "forkserver" not in __import__("multiprocessing").get_all_start_methods(),
+    reason="workers are spawned here",
+)
+def test_slurms_time_limit_warning_does_not_kill_the_fork_server(monkeypatch):
+    from hessbench.run.pool import Batch, run_batches
+
+    monkeypatch.syspath_prepend(str(TESTS / "plugins"))
+    from runner_plugins import SignalsItsServer
+
+    records = []
+    run_batches(
+        [Batch("b", [("u1", None), ("u2", None)])],
+        SignalsItsServer(),
+        jobs=1,
+        threads=1,
+        timeout_s=None,
+        on_start=lambda uid: None,
+        on_record=records.append,
+    )
+    assert records == [{"id": "u1", "status": "ok"}, {"id": "u2", "status": "ok"}]
+
+
+def test_a_stop_of_the_whole_job_does_not_blame_the_running_cell(monkeypatch):
+    """Slurm's time limit sends SIGTERM to every process of the job at once: a worker
+    (or its fork server) may die a moment before the parent gets its own SIGTERM.
+    The parent waits a grace period before recording ``crashed``, so its own SIGTERM
+    stops the run first."""
+    import threading
+
+    from hessbench.run.pool import Batch, run_batches
+
+    monkeypatch.syspath_prepend(str(TESTS / "plugins"))
+    from runner_plugins import TerminatedWork
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # this process's SIGTERM comes 0.3 s after its worker's
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    previous = signal.signal(signal.SIGTERM, stop)
+    records = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_batches(
+                [Batch("b", [("u1", None)])],
+                TerminatedWork(),
+                jobs=1,
+                threads=1,
+                timeout_s=None,
+                on_start=lambda uid: timer.start(),
+                on_record=records.append,
+            )
+    finally:
+        timer.cancel()  # never a SIGTERM after the handler is gone
+        if timer.is_alive():
+            timer.join()
+        signal.signal(signal.SIGTERM, previous)
+    assert records == []
+
+
 def test_failures_are_isolated_per_cell(tmp_path):
     estimators = """
 - name: hesscale

@@ -56,7 +56,20 @@ def start_server(*modules: str) -> None:
 
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", *modules])
-    forkserver.ensure_running()
+    # Slurm warns every process of a job with SIGUSR2 before its time limit (the parent's
+    # business: hessbench.run.slurm); by default it would kill the server, and a dead
+    # server looks to the parent like the death of every worker. The server starts with
+    # it ignored (an ignored signal stays ignored across exec), and so do its workers.
+    usr2 = getattr(signal, "SIGUSR2", None)
+    previous = None
+    if usr2 is not None and signal.getsignal(usr2) is not None:
+        with contextlib.suppress(ValueError):  # not the main thread: leave it be
+            previous = signal.signal(usr2, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        if previous is not None:
+            signal.signal(usr2, previous)
 
 
 @dataclass
@@ -112,6 +125,16 @@ class _Worker:
     started: float = 0.0
     done: set[str] = field(default_factory=set)
     ever_started: bool = False  # any unit in this process's life
+
+
+_GRACE_S = 1.0
+"""How long the parent waits before blaming a cell for a worker that looks stopped from outside."""
+
+
+def _stopped_from_outside(code: int | None) -> bool:
+    """A worker killed by SIGTERM or SIGHUP, or whose fork server died (exit code 255)."""
+    outside = [getattr(signal, name, None) for name in ("SIGTERM", "SIGHUP")]
+    return code == 255 or (code is not None and code < 0 and -code in outside)
 
 
 def _signal_name(code: int | None) -> str:
@@ -210,6 +233,11 @@ def run_batches(
                     continue
                 if not alive or not w.process.is_alive():
                     w.process.join(timeout=1)
+                    if _stopped_from_outside(w.process.exitcode):
+                        # a job-level stop (Slurm's time limit, scancel) signals every
+                        # process of the job at once: let this process's own SIGTERM
+                        # stop the run before the cell is blamed for a crash
+                        time.sleep(_GRACE_S)
                     code = _signal_name(w.process.exitcode)
                     fail_current(w, "crashed", f"worker process died ({code})")
                     stillborn = 0 if w.ever_started else stillborn + 1

@@ -101,3 +101,33 @@ class DiesOnOpen:
 
     def failed(self, batch, unit_id, unit, status, message):
         return {"id": unit_id, "status": status, "message": message}
+
+
+class TerminatedWork:
+    """A pool :class:`~hessbench.run.pool.Work` whose units kill their worker with SIGTERM."""
+
+    def open(self, batch):
+        def unit(unit_id, unit):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+
+        return unit
+
+    def failed(self, batch, unit_id, unit, status, message):
+        return {"id": unit_id, "status": status, "message": message}
+
+
+class SignalsItsServer:
+    """A pool :class:`~hessbench.run.pool.Work` whose units send SIGUSR2 to their parent
+    process (the fork server), as Slurm does to every process before a time limit."""
+
+    def open(self, batch):
+        def unit(unit_id, unit):
+            os.kill(os.getppid(), signal.SIGUSR2)
+            time.sleep(0.3)  # the server's death, if it dies, is seen before the record
+            return {"id": unit_id, "status": "ok"}
+
+        return unit
+
+    def failed(self, batch, unit_id, unit, status, message):
+        return {"id": unit_id, "status": status, "message": message}
