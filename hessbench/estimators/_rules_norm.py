@@ -187,25 +187,28 @@ class AffineRule(Parametric):
         else:
             dims = [lead + i for i in AffineRule._sum_dims(t.shape[lead:], pview)]
         out = t.sum(dims) if dims else t
-        return out.reshape(*t.shape[:lead], math.prod(pview))
+        shape = (*t.shape[:lead], math.prod(pview))
+        return out if out.shape == shape else out.reshape(shape)  # a reshape is a kernel call
 
     @staticmethod
     def _param_shape(m):
         return (m.weight if m.weight is not None else m.bias).shape
 
+    @staticmethod
+    def _as(t: Tensor | None, shape: torch.Size) -> Tensor | None:
+        return t if t is None or t.shape == shape else t.reshape(shape)
+
     def param_grad(self, m, cache, g):
         shape = self._param_shape(m)
-        gw = None if m.weight is None else self._reduce(cache, g * cache[0], 0).reshape(shape)
-        gb = None if m.bias is None else self._reduce(cache, g, 0).reshape(shape)
-        return gw, gb
+        gw = None if m.weight is None else self._reduce(cache, g * cache[0], 0)
+        gb = None if m.bias is None else self._reduce(cache, g, 0)
+        return self._as(gw, shape), self._as(gb, shape)
 
     def param_diag(self, m, cache, h):
         shape = self._param_shape(m)
         hw = None if m.weight is None else self._reduce(cache, h * cache[0].square(), 0)
         hb = None if m.bias is None else self._reduce(cache, h, 0)
-        return (None if hw is None else hw.reshape(shape)), (
-            None if hb is None else hb.reshape(shape)
-        )
+        return self._as(hw, shape), self._as(hb, shape)
 
     def param_diag_cols(self, m, cache, v, s):
         shape = self._param_shape(m)
