@@ -123,23 +123,29 @@ def test_rerun_resumes_and_skips_finished_cells(tmp_path):
     assert len(ids) == len(set(ids)) == len(summary.planned)
 
 
-def test_workers_that_cannot_start_stop_the_pool_with_a_one_line_error(monkeypatch):
+def _pool(work, records: list, units=("u1", "u2"), on_start=lambda uid: None) -> list[dict]:
+    """``run_batches`` over one batch of ``units`` with one worker, into ``records``."""
     from hessbench.run.pool import Batch, run_batches
 
+    run_batches(
+        [Batch("b", [(u, None) for u in units])],
+        work,
+        jobs=1,
+        threads=1,
+        timeout_s=None,
+        on_start=on_start,
+        on_record=records.append,
+    )
+    return records
+
+
+def test_workers_that_cannot_start_stop_the_pool_with_a_one_line_error(monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS / "plugins"))
     from runner_plugins import DiesOnOpen
 
     records = []
     with pytest.raises(HessbenchError, match=r"die before their first unit \(exit code 3, 3 in"):
-        run_batches(
-            [Batch("b", [("u1", None), ("u2", None)])],
-            DiesOnOpen(),
-            jobs=1,
-            threads=1,
-            timeout_s=None,
-            on_start=lambda uid: None,
-            on_record=records.append,
-        )
+        _pool(DiesOnOpen(), records)
     assert records == []  # no unit started, so none is marked crashed
 
 
@@ -148,21 +154,10 @@ def test_workers_that_cannot_start_stop_the_pool_with_a_one_line_error(monkeypat
     reason="workers are spawned here",
 )
 def test_slurms_time_limit_warning_does_not_kill_the_fork_server(monkeypatch):
-    from hessbench.run.pool import Batch, run_batches
-
     monkeypatch.syspath_prepend(str(TESTS / "plugins"))
     from runner_plugins import SignalsItsServer
 
-    records = []
-    run_batches(
-        [Batch("b", [("u1", None), ("u2", None)])],
-        SignalsItsServer(),
-        jobs=1,
-        threads=1,
-        timeout_s=None,
-        on_start=lambda uid: None,
-        on_record=records.append,
-    )
+    records = _pool(SignalsItsServer(), [])
     assert records == [{"id": "u1", "status": "ok"}, {"id": "u2", "status": "ok"}]
 
 
@@ -172,8 +167,6 @@ def test_a_stop_of_the_whole_job_does_not_blame_the_running_cell(monkeypatch):
     The parent waits a grace period before recording ``crashed``, so its own SIGTERM
     stops the run first."""
     import threading
-
-    from hessbench.run.pool import Batch, run_batches
 
     monkeypatch.syspath_prepend(str(TESTS / "plugins"))
     from runner_plugins import TerminatedWork
@@ -187,15 +180,7 @@ def test_a_stop_of_the_whole_job_does_not_blame_the_running_cell(monkeypatch):
     records = []
     try:
         with pytest.raises(KeyboardInterrupt):
-            run_batches(
-                [Batch("b", [("u1", None)])],
-                TerminatedWork(),
-                jobs=1,
-                threads=1,
-                timeout_s=None,
-                on_start=lambda uid: timer.start(),
-                on_record=records.append,
-            )
+            _pool(TerminatedWork(), records, ("u1",), on_start=lambda uid: timer.start())
     finally:
         timer.cancel()  # never a SIGTERM after the handler is gone
         if timer.is_alive():
