@@ -85,7 +85,7 @@ def test_exact_on_a_float32_model_equals_exact_on_it_in_float64(name):
     exact = get_estimator("exact", method="structured")
     x64 = x.double() if x.is_floating_point() else x
     want = exact(copy.deepcopy(model).double(), loss, x64, y)
-    for _ in range(2):  # the second call reuses the cached trace of the original
+    for _ in range(2):  # the same on a second call, with the original's trace cached
         got = exact(model, loss, x, y)
         assert list(got) == list(want)
         for k in want:

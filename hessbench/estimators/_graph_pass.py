@@ -98,10 +98,11 @@ def _needs_grad(plan: GraphPlan, residual: bool, with_grad: bool) -> list[bool]:
     return plan.memo[key]
 
 
-def _input_flags(plan: GraphPlan, need_g: list[bool]) -> list[tuple[bool, bool]]:
+def _input_flags(plan: GraphPlan, residual: bool, with_grad: bool) -> list[tuple[bool, bool]]:
     """Per node: whether any input needs the curvature, and whether any needs the gradient."""
-    key = ("input_flags", tuple(need_g))
+    key = ("input_flags", residual, with_grad)  # what :func:`_needs_grad` depends on
     if key not in plan.memo:
+        need_g = _needs_grad(plan, residual, with_grad)
         plan.memo[key] = [
             (any(plan.need[j] for j in gn.inputs), any(need_g[j] for j in gn.inputs))
             for gn in plan.nodes
@@ -128,7 +129,7 @@ def graph_diag_pass(
         else:
             h0 = torch.zeros_like(out)
         need_g = _needs_grad(plan, residual, with_grad)
-        flags = _input_flags(plan, need_g)
+        flags = _input_flags(plan, residual, with_grad)
         acc: list[list | None] = [None] * len(plan.nodes)
         acc[plan.output] = [state.grad if need_g[plan.output] else None, h0]
         diag: dict[str, Tensor] = {}

@@ -58,9 +58,6 @@ class Plan:
     keys: tuple[str, ...]
 
 
-_IDENTITY, _DROPOUT = nn.Identity, nn.Dropout
-
-
 def _flatten(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]]) -> None:
     for name, child in module._modules.items():
         if child is None:
@@ -134,7 +131,7 @@ def build_plan(
                     f"layer '{path}' ({kind.__name__}) has trainable parameters {stray} "
                     "that this estimator cannot handle"
                 )
-        if kind is _IDENTITY or (kind is _DROPOUT and (not m.training or m.p == 0.0)):
+        if kind is nn.Identity or (kind is nn.Dropout and (not m.training or m.p == 0.0)):
             continue
         if (wkey or bkey) and first < 0:
             first = len(steps)
