@@ -1,4 +1,7 @@
-"""``cast_copy``: the float64 copy the exact diagonal of a float32 model computes on.
+"""``cast_copy`` and ``CastView``: how the exact diagonal of a float32 model computes in float64.
+
+Graph models run on ``cast_copy``; sequential plans read each layer through a
+``CastView`` instead, so no float64 copy of the whole model exists.
 
 It must hold what ``copy.deepcopy(model).to(dtype)`` holds for the passes
 (parameters, buffers, structure, ties), leave the original alone, and give
@@ -110,3 +113,64 @@ def test_the_graph_plan_cache_follows_the_model():
     assert "out.bias" in replaced.keys
     model.train()  # the training flags are part of the key
     assert build_graph_plan(model) is not replaced
+
+
+def _sequential_cases():
+    torch.manual_seed(1)
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Sigmoid(), nn.Linear(5, 3))
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ELU(), nn.MaxPool2d(2), nn.Conv2d(2, 4, 2, groups=2),
+        nn.Tanh(), nn.AvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )  # fmt: skip
+    return {"mlp": (mlp, (3, 4)), "cnn": (cnn, (3, 1, 4, 4))}
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("representation", ["auto", "factored", "full"])
+def test_exact_of_a_float32_sequential_equals_exact_on_its_float64_copy(name, representation):
+    """Read layer by layer in float64 (``CastView``), with the gradient too: bit for bit."""
+    model, shape = _sequential_cases()[name]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(shape, generator=g), torch.randint(3, (shape[0],), generator=g)
+    loss = nn.CrossEntropyLoss()
+    exact = get_estimator("exact", method="structured", representation=representation)
+    twin = copy.deepcopy(model).double()
+    want, want_grad, want_loss = exact.estimate_with_grad(twin, loss, x.double(), y)
+    got, grad, value = exact.estimate_with_grad(model, loss, x, y)
+    assert list(got) == list(want) == list(grad)
+    for k in want:
+        assert got[k].dtype == grad[k].dtype == torch.float32
+        assert torch.equal(got[k], want[k].float()), k
+        assert torch.equal(grad[k], want_grad[k].float()), k
+    assert value.dtype == torch.float32
+    assert float(value) == float(want_loss.float())
+
+
+def test_a_cast_view_reads_floating_tensors_in_its_dtype_and_the_rest_as_is():
+    from hessbench.estimators._sequential import CastView
+
+    bn = nn.BatchNorm1d(3).eval()
+    view = CastView(bn, torch.float64)
+    assert view.weight.dtype == view.running_var.dtype == torch.float64
+    assert torch.equal(view.running_var, bn.running_var.double())
+    assert not view.weight.requires_grad  # a value, not a parameter to differentiate
+    assert view.num_batches_tracked.dtype == torch.int64  # integers as they are
+    assert view.eps == bn.eps
+    assert view.training is False
+    assert bn.weight.dtype == torch.float32  # the module itself is untouched
+
+
+def test_exact_in_float64_never_holds_a_float64_copy_of_the_whole_model():
+    """Peak memory below float64 parameters plus the float32 result (a cast copy needed more)."""
+    from hessbench.bench.measure import peak_memory
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)
+    )
+    x, y = torch.randn(1, 256), torch.tensor([3])
+    exact = get_estimator("exact")
+    exact(model, nn.CrossEntropyLoss(), x, y)  # warm: plans and caches built
+    peak = peak_memory(lambda: exact(model, nn.CrossEntropyLoss(), x, y), torch.device("cpu"))
+    size = sum(p.numel() for p in model.parameters())
+    assert peak < 8 * size + 4 * size

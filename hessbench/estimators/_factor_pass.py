@@ -31,7 +31,7 @@ from hessbench.estimators._curvature import Curvature, Diagonal, Factored, Full
 from hessbench.estimators._graph import GraphPlan
 from hessbench.estimators._graph_pass import graph_factor_pass
 from hessbench.estimators._losses import LossSpec, LossState
-from hessbench.estimators._sequential import Plan, ordered, run_start, store
+from hessbench.estimators._sequential import Plan, build_plan, ordered, run_start, store
 
 __all__ = ["Mode", "PassResult", "Problem", "choose_representations", "factor_pass"]
 
@@ -47,24 +47,37 @@ class Problem:
     inputs: Tensor
     targets: Tensor
     generator: torch.Generator | None = None
+    result_dtype: torch.dtype | None = None
+    """The dtype the pass stores each layer's results in as it goes (None: as computed)."""
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the pass computes in: the model's (its first parameter's)."""
-        return next(self.model.parameters()).dtype
+    def cast(
+        self, dtype: torch.dtype | None, plan: Plan | GraphPlan
+    ) -> tuple[Problem, Plan | GraphPlan]:
+        """The problem and its plan computing in ``dtype``; results in the model's dtype.
 
-    def cast(self, dtype: torch.dtype | None) -> Problem:
-        """The problem in ``dtype`` (a cast copy of the model only where needed, :func:`cast_copy`)."""
+        A sequential plan reads its layers in ``dtype`` one at a time
+        (:meth:`~hessbench.estimators._sequential.Plan.cast`), and the pass
+        casts each layer's results back as it produces them: at no point does a
+        float64 copy of the whole model or of the whole result exist. A graph
+        plan runs on a cast copy of the model (:func:`cast_copy`) that reuses
+        the original's trace.
+        """
         if dtype is None:
-            return self
+            return self, plan
         x, y, model = self.inputs, self.targets, self.model
         if x.is_floating_point():
             x = x.to(dtype)
         if y.is_floating_point():
             y = y.to(dtype)
-        if any(p.dtype != dtype for p in model.parameters()):
+        dtypes = {p.dtype for p in model.parameters()}
+        if dtypes == {dtype}:
+            return replace(self, inputs=x, targets=y), plan
+        if isinstance(plan, GraphPlan):
             model = cast_copy(model, dtype)
-        return replace(self, model=model, inputs=x, targets=y)
+            plan = build_plan(model, graph=True, like=self.model)
+            return replace(self, model=model, inputs=x, targets=y), plan
+        result = dtypes.pop() if len(dtypes) == 1 else None
+        return replace(self, inputs=x, targets=y, result_dtype=result), plan.cast(dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +241,7 @@ def _planned(plan: Plan, shapes: list, out_shape, columns: int, mode: Mode, coll
     """
     if len(mode.kinds) == 1:  # nothing to choose
         return dict.fromkeys(range(plan.first_param, len(plan.steps)), mode.kinds[0])
+    plan = plan.source or plan  # the layers themselves, not read in another dtype
     # A stale or colliding key could only cost speed: every schedule gives the same numbers.
     types = tuple(type(st.module) for st in plan.steps)
     key = (mode, columns, collapse, tuple(out_shape), tuple(shapes), types)
@@ -239,6 +253,11 @@ def _planned(plan: Plan, shapes: list, out_shape, columns: int, mode: Mode, coll
             plan, shapes, out_shape, columns, mode, collapse
         )
     return kinds
+
+
+def _as(tensors: tuple[Tensor | None, ...], dtype: torch.dtype | None) -> list[Tensor | None]:
+    """``tensors`` in ``dtype`` (None entries, and a None dtype, left alone)."""
+    return [t if t is None or dtype is None else t.to(dtype) for t in tensors]
 
 
 def _convert(rep: Curvature, kind: Kind) -> Curvature:
@@ -298,9 +317,9 @@ def factor_pass(
                     w = (gdiag.view(a.shape[0], -1, 1) * a.unsqueeze(1)).reshape(m.weight.shape)
                     store(res, st, w, gdiag)
                 else:
-                    store(res, st, *rep.param_diagonals(rule, m, c))
+                    store(res, st, *_as(rep.param_diagonals(rule, m, c), p.result_dtype))
                 if with_grad:
-                    store(grads, st, *rule.param_grad(m, c, g))
+                    store(grads, st, *_as(rule.param_grad(m, c, g), p.result_dtype))
             if i == plan.first_param:
                 break
             if rule.elementwise and mode.residual and rule.curved:

@@ -28,6 +28,7 @@ from hessbench.estimators._layers import RULES, Rule
 from hessbench.estimators._losses import LossSpec, LossState
 
 __all__ = [
+    "CastView",
     "Plan",
     "build_plan",
     "check_output",
@@ -56,6 +57,35 @@ class Plan:
     steps: tuple[Step, ...]
     first_param: int
     keys: tuple[str, ...]
+    source: Plan | None = None
+    """The plan this one reads in another dtype (:meth:`cast`), whose modules are the layers."""
+
+    def cast(self, dtype: torch.dtype) -> Plan:
+        """The plan with every layer read in ``dtype`` (:class:`CastView`)."""
+        steps = tuple(st._replace(module=CastView(st.module, dtype)) for st in self.steps)
+        return Plan(steps, self.first_param, self.keys, self)
+
+
+class CastView:
+    """A layer read in another dtype: each floating-point tensor attribute cast when read.
+
+    A pass in float64 over a float32 model reads its layers through these, so
+    the float64 weights exist one layer at a time, while that layer is being
+    processed, and not for the whole model at once as in a cast copy
+    (:func:`~hessbench.estimators._base.cast_copy`). Every other attribute is
+    the module's own.
+    """
+
+    __slots__ = ("_dtype", "_module")
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        self._module, self._dtype = module, dtype
+
+    def __getattr__(self, name: str):
+        value = getattr(self._module, name)
+        if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != self._dtype:
+            return value.detach().to(self._dtype)
+        return value
 
 
 def _flatten(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]]) -> None:

@@ -18,7 +18,7 @@ from hessbench.estimators._base import (
 from hessbench.estimators._factor_pass import Mode, Problem, factor_pass
 from hessbench.estimators._layerwise import DualPathEstimator, keep_grad
 from hessbench.estimators._losses import LossSpec
-from hessbench.estimators._sequential import Plan, build_plan
+from hessbench.estimators._sequential import Plan
 
 __all__ = ["Exact"]
 
@@ -91,9 +91,7 @@ class Exact(DualPathEstimator):
         extras: dict[str, object] | None = None,
     ) -> dict[str, Tensor]:
         dtype = torch.float64 if self.compute_dtype == "float64" else None
-        problem = Problem(model, loss, inputs, targets, generator).cast(dtype)
-        if problem.model is not model:  # a cast copy: the same graph, traced once
-            plan = build_plan(problem.model, graph=True, like=model)
+        problem, plan = Problem(model, loss, inputs, targets, generator).cast(dtype, plan)
         mode = Mode(columns="exact", residual=True, representation=self.representation)
         res = factor_pass(plan, problem, mode, with_grad=extras is not None)
         params = trainable_parameters(model)
