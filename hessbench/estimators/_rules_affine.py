@@ -207,7 +207,9 @@ class ConvRule(Parametric):
         n, grp = a.shape[:2]
         k = v.shape[1]
         vz = v.reshape(n, k, grp, -1, a.shape[-1])
-        wg = torch.einsum("nkgop,ngqp->nkgoq", vz, a).square()
+        wg = torch.einsum(
+            "nkgop,ngqp->nkgoq", vz, a
+        ).square_()  # the product is fresh: squared in place
         hw = _weighted_sum(wg, s).reshape(m.weight.shape)
         hb = None
         if m.bias is not None:

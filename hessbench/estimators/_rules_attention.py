@@ -90,7 +90,7 @@ class PosLinearRule(LinearRule):
         n, k = v.shape[:2]
         vf = v.reshape(n, k, -1, v.shape[-1])  # (N, K, P, out)
         xf = x.reshape(n, -1, x.shape[-1])  # (N, P, in)
-        hw = _weighted_sum(torch.einsum("nkpo,npi->nkoi", vf, xf).square(), s)
+        hw = _weighted_sum(torch.einsum("nkpo,npi->nkoi", vf, xf).square_(), s)
         hb = _weighted_sum(vf.sum(2).square(), s) if m.bias is not None else None
         return hw, hb
 
