@@ -174,3 +174,24 @@ def test_exact_in_float64_never_holds_a_float64_copy_of_the_whole_model():
     peak = peak_memory(lambda: exact(model, nn.CrossEntropyLoss(), x, y), torch.device("cpu"))
     size = sum(p.numel() for p in model.parameters())
     assert peak < 8 * size + 4 * size
+
+
+def test_the_sequential_plan_cache_follows_the_model():
+    from hessbench.estimators._sequential import build_plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.0), nn.Tanh(), nn.Linear(4, 2))
+    plan = build_plan(model)
+    assert build_plan(model) is plan  # unchanged: the cached plan
+    assert len(plan.steps) == 3  # a dropout with p = 0 is no step
+    model[1].p = 0.5  # now a step (training mode): a new plan
+    dropping = build_plan(model)
+    assert len(dropping.steps) == 4
+    model.eval()  # eval-mode dropout is the identity again
+    assert len(build_plan(model).steps) == 3
+    model[3].bias.requires_grad_(False)  # a frozen parameter: no key for it
+    assert "3.bias" not in build_plan(model).keys
+    model[3] = nn.Linear(4, 5)  # a replaced module
+    assert build_plan(model).steps[-1].module is model[3]
+    twin = copy.deepcopy(model)  # another model with the same structure: its own plan
+    assert build_plan(twin).steps[-1].module is twin[3]

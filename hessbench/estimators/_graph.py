@@ -226,10 +226,14 @@ class _PerModel:
 
 _PLANS = _PerModel()
 _TRACES = _PerModel()
+_DROPOUT = nn.modules.dropout._DropoutNd
 
 
 def _key(model: nn.Module) -> tuple:
-    """What a plan depends on besides the code: the modules, their training flags, the parameters."""
+    """What a plan depends on besides the code: the modules, their training flags, the parameters.
+
+    Dropout probabilities too: a plan leaves out a dropout layer that is the identity.
+    """
     # one walk over the module tree, as flat (id, flag) pairs without generator expressions
     # (it runs on every call: ``modules()``/``parameters()`` cost ~0.1 ms on a small
     # ResNet, a tenth of a gradient at batch 1); a module or parameter reached twice
@@ -240,6 +244,8 @@ def _key(model: nn.Module) -> tuple:
     while stack:
         m = stack.pop()
         mods += (id(m), m.training)
+        if isinstance(m, _DROPOUT):
+            mods.append(m.p)
         for p in m._parameters.values():
             if p is not None:
                 params += (id(p), p.requires_grad)

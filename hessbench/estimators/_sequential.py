@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from hessbench.errors import UnsupportedError
 from hessbench.estimators._base import check_output
-from hessbench.estimators._graph import GraphPlan, build_graph_plan
+from hessbench.estimators._graph import GraphPlan, _key, _PerModel, build_graph_plan
 from hessbench.estimators._graph_pass import graph_diag_pass
 from hessbench.estimators._layers import RULES, Rule
 from hessbench.estimators._losses import LossSpec, LossState
@@ -109,7 +109,8 @@ def build_plan(
     engines that take one: ``diag_pass`` and ``factor_pass``); an
     ``nn.Sequential`` always gets the sequential plan. ``like``: the model that
     ``model`` is a cast copy of, whose trace the graph plan reuses
-    (:func:`~hessbench.estimators._graph.build_graph_plan`).
+    (:func:`~hessbench.estimators._graph.build_graph_plan`). Plans are cached
+    per model while what they read of it is unchanged (:data:`_PLANS`).
 
     Raises:
         UnsupportedError: naming the first unsupported layer's path and type, or
@@ -123,6 +124,21 @@ def build_plan(
             f"model {type(model).__name__} is not an nn.Sequential; this estimator's "
             "layer-by-layer pass needs one"
         )
+    key = _key(model)
+    plan = _PLANS.get(model, key)
+    if plan is None:
+        plan = _PLANS.put(model, key, _build(model))
+    return plan
+
+
+_PLANS = _PerModel()
+"""Sequential plans of the last few models, kept while their modules, training
+flags, dropout probabilities and parameters (objects and ``requires_grad``) are
+unchanged (:func:`~hessbench.estimators._graph._key`): building one costs about
+as much as a kernel launch per layer, a noticeable share of a pass at batch 1."""
+
+
+def _build(model: nn.Sequential) -> Plan:
     layers: list[tuple[str, nn.Module]] = []
     _flatten(model, "", layers)
     steps = []
