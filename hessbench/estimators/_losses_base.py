@@ -28,6 +28,7 @@ __all__ = [
     "diag_factor",
     "option_tensor",
     "randn_like",
+    "scale_",
     "weigh",
 ]
 
@@ -178,6 +179,11 @@ class LossSpec(abc.ABC):
 
 
 # ------------------------------------------------------------------ helpers
+def scale_(t: Tensor, c: float) -> Tensor:
+    """``t`` (in place) times the loss scale ``c``; no kernel when ``c`` is 1 (batch 1, a sum)."""
+    return t if c == 1.0 else t.mul_(c)
+
+
 def weigh(t: Tensor, w: Tensor | None, dims: int = 1) -> Tensor:
     """``t`` (in place) times the per-sample column ``w`` (``(N, 1)``), broadcast over ``dims``."""
     if w is None:

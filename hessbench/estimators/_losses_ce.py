@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hessbench.errors import InputError, UnsupportedError
-from hessbench.estimators._losses_base import LossSpec, LossState, option_tensor, weigh
+from hessbench.estimators._losses_base import LossSpec, LossState, option_tensor, scale_, weigh
 from hessbench.estimators.losses import WeightedCrossEntropyLoss
 
 __all__ = ["CrossEntropySpec", "sample_labels", "strip_log_softmax"]
@@ -219,24 +219,24 @@ class CrossEntropySpec(LossSpec):
         """``c Q_n (p - p^2)``."""
         p = state.aux
         assert p is not None
-        return weigh((p - p * p).mul_(state.scale), state.mass)
+        return weigh(scale_(p - p * p, state.scale), state.mass)
 
     def hess_vec(self, state: LossState, r: Tensor) -> Tensor:
         """``c Q_n (p o r - p (p . r))``."""
         p = state.aux
         assert p is not None
         pr = p * r
-        return weigh((pr - p * pr.sum(1, keepdim=True)).mul_(state.scale), state.mass)
+        return weigh(scale_(pr - p * pr.sum(1, keepdim=True), state.scale), state.mass)
 
     def target_hess_diag(self, out: Tensor, targets: Tensor, state: LossState) -> Tensor:
         """BL89: ``c q_n o (p - p^2)``; without smoothing ``c Q_n (p_y - p_y^2)`` on the target."""
         p = state.aux
         assert p is not None
         if self.label_smoothing != 0.0:
-            return self._target_dist(targets, p).mul_(p - p * p).mul_(state.scale)
+            return scale_(self._target_dist(targets, p).mul_(p - p * p), state.scale)
         idx = targets.long().unsqueeze(1)
         py = p.gather(1, idx)
-        h = torch.zeros_like(p).scatter_(1, idx, (py - py * py) * state.scale)
+        h = torch.zeros_like(p).scatter_(1, idx, scale_(py - py * py, state.scale))
         return weigh(h, state.mass)
 
     def _sqrt_mass(self, state: LossState, what: str) -> Tensor | None:
