@@ -195,3 +195,12 @@ def test_the_sequential_plan_cache_follows_the_model():
     assert build_plan(model).steps[-1].module is model[3]
     twin = copy.deepcopy(model)  # another model with the same structure: its own plan
     assert build_plan(twin).steps[-1].module is twin[3]
+
+
+def test_a_layer_read_in_float64_is_named_by_its_own_type_in_errors():
+    from hessbench.errors import UnsupportedError
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(2, 5, 4), torch.randint(2, (2,))  # 3-D: Linear needs (N, features)
+    with pytest.raises(UnsupportedError, match=r"^layer '0' \(Linear\): Linear expects inputs"):
+        get_estimator("exact", method="structured")(model, nn.CrossEntropyLoss(), x, y)

@@ -278,9 +278,18 @@ def _buffers(model: nn.Module) -> list[Tensor]:
 
 def has_active_dropout(model: nn.Module) -> bool:
     """Whether a dropout layer of ``model`` is in training mode with ``p > 0``."""
-    if isinstance(model, nn.modules.dropout._DropoutNd) and model.training and model.p > 0:
-        return True
-    return any(has_active_dropout(c) for c in model._modules.values() if c is not None)
+    stack = [model]  # a walk without recursion or generators: it runs on every call
+    while stack:
+        m = stack.pop()
+        if isinstance(m, _DROPOUT) and m.training and m.p > 0:
+            return True
+        children = m._modules
+        if children:
+            stack.extend(c for c in children.values() if c is not None)
+    return False
+
+
+_DROPOUT = nn.modules.dropout._DropoutNd
 
 
 @contextlib.contextmanager

@@ -191,6 +191,11 @@ def _build(model: nn.Sequential) -> Plan:
     return Plan(tuple(steps), first, tuple(keys))
 
 
+def _type_name(module: nn.Module | CastView) -> str:
+    """The layer's class name (a :class:`CastView`'s module's)."""
+    return type(module._module if isinstance(module, CastView) else module).__name__
+
+
 def _forward(plan: Plan, x: Tensor, generator: torch.Generator | None):
     caches = []
     shapes = []
@@ -199,9 +204,7 @@ def _forward(plan: Plan, x: Tensor, generator: torch.Generator | None):
         try:
             x, cache = st.rule.forward(st.module, x, generator)
         except UnsupportedError as exc:
-            raise UnsupportedError(
-                f"layer '{st.path}' ({type(st.module).__name__}): {exc}"
-            ) from None
+            raise UnsupportedError(f"layer '{st.path}' ({_type_name(st.module)}): {exc}") from None
         caches.append(cache)
     return x, caches, shapes
 
