@@ -468,3 +468,19 @@ def test_rademacher_signs_are_the_bits_of_the_words(sizes, dtype):
     assert all(t.dtype == dtype for t in got)
     assert torch.equal(torch.cat(got), _rademacher_by_bits(sizes, g2, dtype))
     assert torch.equal(g1.get_state(), g2.get_state())  # the same amount drawn
+
+
+def test_probe_pieces_take_each_parameters_shape_in_order():
+    """Multi-dimensional, transposed (non-contiguous) and 0-dim parameters: contiguous pieces."""
+    from hessbench.estimators._autograd import gaussian, rademacher
+
+    params = [torch.zeros(3, 4), torch.zeros(5, 2).t(), torch.zeros(()), torch.zeros(2, 1, 3)]
+    sizes = [p.numel() for p in params]
+    for draw in (rademacher, gaussian):
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        got = draw(params, g1)
+        flat = torch.cat([t.reshape(-1) for t in draw([torch.zeros(sum(sizes))], g2)])
+        assert [t.shape for t in got] == [p.shape for p in params]
+        assert all(t.is_contiguous() for t in got)
+        for t, want in zip(got, flat.split(sizes), strict=True):
+            assert torch.equal(t.reshape(-1), want)
