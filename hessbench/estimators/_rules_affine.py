@@ -207,9 +207,8 @@ class ConvRule(Parametric):
         n, grp = a.shape[:2]
         k = v.shape[1]
         vz = v.reshape(n, k, grp, -1, a.shape[-1])
-        wg = torch.einsum(
-            "nkgop,ngqp->nkgoq", vz, a
-        ).square_()  # the product is fresh: squared in place
+        # the product is fresh: squared in place (one product-sized buffer fewer)
+        wg = torch.einsum("nkgop,ngqp->nkgoq", vz, a).square_()
         hw = _weighted_sum(wg, s).reshape(m.weight.shape)
         hb = None
         if m.bias is not None:
