@@ -59,10 +59,13 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     """
     order = np.argsort(x)
     ordered = x[order]
+    ranks = np.empty(x.shape[0])
+    if (ordered[1:] != ordered[:-1]).all():  # no ties (the usual case): ranks 1..n
+        ranks[order] = np.arange(1.0, x.shape[0] + 1.0)
+        return ranks
     # each run of equal values as [start, end) in sorted order
     edges = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1], [True])))
     mean_rank = (edges[:-1] + edges[1:] + 1) / 2
-    ranks = np.empty(x.shape[0])
     ranks[order] = np.repeat(mean_rank, np.diff(edges))
     return ranks
 
@@ -143,7 +146,7 @@ def batch_metrics(estimate: dict[str, Tensor], truth: Truth | dict[str, Tensor])
         "abs_truth": truth.abs_total,
         "cosine": cosine,
         "spearman": rank_corr,
-        "sign_agreement": float(np.mean(np.sign(e) == truth.sign)),
+        "sign_agreement": float(np.count_nonzero(np.sign(e) == truth.sign)) / e.shape[0],
         "per_param": per_param,
     }
 
