@@ -122,10 +122,14 @@ def _sequential_cases():
         nn.Conv2d(1, 2, 3, padding=1), nn.ELU(), nn.MaxPool2d(2), nn.Conv2d(2, 4, 2, groups=2),
         nn.Tanh(), nn.AvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
     )  # fmt: skip
-    return {"mlp": (mlp, (3, 4)), "cnn": (cnn, (3, 1, 4, 4))}
+    dropout = nn.Sequential(  # a dropout mask drawn in training mode, a frozen weight
+        nn.Linear(4, 5), nn.Tanh(), nn.Dropout(0.3), nn.Linear(5, 5), nn.Sigmoid(), nn.Linear(5, 3)
+    )
+    dropout[3].weight.requires_grad_(False)
+    return {"mlp": (mlp, (3, 4)), "cnn": (cnn, (3, 1, 4, 4)), "dropout": (dropout, (3, 4))}
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "dropout"])
 @pytest.mark.parametrize("representation", ["auto", "factored", "full"])
 def test_exact_of_a_float32_sequential_equals_exact_on_its_float64_copy(name, representation):
     """Read layer by layer in float64 (``CastView``), with the gradient too: bit for bit."""
@@ -135,8 +139,14 @@ def test_exact_of_a_float32_sequential_equals_exact_on_its_float64_copy(name, re
     loss = nn.CrossEntropyLoss()
     exact = get_estimator("exact", method="structured", representation=representation)
     twin = copy.deepcopy(model).double()
-    want, want_grad, want_loss = exact.estimate_with_grad(twin, loss, x.double(), y)
-    got, grad, value = exact.estimate_with_grad(model, loss, x, y)
+
+    def gen():  # the same dropout masks for both
+        return torch.Generator().manual_seed(5)
+
+    want, want_grad, want_loss = exact.estimate_with_grad(
+        twin, loss, x.double(), y, generator=gen()
+    )
+    got, grad, value = exact.estimate_with_grad(model, loss, x, y, generator=gen())
     assert list(got) == list(want) == list(grad)
     for k in want:
         assert got[k].dtype == grad[k].dtype == torch.float32
