@@ -123,8 +123,8 @@ class BCEWithLogitsSpec(LossSpec):
         return h if state.mass is None else h.mul_(state.mass)
 
     def hess_vec(self, state: LossState, r: Tensor) -> Tensor:
-        """``c m s (1 - s) r``."""
-        return self.hess_diag(state.out, state).mul_(r)
+        """``c m s (1 - s) r`` (out of place: ``r`` may carry a vmapped direction axis)."""
+        return self.hess_diag(state.out, state) * r
 
     def sqrt_factor(self, out: Tensor, state: LossState, *, signed: bool = False) -> Tensor:
         """``diag(sqrt(c m s (1 - s)))`` as ``(N, D, *out)`` columns."""

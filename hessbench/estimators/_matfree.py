@@ -4,7 +4,8 @@ The Hessian-vector products are the ones :class:`~hessbench.estimators.hutchinso
 uses: :func:`~hessbench.estimators._hvp_pass.structured_hvp` (R-operator pass over an
 ``nn.Sequential``) or :func:`~hessbench.estimators._autograd.autograd_hvp` (double
 backprop, any module). :class:`FlatOperator` presents either as ``H @ V`` on
-``(P, k)`` matrices over the flattened trainable parameters, one product per column,
+``(P, k)`` matrices over the flattened trainable parameters, one product per column
+(on the R-operator path a chunk of columns in one vectorised pass),
 so the estimators' algorithms are plain functions of ``matmat`` that the tests run
 on explicit matrices.
 
@@ -39,10 +40,17 @@ class FlatOperator:
 
     ``product`` takes and returns one tensor per parameter (in order); each
     column of ``V`` costs one product. :attr:`count` counts the products.
+    ``stacked`` (optional) does the same for directions stacked along a leading
+    axis, ``chunk(k)`` columns at a time (the R-operator pass vectorised over
+    directions, :class:`~hessbench.estimators._hvp_pass.StructuredHVP`).
     """
 
     def __init__(
-        self, params: dict[str, nn.Parameter], product: Callable[[list[Tensor]], list[Tensor]]
+        self,
+        params: dict[str, nn.Parameter],
+        product: Callable[[list[Tensor]], list[Tensor]],
+        stacked: Callable[[list[Tensor]], list[Tensor]] | None = None,
+        chunk: Callable[[int], int] = lambda k: 1,
     ):
         self.names = list(params)
         self.shapes = [p.shape for p in params.values()]
@@ -51,22 +59,38 @@ class FlatOperator:
         self.dim = sum(self.sizes)
         self.dtype, self.device = ref.dtype, ref.device
         self._product = product
+        self._stacked = stacked
+        self._chunk = chunk if stacked is not None else (lambda k: 1)
         self.count = 0
 
     def matmat(self, v: Tensor) -> Tensor:
-        """``H v`` column by column; ``v`` is ``(P, k)``.
+        """``H v`` column by column (or a chunk of columns at a time); ``v`` is ``(P, k)``.
 
         The result is the transpose of a contiguous ``(k, P)`` tensor: each
         column is one contiguous product, the layout the estimators' algebra
         works in (see :func:`rademacher_matrix`).
         """
         rows = v.T
-        out = v.new_empty(v.shape[1], self.dim)
-        for j in range(v.shape[1]):
-            parts = [c.view(s) for c, s in zip(rows[j].split(self.sizes), self.shapes, strict=True)]
-            hv = self._product(parts)
-            torch.cat([h.reshape(-1) for h in hv], out=out[j])
-            self.count += 1
+        k = v.shape[1]
+        out = v.new_empty(k, self.dim)
+        step = self._chunk(k)
+        for j in range(0, k, step):
+            block = rows[j : j + step]
+            c = block.shape[0]
+            if c == 1:
+                parts = [
+                    t.view(s) for t, s in zip(block[0].split(self.sizes), self.shapes, strict=True)
+                ]
+                hv = self._product(parts)
+                torch.cat([h.reshape(-1) for h in hv], out=out[j])
+            else:
+                parts = [
+                    t.reshape(c, *s)
+                    for t, s in zip(block.split(self.sizes, dim=1), self.shapes, strict=True)
+                ]
+                hv = self._stacked(parts)  # type: ignore[misc]
+                torch.cat([h.reshape(c, -1) for h in hv], dim=1, out=out[j : j + c])
+            self.count += c
         return out.T
 
     def split(self, flat: Tensor) -> dict[str, Tensor]:
@@ -159,7 +183,11 @@ class MatrixFreeEstimator(DualPathEstimator):
             hv = product(dict(zip(names, v, strict=True)))
             return [hv[n] for n in names]
 
-        op = FlatOperator(params, by_list)
+        def stacked(v: list[Tensor]) -> list[Tensor]:
+            hv = product.stacked(dict(zip(names, v, strict=True)))
+            return [hv[n] for n in names]
+
+        op = FlatOperator(params, by_list, stacked, product.chunk)
         return op.split(self._diagonal(op, generator))
 
     def _generic(

@@ -68,15 +68,21 @@ def diagpp(
     if k:
         q, _, _ = range_basis(matmat(rademacher_matrix(dim, k, generator, dtype, device)))
         qt = q.T
-    if qt.shape[0]:
-        zt = matmat(qt.T).T
+    r = qt.shape[0]
+    rows = [qt]
+    if h:
+        gt = rademacher_matrix(dim, h, generator, dtype, device).T
+        rows.append(torch.addmm(gt, (qt @ gt.T).T, qt, alpha=-1))  # (g - Q Q^T g)^T
+    if r + h == 0:
+        return d
+    # Z = A Q and the deflated probes' products in one call (neither needs the other)
+    products = matmat(torch.cat(rows).T).T
+    del rows
+    zt, hgt = products[:r], products[r:]
+    if r:
         # 2 rowsum(Q o Z) - rowsum(Q Q^T Z o Q) = rowsum(Q o (2 Z - Q Q^T Z)), in place
         d = zt.addmm_((qt @ zt.T).T, qt, beta=2, alpha=-1).mul_(qt).sum(0)
     if h:
-        gt = rademacher_matrix(dim, h, generator, dtype, device).T
-        deflated = torch.addmm(gt, (qt @ gt.T).T, qt, alpha=-1)  # (g - Q Q^T g)^T
-        hgt = matmat(deflated.T).T
-        del deflated
         # (I - Q Q^T) H (g - Q Q^T g), then g o . summed over the probes, in place
         hgt.addmm_((qt @ hgt.T).T, qt, alpha=-1)
         d = d + hgt.mul_(gt).sum(0).div_(h)
