@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 from torch import nn
 
@@ -77,3 +81,19 @@ def test_time_interleaved_alternates_and_bounds_repeats():
         min_time_s=1e-9,
     )
     assert out["repeats"] == 3
+
+
+def test_peak_memory_keeps_the_profilers_log_lines_out_of_stderr():
+    # one fresh process: Kineto reads its log level when its first session starts
+    code = (
+        "import torch\n"
+        "from hessbench.bench.measure import peak_memory\n"
+        "for _ in range(2):\n"
+        "    assert peak_memory(lambda: torch.ones(1000) + 1, torch.device('cpu')) > 0\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "profiler_start" not in done.stderr, done.stderr

@@ -28,6 +28,7 @@ events are replayed in time order; the running sum's maximum is the peak.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -111,6 +112,10 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
+    # Kineto prints two "USDT: ... profiler_start/stop" lines to stderr per session (one
+    # pair per cell in workers.log) unless its log level is above USDT's (5); read when
+    # the profiler first starts in the process, so a user's own setting wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     # The autograd profiler that torch.profiler.profile wraps: the same Kineto memory
     # events, without torch.profiler's first-use import of torch._dynamo/_inductor
     # (seconds per worker process).
