@@ -13,6 +13,7 @@ from hessbench.bench.metrics import (
     aggregate,
     average_ranks,
     batch_metrics,
+    batches_metrics,
     prepare_truth,
     spearman,
 )
@@ -95,3 +96,57 @@ def test_a_non_finite_estimate_is_an_error_naming_the_parameter():
     est = {"0.weight": torch.ones(3), "2.bias": torch.tensor([1.0, math.inf])}
     with pytest.raises(FloatingPointError, match=r"non-finite estimate for parameter '2\.bias'"):
         batch_metrics(est, prepare_truth(truth))
+
+
+def _one_by_one(est: dict, truth: dict) -> dict:
+    """The single-batch formulas, written out independently (as before batching)."""
+    names = list(truth)
+    e = torch.cat([est[n].double().reshape(-1) for n in names]).numpy()
+    t = torch.cat([truth[n].double().reshape(-1) for n in names]).numpy()
+    rank_corr = math.nan
+    if np.ptp(e) > 0 and np.ptp(t) > 0:
+        rank_corr = spearman(e, t)
+    norm = float(np.linalg.norm(e) * np.linalg.norm(t))
+    return {
+        "l1": float(np.abs(e - t).sum()),
+        "cosine": float(e @ t) / norm if norm > 0 else math.nan,
+        "spearman": rank_corr,
+        "sign_agreement": float(np.count_nonzero(np.sign(e) == np.sign(t))) / e.shape[0],
+    }
+
+
+def test_batches_metrics_equal_each_batch_alone_bit_for_bit():
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"0.weight": (7, 5), "0.bias": (7,), "2.weight": (3, 7)}
+    truths, estimates = [], []
+    for b in range(6):
+        truth = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+        est = {k: (v + 0.3 * torch.randn(v.shape, generator=gen)).float() for k, v in truth.items()}
+        if b == 1:  # ties in the estimate (rounded, dead units at zero)
+            est = {k: v.round().clamp_min(0.0) for k, v in est.items()}
+        if b == 2:  # a constant estimate: no rank correlation
+            est = {k: torch.full_like(v, 0.5) for k, v in est.items()}
+        if b == 3:  # a constant truth
+            truth = {k: torch.ones_like(v) for k, v in truth.items()}
+        if b == 4:  # an all-zero estimate: no cosine either
+            est = {k: torch.zeros_like(v) for k, v in est.items()}
+        truths.append(truth)
+        estimates.append(est)
+    prepared = [prepare_truth(t) for t in truths]
+    together = batches_metrics(estimates, prepared)
+    assert together == [batch_metrics(e, t) for e, t in zip(estimates, prepared, strict=True)]
+    for got, e, t in zip(together, estimates, truths, strict=True):
+        want = _one_by_one(e, t)
+        for key, value in want.items():
+            assert (math.isnan(got[key]) and math.isnan(value)) or got[key] == value, key
+    assert math.isnan(together[2]["spearman"])
+    assert math.isnan(together[3]["spearman"])
+    assert math.isnan(together[4]["cosine"])
+
+
+def test_batches_metrics_name_the_first_non_finite_parameter():
+    truth = prepare_truth({"a": torch.ones(3), "b": torch.ones(2)})
+    good = {"a": torch.ones(3), "b": torch.ones(2)}
+    bad = {"a": torch.ones(3), "b": torch.tensor([1.0, math.nan])}
+    with pytest.raises(FloatingPointError, match="non-finite estimate for parameter 'b'"):
+        batches_metrics([good, bad, good], [truth, truth, truth])

@@ -15,7 +15,7 @@ import traceback
 import torch
 
 from hessbench.bench.measure import memory_ratio, time_interleaved
-from hessbench.bench.metrics import Truth, aggregate, batch_metrics, prepare_truth
+from hessbench.bench.metrics import Truth, aggregate, batches_metrics, prepare_truth
 from hessbench.bench.problem import Problem, build_problem
 from hessbench.errors import TooLargeError, UnsupportedError
 from hessbench.estimators import Estimator, get_estimator
@@ -24,6 +24,8 @@ from hessbench.suite import Defaults, TaskVariant, derive_seed
 __all__ = ["GroupEvaluator", "base_record"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_METRICS_ENTRIES = 2**22
+"""Estimates held for one :func:`batches_metrics` call, in entries (32 MiB in float64)."""
 
 
 def base_record(variant_name: str, est: Estimator, seed: int, cell_id: str) -> dict:
@@ -109,14 +111,17 @@ class GroupEvaluator:
     def _evaluate(self, est: Estimator) -> dict:
         p = self.problem
         est.check_supported(p.model, p.loss_fn)
-        per_batch = []
+        per_batch: list[dict] = []
+        held: list[tuple[dict, Truth]] = []  # estimates whose metrics are computed together
         for b, (x, y) in enumerate(p.batches):
             gen = torch.Generator(device=self.device).manual_seed(
                 derive_seed(self.variant.name, est.label, self.seed, b)
             )
-            diag = est(p.model, p.loss_fn, x, y, generator=gen)
-            # raises FloatingPointError naming a parameter whose estimate is not finite
-            per_batch.append(batch_metrics(diag, self.truth(b)))
+            held.append((est(p.model, p.loss_fn, x, y, generator=gen), self.truth(b)))
+            if b == len(p.batches) - 1 or len(held) * p.num_params >= _METRICS_ENTRIES:
+                # raises FloatingPointError naming a parameter whose estimate is not finite
+                per_batch += batches_metrics(*zip(*held, strict=True))
+                held = []
         return {
             "status": "ok",
             "message": "",
