@@ -83,6 +83,7 @@ class FlatOperator:
                 ]
                 hv = self._product(parts)
                 torch.cat([h.reshape(-1) for h in hv], out=out[j])
+                del hv  # not held while the next column's product is computed
             else:
                 parts = [
                     t.reshape(c, *s)
@@ -90,6 +91,7 @@ class FlatOperator:
                 ]
                 hv = self._stacked(parts)  # type: ignore[misc]
                 torch.cat([h.reshape(c, -1) for h in hv], dim=1, out=out[j : j + c])
+                del hv
             self.count += c
         return out.T
 

@@ -63,29 +63,32 @@ def diagpp(
     device = torch.device(device)
     k, h = diagpp_split(num_matvecs)
     # the algebra on transposes (rows of dim entries): see rademacher_matrix's layout note
-    qt = torch.empty(0, dim, dtype=dtype, device=device)
-    d = torch.zeros(dim, dtype=dtype, device=device)
+    q = torch.empty(dim, 0, dtype=dtype, device=device)
     if k:
         q, _, _ = range_basis(matmat(rademacher_matrix(dim, k, generator, dtype, device)))
-        qt = q.T
-    r = qt.shape[0]
-    rows = [qt]
+    r = q.shape[1]
+    if r + h == 0:
+        return torch.zeros(dim, dtype=dtype, device=device)
+    # Z = A Q and the deflated probes' products in one call (neither needs the other):
+    # Q^T and the deflated probes are the rows of one buffer, which the call reads as is
+    rows = torch.empty(r + h, dim, dtype=dtype, device=device)
+    qt = rows[:r]
+    qt.copy_(q.T)
+    del q
     if h:
         gt = rademacher_matrix(dim, h, generator, dtype, device).T
-        rows.append(torch.addmm(gt, (qt @ gt.T).T, qt, alpha=-1))  # (g - Q Q^T g)^T
-    if r + h == 0:
-        return d
-    # Z = A Q and the deflated probes' products in one call (neither needs the other)
-    products = matmat(torch.cat(rows).T).T
-    del rows
+        torch.addmm(gt, (qt @ gt.T).T, qt, alpha=-1, out=rows[r:])  # (g - Q Q^T g)^T
+    products = matmat(rows.T).T
     zt, hgt = products[:r], products[r:]
     if r:
         # 2 rowsum(Q o Z) - rowsum(Q Q^T Z o Q) = rowsum(Q o (2 Z - Q Q^T Z)), in place
         d = zt.addmm_((qt @ zt.T).T, qt, beta=2, alpha=-1).mul_(qt).sum(0)
+    else:
+        d = torch.zeros(dim, dtype=dtype, device=device)
     if h:
         # (I - Q Q^T) H (g - Q Q^T g), then g o . summed over the probes, in place
         hgt.addmm_((qt @ hgt.T).T, qt, alpha=-1)
-        d = d + hgt.mul_(gt).sum(0).div_(h)
+        d.add_(hgt.mul_(gt).sum(0).div_(h))
     return d
 
 
