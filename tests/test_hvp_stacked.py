@@ -90,8 +90,9 @@ LOSSES = {
     [
         ("hutchinson", {"num_samples": 6}),
         ("hutchinson", {"num_matvecs": 4, "probes": "gaussian"}),
-        ("adahessian", {"num_samples": 3}),
-        ("xdiag", {"num_matvecs": 6}),
+        # every configuration has a round of at least MIN_STACK products: vectorised
+        ("adahessian", {"num_samples": 5}),
+        ("xdiag", {"num_matvecs": 10}),
         ("diagpp", {"num_matvecs": 9}),
     ],
 )

@@ -71,7 +71,7 @@ from hessbench.estimators._rules_norm import (
     SiLURule,
 )
 
-__all__ = ["GRAPH_RULES", "GNode", "GraphPlan", "build_graph_plan"]
+__all__ = ["GRAPH_RULES", "GNode", "GraphPlan", "PerModel", "build_graph_plan", "model_key"]
 
 GRAPH_RULES: dict[type[nn.Module], Rule] = {
     nn.GELU: GELURule(),
@@ -201,8 +201,8 @@ class GraphPlan:
         return self.memo["by_fx"]
 
 
-class _PerModel:
-    """Values for the last few models, kept while the model's :func:`_key` is unchanged.
+class PerModel:
+    """Values for the last few models, kept while the model's :func:`model_key` is unchanged.
 
     Bounded (a plan or a trace holds the model's modules); the model itself is
     held weakly, so a new model at a recycled ``id`` never hits.
@@ -224,12 +224,12 @@ class _PerModel:
         return value
 
 
-_PLANS = _PerModel()
-_TRACES = _PerModel()
+_PLANS = PerModel()
+_TRACES = PerModel()
 _DROPOUT = nn.modules.dropout._DropoutNd
 
 
-def _key(model: nn.Module) -> tuple:
+def model_key(model: nn.Module) -> tuple:
     """What a plan depends on besides the code: the modules, their training flags, the parameters.
 
     Dropout probabilities too: a plan leaves out a dropout layer that is the identity.
@@ -280,7 +280,7 @@ def _keys(path: str, m: nn.Module) -> tuple[str | None, str | None]:
 
 
 def _cached_trace(model: nn.Module, key: tuple):
-    """``_trace(model)``, kept for the last few models while their :func:`_key` holds."""
+    """``_trace(model)``, kept for the last few models while their :func:`model_key` holds."""
     gm = _TRACES.get(model, key)
     if gm is None:
         gm = _TRACES.put(model, key, _trace(model))
@@ -305,8 +305,8 @@ def build_graph_plan(model: nn.Module, *, like: nn.Module | None = None) -> Grap
     unchanged; batch-norm statistics are read at every forward pass.
     """
     if like is not None:
-        return _build(model, _cached_trace(like, _key(like)))
-    key = _key(model)
+        return _build(model, _cached_trace(like, model_key(like)))
+    key = model_key(model)
     plan = _PLANS.get(model, key)
     if plan is None:
         plan = _PLANS.put(model, key, _build(model, _cached_trace(model, key)))

@@ -205,7 +205,7 @@ def structured_hutchinson(
             v = {n: r.view(c, *p.shape) for n, r, p in zip(names, rows, plist, strict=True)}
             hv = product.stacked(v)
             del z, rows
-            # parameter by parameter, releasing each one's stacks: one term at a time
+            # parameter by parameter, dropping each one's products as its term is made
             terms = {n: combine(v.pop(n), hv.pop(n)).sum(0) for n in names}
         for n, t in terms.items():
             acc[n] = t if n not in acc else acc[n].add_(t)

@@ -117,9 +117,17 @@ class MaxPoolRule(LinearMap):
 AVGPOOL_RULE: contextvars.ContextVar[str] = contextvars.ContextVar("avgpool", default="consistent")
 
 
+def avgpool_rule(rule: str) -> contextlib.AbstractContextManager[None]:
+    """Use ``rule`` ("consistent" or "authors") below average pooling within the block.
+
+    Where ``rule`` is already in force (the default, on every estimator call) the
+    block gets a ``nullcontext``: nothing to set and reset.
+    """
+    return contextlib.nullcontext() if AVGPOOL_RULE.get() == rule else _set_avgpool_rule(rule)
+
+
 @contextlib.contextmanager
-def avgpool_rule(rule: str) -> Iterator[None]:
-    """Use ``rule`` ("consistent" or "authors") below average pooling within the block."""
+def _set_avgpool_rule(rule: str) -> Iterator[None]:
     token = AVGPOOL_RULE.set(rule)
     try:
         yield

@@ -187,15 +187,15 @@ class AffineRule(Parametric):
         else:
             dims = [lead + i for i in AffineRule._sum_dims(t.shape[lead:], pview)]
         out = t.sum(dims) if dims else t
-        shape = (*t.shape[:lead], math.prod(pview))
-        return out if out.shape == shape else out.reshape(shape)  # a reshape is a kernel call
+        return AffineRule._as(out, (*t.shape[:lead], math.prod(pview)))
 
     @staticmethod
     def _param_shape(m):
         return (m.weight if m.weight is not None else m.bias).shape
 
     @staticmethod
-    def _as(t: Tensor | None, shape: torch.Size) -> Tensor | None:
+    def _as(t: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
+        """``t`` in ``shape``, reshaped only where it differs (a reshape is a kernel call)."""
         return t if t is None or t.shape == shape else t.reshape(shape)
 
     def param_grad(self, m, cache, g):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from hessbench.errors import UnsupportedError
 from hessbench.estimators._base import check_output
-from hessbench.estimators._graph import GraphPlan, _key, _PerModel, build_graph_plan
+from hessbench.estimators._graph import GraphPlan, PerModel, build_graph_plan, model_key
 from hessbench.estimators._graph_pass import graph_diag_pass
 from hessbench.estimators._layers import RULES, Rule
 from hessbench.estimators._losses import LossSpec, LossState
@@ -124,17 +124,17 @@ def build_plan(
             f"model {type(model).__name__} is not an nn.Sequential; this estimator's "
             "layer-by-layer pass needs one"
         )
-    key = _key(model)
+    key = model_key(model)
     plan = _PLANS.get(model, key)
     if plan is None:
         plan = _PLANS.put(model, key, _build(model))
     return plan
 
 
-_PLANS = _PerModel()
+_PLANS = PerModel()
 """Sequential plans of the last few models, kept while their modules, training
 flags, dropout probabilities and parameters (objects and ``requires_grad``) are
-unchanged (:func:`~hessbench.estimators._graph._key`): building one costs about
+unchanged (:func:`~hessbench.estimators._graph.model_key`): building one costs about
 as much as a kernel launch per layer, a noticeable share of a pass at batch 1."""
 
 

@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 
 from hessbench.estimators._base import estimator_dataclass, register
 from hessbench.estimators._layerwise import DiagPassEstimator
-from hessbench.estimators._rules_maps import AVGPOOL_RULE, avgpool_rule
+from hessbench.estimators._rules_maps import avgpool_rule
 
 __all__ = ["BL89"]
 
@@ -55,8 +55,6 @@ class BL89(DiagPassEstimator):
     avgpool: Literal["consistent", "authors"] = "consistent"
 
     def _diag_pass(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if AVGPOOL_RULE.get() == self.avgpool:  # already in force (the default): no context
-            return super()._diag_pass(*args, **kwargs)
         with avgpool_rule(self.avgpool):
             return super()._diag_pass(*args, **kwargs)
 
