@@ -31,15 +31,21 @@ except ImportError:
 __all__ = ["peak_memory"]
 
 
-def peak_memory(fn: Callable[[], object]) -> int:
-    """Peak bytes allocated by torch on the CPU during ``fn()``, above the baseline.
+def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Peak bytes allocated by torch on ``device`` during ``fn()``, above the baseline.
+
+    On CUDA (through hessbench's own function only): ``torch.cuda.max_memory_allocated``
+    after ``reset_peak_memory_stats``.
 
     Example:
         >>> peak_memory(lambda: torch.ones(1000) + torch.ones(1000)) >= 3 * 4000
         True
     """
+    device = torch.device(device)
     if _hessbench_peak_memory is not None:
-        return int(_hessbench_peak_memory(fn, torch.device("cpu")))
+        return int(_hessbench_peak_memory(fn, device))
+    if device.type != "cpu":
+        raise ValueError(f"peak memory on {device} needs hessbench.bench.measure.peak_memory")
     return _replay_peak(fn)
 
 

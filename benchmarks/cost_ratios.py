@@ -5,6 +5,8 @@ Usage::
     python benchmarks/cost_ratios.py --output reports/peers/report.md   # regenerate the table
     python benchmarks/cost_ratios.py --quick                        # fewer repeats
     python benchmarks/cost_ratios.py --only cnn --estimators hesscale exact
+    python benchmarks/cost_ratios.py --device cuda --quick --keep-going \
+        --output reports/peers_gpu/report.md                        # on a GPU
 
 Output: Markdown (printed as it is measured; ``--output`` also writes it to a
 file), one table per problem. Each row is one quantity: hessbench's estimator,
@@ -27,6 +29,14 @@ loss, for an optimizer step) costs above the plain call, in gradients: both
 timed interleaved, ``(median(with grad) - median(plain)) / median(gradient)``.
 The peers run behind hessbench's interface, which deep-copies the model for
 BackPACK on every call (included in their times).
+
+With ``--device cuda`` every problem lives on the GPU; each timed call is
+bracketed by ``torch.cuda.synchronize``, the ratios and the "with grad" column
+use that synchronised wall-clock time (the CPU column is then the host's CPU
+time, waiting in ``synchronize`` included), and peak memory is
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, above what
+was allocated before the call. ``--keep-going`` writes a failing cell as
+``error: ...`` (traceback on stderr) instead of stopping the run.
 
 Problems (float32; ``exact`` with ``compute_dtype="model"``):
 
@@ -66,6 +76,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,6 +108,13 @@ ROWS: list[tuple[str, Spec, Spec | None]] = [
 ]  # fmt: skip
 
 Problem = tuple[str, nn.Module, nn.Module, torch.Tensor, torch.Tensor]
+CPU = torch.device("cpu")
+
+
+def on_device(problem: Problem, device: torch.device) -> Problem:
+    """The problem with its model, inputs and targets moved to ``device``."""
+    title, model, loss_fn, x, y = problem
+    return title, model.to(device), loss_fn, x.to(device), y.to(device)
 
 
 def cnn_problem(batch: int) -> Problem:
@@ -197,19 +215,25 @@ MATFREE: list[tuple[str, Callable[[int], int]]] = [
 def matfree_overhead(problem: Problem, args, emit: Callable[[str], None]) -> None:
     """A table: each matrix-free estimator over ``hutchinson`` at equal budget plus a QR."""
     title, model, loss_fn, x, y = problem
+    dev = args.device
     nparams = sum(p.numel() for p in model.parameters() if p.requires_grad)
     emit(f"### {title} ({nparams} parameters)")
     emit()
     emit(
-        "| estimator | m | its CPU ms | hutchinson + QR, CPU ms | CPU ratio | wall ratio |\n"
-        "|---|---:|---:|---:|---:|---:|"
+        f"| estimator | m | its {args.clock} ms | hutchinson + QR, {args.clock} ms "
+        "| CPU ratio | wall ratio |\n|---|---:|---:|---:|---:|---:|"
     )
-    gen = torch.Generator()
+    gen = torch.Generator(device=dev)
     for name, width in MATFREE:
         for m in (10, 50, 200):
             est = get_estimator(name, num_matvecs=m)
             hutch = get_estimator("hutchinson", num_matvecs=m)
-            sketch = torch.randn(nparams, width(m), generator=torch.Generator().manual_seed(0))
+            sketch = torch.randn(
+                nparams,
+                width(m),
+                generator=torch.Generator(device=dev).manual_seed(0),
+                device=dev,
+            )
 
             def run(est=est):
                 return est(model, loss_fn, x, y, generator=gen.manual_seed(0))
@@ -218,7 +242,9 @@ def matfree_overhead(problem: Problem, args, emit: Callable[[str], None]) -> Non
                 hutch(model, loss_fn, x, y, generator=gen.manual_seed(0))
                 return torch.linalg.qr(sketch)
 
-            r = measure(run, baseline, min_time=args.min_time, max_repeats=200, min_repeats=5)
+            r = measure(
+                run, baseline, min_time=args.min_time, max_repeats=200, min_repeats=5, device=dev
+            )
             emit(
                 f"| `{est.label}` | {m} | {r['est_ms']:.1f} | {r['grad_ms']:.1f} "
                 f"| {r['cpu_ratio']:.2f}x | {r['wall_ratio']:.2f}x |"
@@ -241,7 +267,7 @@ def hutchinson_overhead(problem: Problem, args, emit: Callable[[str], None]) -> 
     params = [p for p in model.parameters() if p.requires_grad]
     nparams = sum(p.numel() for p in params)
     est = get_estimator("hutchinson", num_samples=1)
-    gen, plain_gen = torch.Generator(), torch.Generator()
+    gen, plain_gen = torch.Generator(device=args.device), torch.Generator(device=args.device)
 
     def ours():
         return est(model, loss_fn, x, y, generator=gen.manual_seed(0))
@@ -250,21 +276,25 @@ def hutchinson_overhead(problem: Problem, args, emit: Callable[[str], None]) -> 
         plain_gen.manual_seed(0)
         grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
         z = [
-            torch.randint(0, 2, p.shape, dtype=torch.int8, generator=plain_gen).mul_(2).sub_(1)
+            torch.randint(0, 2, p.shape, dtype=torch.int8, generator=plain_gen, device=p.device)
+            .mul_(2)
+            .sub_(1)
             for p in params
         ]
         z = [v.to(p.dtype) for v, p in zip(z, params, strict=True)]
         hv = torch.autograd.grad(grads, params, grad_outputs=z)
         return [v * h for v, h in zip(z, hv, strict=True)]
 
-    r = measure(ours, plain, min_time=args.min_time, max_repeats=500, min_repeats=5)
+    r = measure(
+        ours, plain, min_time=args.min_time, max_repeats=500, min_repeats=5, device=args.device
+    )
     emit(
         f"| {title} | {nparams:,} | {r['est_ms']:.2f} | {r['grad_ms']:.2f} "
         f"| {r['cpu_ratio']:.2f}x | {r['wall_ratio']:.2f}x |"
     )
 
 
-def hvp_ratio(problem: Problem, grad, min_time: float) -> float:
+def hvp_ratio(problem: Problem, grad, min_time: float, device: torch.device = CPU) -> float:
     """``P`` times one double-backprop Hessian-vector product, over one gradient."""
     _, model, loss_fn, x, y = problem
     params = [p for p in model.parameters() if p.requires_grad]
@@ -278,41 +308,59 @@ def hvp_ratio(problem: Problem, grad, min_time: float) -> float:
             vs = sum((g * v).sum() for g, v in zip(gs, vec, strict=True))
             return torch.autograd.grad(vs, params)
 
-    r = measure(hvp, grad, min_time=min_time, max_repeats=2000)
-    return r["cpu_ratio"] * sum(p.numel() for p in params)
+    r = measure(hvp, grad, min_time=min_time, max_repeats=2000, device=device)
+    return r["ratio"] * sum(p.numel() for p in params)
 
 
-def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+def _timed(fn: Callable[[], object], device: torch.device = CPU) -> tuple[float, float]:
+    """Wall-clock and CPU seconds of ``fn()``; on CUDA, synchronised before and after."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
     w0, c0 = time.perf_counter(), time.process_time()
     fn()
+    if cuda:
+        torch.cuda.synchronize(device)
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def measure(fn_a, fn_b, *, min_time: float, max_repeats: int, min_repeats: int = 7) -> dict:
+def measure(
+    fn_a,
+    fn_b,
+    *,
+    min_time: float,
+    max_repeats: int,
+    min_repeats: int = 7,
+    device: torch.device = CPU,
+) -> dict:
     """Interleaved medians of ``fn_a`` (estimator) and ``fn_b`` (gradient).
 
     Repeats: enough for ``min_time`` seconds of ``fn_a``, within
     ``[min_repeats, max_repeats]``; calls slower than a second get 3.
+    ``grad_ms``, ``est_ms`` and ``ratio`` are in the device's clock: CPU time on
+    the CPU, synchronised wall-clock time on CUDA.
     """
     for _ in range(3):
         fn_a()
         fn_b()
-    one = max(_timed(fn_a)[0], _timed(fn_b)[0], 1e-6)
+    one = max(_timed(fn_a, device)[0], _timed(fn_b, device)[0], 1e-6)
     floor = 3 if one > 1.0 else min_repeats
     repeats = int(min(max_repeats, max(floor, min_time / one)))
     a_w, a_c, b_w, b_c = [], [], [], []
     for _ in range(repeats):
-        w, c = _timed(fn_a)
+        w, c = _timed(fn_a, device)
         a_w.append(w)
         a_c.append(c)
-        w, c = _timed(fn_b)
+        w, c = _timed(fn_b, device)
         b_w.append(w)
         b_c.append(c)
     med = statistics.median
+    a, b = (a_w, b_w) if device.type == "cuda" else (a_c, b_c)
     return {
         "repeats": repeats,
-        "grad_ms": med(b_c) * 1e3,
-        "est_ms": med(a_c) * 1e3,
+        "grad_ms": med(b) * 1e3,
+        "est_ms": med(a) * 1e3,
+        "ratio": med(a) / med(b),
         "cpu_ratio": med(a_c) / med(b_c),
         "wall_ratio": med(a_w) / med(b_w),
     }
@@ -368,20 +416,30 @@ def _cell(
     name, kw = spec
     if name not in available_estimators():
         return [f"`{name}`: not installed", *blank]
-    _, model, loss_fn, x, y = problem
     est = get_estimator(name, **kw)
-    gen = torch.Generator().manual_seed(0)
+    try:
+        return _measured_cell(est, problem, grad, grad_mem, args, with_grad=with_grad)
+    except (UnsupportedError, TooLargeError) as exc:
+        reason = f"n/a: {str(exc).splitlines()[0][:60]}"
+        return [f"`{est.label}`", "n/a", "n/a", reason] + (["n/a"] if with_grad else [])
+    except Exception as exc:
+        if not args.keep_going:
+            raise
+        traceback.print_exc()
+        reason = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        return [f"`{est.label}`", "error", "error", reason] + (["error"] if with_grad else [])
+
+
+def _measured_cell(est, problem: Problem, grad, grad_mem: int, args, *, with_grad: bool):
+    _, model, loss_fn, x, y = problem
+    gen = torch.Generator(device=args.device).manual_seed(0)
 
     def run():
         return est(model, loss_fn, x, y, generator=gen)
 
-    try:
-        run()
-    except (UnsupportedError, TooLargeError) as exc:
-        reason = f"n/a: {str(exc).splitlines()[0][:60]}"
-        return [f"`{est.label}`", "n/a", "n/a", reason] + (["n/a"] if with_grad else [])
-    r = measure(run, grad, min_time=args.min_time, max_repeats=2000)
-    mem = peak_memory(run) / grad_mem if grad_mem else float("nan")
+    run()  # refusals (UnsupportedError, TooLargeError) surface here, before any timing
+    r = measure(run, grad, min_time=args.min_time, max_repeats=2000, device=args.device)
+    mem = peak_memory(run, args.device) / grad_mem if grad_mem else float("nan")
     cells = [
         f"`{est.label}`",
         f"{r['cpu_ratio']:.2f}x",
@@ -393,7 +451,9 @@ def _cell(
         def run_with_grad():
             return est.estimate_with_grad(model, loss_fn, x, y, generator=gen)
 
-        w = measure(run_with_grad, run, min_time=args.min_time, max_repeats=2000)
+        w = measure(
+            run_with_grad, run, min_time=args.min_time, max_repeats=2000, device=args.device
+        )
         cells.append(f"{(w['est_ms'] - w['grad_ms']) / r['grad_ms']:+.2f}")
     return cells
 
@@ -408,8 +468,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--estimators", nargs="*", help="rows whose hessbench estimator is named")
     parser.add_argument("--output", type=Path, help="also write the Markdown to this file")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the problems live (cuda: synchronised wall-clock time, CUDA peak memory)",
+    )
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="write a failing cell as 'error: ...' (traceback on stderr) and go on",
+    )
     args = parser.parse_args(argv)
     args.min_time = 0.3 if args.quick else 1.5
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is false on this machine")
+    args.device = torch.device(args.device)
+    args.clock = "wall" if args.device.type == "cuda" else "CPU"
     torch.set_num_threads(1)
     problems: list[Callable[[], Problem]] = []
     if args.only in (None, "cnn"):
@@ -452,28 +527,36 @@ def main(argv: list[str] | None = None) -> None:
         "(medians, interleaved; memory: peak bytes torch allocates during one call; "
         "with grad: what `estimate_with_grad` costs above the plain call, in gradients)."
     )
+    if args.device.type == "cuda":
+        emit(
+            f"Device: {torch.cuda.get_device_name(args.device)} (CUDA {torch.version.cuda}). "
+            "Every call synchronised before and after; ratios and 'with grad' use the "
+            "synchronised wall-clock time (the CPU column is the host's CPU time); "
+            "memory: `torch.cuda.max_memory_allocated` above the allocation before the call."
+        )
     for make in problems:
-        problem = make()
+        problem = on_device(make(), args.device)
         title, model, loss_fn, x, y = problem
         params = [p for p in model.parameters() if p.requires_grad]
 
         def grad(model=model, loss_fn=loss_fn, x=x, y=y, params=params):
             return torch.autograd.grad(loss_fn(model(x), y), params)
 
-        grad_mem = peak_memory(grad)
-        g = measure(grad, grad, min_time=args.min_time, max_repeats=2000)
+        grad_mem = peak_memory(grad, args.device)
+        g = measure(grad, grad, min_time=args.min_time, max_repeats=2000, device=args.device)
         nparams = sum(p.numel() for p in params)
         emit()
         emit(f"## {title}")
         emit()
         emit(
-            f"{nparams} parameters; one gradient: {g['grad_ms']:.3f} ms CPU, "
+            f"{nparams} parameters; one gradient: {g['grad_ms']:.3f} ms {args.clock}, "
             f"{grad_mem / 1e6:.2f} MB peak."
         )
         if not isinstance(model, nn.Sequential):
+            hvps = hvp_ratio(problem, grad, args.min_time, args.device)
             emit(
                 f"Graph model: `exact[method=hvp]` would cost about "
-                f"{hvp_ratio(problem, grad, args.min_time):.0f}x a gradient ({nparams} HVPs)."
+                f"{hvps:.0f}x a gradient ({nparams} HVPs)."
             )
         emit()
         emit(
@@ -495,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         emit()
         for make in overhead:
-            matfree_overhead(make(), args, emit)
+            matfree_overhead(on_device(make(), args.device), args, emit)
     if hutch:
         emit()
         emit("## Hutchinson against plain double backprop")
@@ -508,11 +591,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         emit()
         emit(
-            "| problem | parameters | hutchinson, CPU ms | plain torch, CPU ms | CPU ratio "
-            "| wall ratio |\n|---|---:|---:|---:|---:|---:|"
+            f"| problem | parameters | hutchinson, {args.clock} ms | plain torch, {args.clock} ms "
+            "| CPU ratio | wall ratio |\n|---|---:|---:|---:|---:|---:|"
         )
         for make in hutch:
-            hutchinson_overhead(make(), args, emit)
+            hutchinson_overhead(on_device(make(), args.device), args, emit)
     if args.output is not None:
         args.output.write_text("\n".join(lines) + "\n")
 
