@@ -8,7 +8,7 @@ BatchNorm and a causal transformer (the graph engine and its attention rules).
 Deterministic estimators agree to 1e-9 relative (float64, different kernels and
 summation orders); stochastic ones draw their probes from a CUDA generator, so
 only their shape, dtype, device and finiteness are checked. Two calls with the
-same seed agree bit for bit under :func:`deterministic_kernels`, as in
+same seed agree bit for bit under :func:`reproducible_kernels`, as in
 ``hessbench run`` (without it, cuDNN's default algorithms made every estimator
 on the ResNet differ in the last bits between calls, on an H200).
 """
@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from hessbench.bench.determinism import deterministic_kernels
+from hessbench.bench.kernels import reproducible_kernels
 from hessbench.errors import TooLargeError, UnsupportedError
 from hessbench.estimators import available_estimators, get_estimator
 from hessbench.suite.architectures import ResidualMLP, ResNet, TinyGPT
@@ -83,7 +83,7 @@ def _estimate(name: str, arch: str, device: torch.device) -> dict[str, Tensor] |
     except UnsupportedError:
         return None
     gen = torch.Generator(device=device)
-    with deterministic_kernels(device):
+    with reproducible_kernels(device):
         try:
             out = est(model, loss_fn, x, y, generator=gen.manual_seed(0))
         except (UnsupportedError, TooLargeError):  # found at call time (a peer's refusal)

@@ -14,7 +14,7 @@ import traceback
 
 import torch
 
-from hessbench.bench.determinism import deterministic_kernels
+from hessbench.bench.kernels import reproducible_kernels
 from hessbench.bench.measure import memory_ratio, time_interleaved
 from hessbench.bench.metrics import Truth, aggregate, batches_metrics, prepare_truth
 from hessbench.bench.problem import Problem, build_problem
@@ -101,7 +101,7 @@ class GroupEvaluator:
         rec = base_record(self.variant.name, est, self.seed, cell_id)
         start = time.perf_counter()
         try:
-            with deterministic_kernels(self.device):  # same seed, same numbers on CUDA too
+            with reproducible_kernels(self.device):  # same seed, same numbers on CUDA too
                 rec.update(self._evaluate(est))
         except (UnsupportedError, TooLargeError) as exc:
             rec.update(status="unsupported", message=str(exc))

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from hessbench.bench.determinism import deterministic_kernels
+from hessbench.bench.kernels import reproducible_kernels
 from hessbench.suite import build_model, evaluation_data, training_data
 from hessbench.suite.plan import derive_seed
 from hessbench.train.schema import RunSpec, TeacherData, TrainSuite
@@ -202,7 +202,7 @@ def train_run(run: RunSpec) -> dict:
         order_gen = _generator(suite.task.name, run.seed, "train")
         per_epoch = len(x) // suite.batch_size
         devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), deterministic_kernels(device):
+        with torch.random.fork_rng(devices=devices), reproducible_kernels(device):
             optim_seed = derive_seed(suite.task.name, run.seed, "optim")
             torch.manual_seed(optim_seed)
             stepper = _stepper(run, model, loss_fn)
