@@ -24,6 +24,12 @@ def hessian(f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     ``torch.func.hessian`` is forward-over-reverse; in torch 2.13 the first
     forward-mode call loads decompositions through the deprecated
     ``torch.jit.script``, which ``filterwarnings = error`` turns into a failure.
+
+    Trust only its diagonal on a model with an affine LayerNorm: in torch 2.13
+    ``jacrev(jacrev)`` gets the cross derivatives of a LayerNorm's weight with
+    its input wrong (pytorch/functorch#534; ``docs/peers.md``), while the
+    diagonal stays right. Every test that reads off-diagonal entries uses a
+    model without one.
     """
     return jacrev(jacrev(f))
 

@@ -538,6 +538,119 @@ def test_curvlinops_hutchinson_is_hutchinson_of_the_brute_force_hessian(probes):
     torch.testing.assert_close(theirs, (z * (hess @ z)).mean(1), rtol=1e-8, atol=1e-10)
 
 
+class _Attention(nn.Module):
+    """Tokens -> embedding -> causal self-attention -> LayerNorm without a weight -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8, elementwise_affine=False)
+        self.head = nn.Linear(8, 6)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        h = h + self.attn(h, h, h, attn_mask=self.mask, is_causal=True, need_weights=False)[0]
+        return self.head(self.norm(h)[:, -1])
+
+
+@needs_curvlinops
+@pytest.mark.parametrize("name", ["curvlinops.hutchinson", "curvlinops.xdiag"])
+def test_curvlinops_matrix_free_on_attention(name):
+    """Self-attention through ``scaled_dot_product_attention``: the peers run.
+
+    torch's fused CPU attention kernel has no forward-mode derivative, which
+    curvlinops' Hessian-vector products need; the peers run it in the math backend
+    (as hessbench's own HVP paths do) and equal Hutchinson and XDiag of the
+    brute-force Hessian on the probes they drew (replayed from the generator's seed draw).
+    """
+    from curvlinops.sampling import random_vector
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hessbench.estimators.peers._common import draw_seed
+    from hessbench.estimators.xdiag import xdiag_from_probes
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _Attention().to(F64).eval()
+        x, y = torch.randint(0, 6, (3, 4)), torch.randint(0, 6, (3,))
+    loss_fn = nn.CrossEntropyLoss()
+    with sdpa_kernel(SDPBackend.MATH):  # the fused kernel has no double backward either
+        hess = _full_hessian(model, loss_fn, x, y)
+    dim = hess.shape[0]
+    if name == "curvlinops.hutchinson":
+        out = get_estimator(name, num_samples=5)(model, loss_fn, x, y, generator=gen(3))
+        with torch.random.fork_rng():
+            torch.manual_seed(draw_seed(gen(3)))
+            z = torch.stack([random_vector(dim, "rademacher", "cpu", F64) for _ in range(5)], 1)
+        expected = (z * (hess @ z)).mean(1)
+    else:
+        out = get_estimator(name, num_matvecs=6)(model, loss_fn, x, y, generator=gen(3))
+        probes = _curvlinops_probes(draw_seed(gen(3)), dim, 3)
+        expected = xdiag_from_probes(lambda v: hess @ v, probes)
+    theirs = torch.cat([v.reshape(-1) for v in out.values()])
+    torch.testing.assert_close(theirs, expected, rtol=1e-8, atol=1e-10)
+
+
+def _hvp_autograd(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+    """``H v`` by plain double backpropagation (no ``torch.func``)."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    return torch.cat([h.reshape(-1) for h in torch.autograd.grad(flat @ v, params)])
+
+
+@needs_curvlinops
+def test_curvlinops_layer_norm_hvp_error_is_what_the_operator_does():
+    """The probe's figure is curvlinops' operator against double backpropagation, on a residual MLP too."""
+    from curvlinops import HessianLinearOperator
+
+    from hessbench.estimators.peers.curvlinops_hutchinson import layer_norm_hvp_error
+    from hessbench.suite.architectures import ResidualMLP
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ResidualMLP((5,), 3, width=6, hidden=8, blocks=1, act=nn.Tanh, norm=True, bias=True)
+        x, y = torch.randn(3, 5, dtype=F64), torch.randint(0, 3, (3,))
+    model = model.to(F64)
+    params = list(model.parameters())
+    v = torch.randn(sum(p.numel() for p in params), dtype=F64, generator=gen(0))
+    op = HessianLinearOperator(
+        model, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False, num_data=3
+    )
+    ours = _hvp_autograd(model, nn.CrossEntropyLoss(), x, y, v)
+    err = float((op @ v - ours).abs().max() / ours.abs().max())
+    assert (err > 1e-8) == (layer_norm_hvp_error() > 1e-8), (err, layer_norm_hvp_error())
+
+
+@needs_curvlinops
+@pytest.mark.parametrize("name", ["curvlinops.hutchinson", "curvlinops.xdiag"])
+def test_curvlinops_refuses_layer_norm_weights_while_its_products_are_wrong(name):
+    from hessbench.estimators.peers.curvlinops_hutchinson import layer_norm_hvp_error
+    from hessbench.suite.architectures import ResidualMLP
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ResidualMLP((5,), 3, width=6, hidden=8, blocks=1, act=nn.Tanh, norm=True, bias=True)
+        x, y = torch.randn(3, 5, dtype=F64), torch.randint(0, 3, (3,))
+    model, loss_fn = model.to(F64), nn.CrossEntropyLoss()
+    est = get_estimator(name)
+    if layer_norm_hvp_error() <= 1e-8:  # a torch that multiplies correctly: no refusal
+        est(model, loss_fn, x, y, generator=gen(0))
+        return
+    for call in (
+        lambda: est.check_supported(model, loss_fn),
+        lambda: est(model, loss_fn, x, y, generator=gen(0)),
+    ):
+        with pytest.raises(UnsupportedError) as info:
+            call()
+        message = str(info.value)
+        assert "\n" not in message
+        assert message.startswith("layer 'blocks.0.norm' (LayerNorm with a weight)")
+        assert "pytorch/functorch#534" in message
+
+
 @needs_curvlinops
 def test_curvlinops_xdiag_refuses_a_budget_at_the_dimension():
     model, loss_fn, x, y = make_problem("mlp", "ce")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from hessbench.errors import UnsupportedError
-from hessbench.estimators._autograd import Probes
+from hessbench.estimators._autograd import Probes, differentiable_attention
 from hessbench.estimators._base import (
     Count,
     Estimator,
@@ -45,6 +46,59 @@ def _refuse_training_mode_batch_layers(model: nn.Module) -> None:
             )
 
 
+@functools.cache
+def layer_norm_hvp_error() -> float:
+    """Relative error of curvlinops' Hessian-vector product on a net with an affine LayerNorm.
+
+    ``Linear(3, 4) - LayerNorm(4) - Linear(4, 2)``, cross-entropy, float64: the
+    largest entry of ``|H v - H v (autograd)|`` over ``max |H v (autograd)|`` for one
+    fixed ``v``, where the reference is plain double backpropagation. Measured once
+    per process (a few milliseconds after curvlinops is imported). With torch 2.13
+    and curvlinops 3.0.1 it is 0.73: the operator, ``torch.func.vmap`` over ``jvp``
+    of the gradient, gets the rows of a LayerNorm weight wrong (their diagonal
+    entries are right); without the weight it is 2e-15.
+    """
+    from curvlinops import HessianLinearOperator
+
+    f64 = torch.float64
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).to(f64)
+        x = torch.randn(2, 3, dtype=f64)
+    with torch.no_grad():  # a non-trivial affine part
+        model[1].weight.copy_(torch.linspace(0.5, 1.5, 4, dtype=f64))
+        model[1].bias.copy_(torch.linspace(-0.5, 0.5, 4, dtype=f64))
+    y = torch.tensor([0, 1])
+    loss_fn = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    v = torch.linspace(-1.0, 1.0, sum(p.numel() for p in params), dtype=f64)
+    with quiet_jvp_import():
+        op = HessianLinearOperator(
+            model, loss_fn, params, [(x, y)], check_deterministic=False, num_data=2
+        )
+        theirs = op @ v
+    grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    ours = torch.cat([h.reshape(-1) for h in torch.autograd.grad(flat @ v, params)])
+    return float((theirs - ours).abs().max() / ours.abs().max())
+
+
+def _refuse_layer_norm_weights(model: nn.Module) -> None:
+    """Refuse an affine LayerNorm while curvlinops' products are wrong there (this torch)."""
+    for path, m in model.named_modules():
+        if isinstance(m, nn.LayerNorm) and m.weight is not None:
+            err = layer_norm_hvp_error()
+            if err > 1e-8:
+                raise UnsupportedError(
+                    f"layer '{path}' (LayerNorm with a weight): with torch {torch.__version__}, "
+                    "curvlinops' Hessian-vector products are wrong on the rows of a LayerNorm "
+                    f"weight (relative error {err:.2g} on a test net; torch.func's vmap over "
+                    "layer_norm's double backward, pytorch/functorch#534); hessbench's "
+                    "hutchinson and xdiag multiply by plain double backpropagation there"
+                )
+            return
+
+
 @estimator_dataclass
 class CurvlinopsHutchinson(Estimator):
     r"""curvlinops' ``hutchinson_diag`` of its ``HessianLinearOperator``: hessbench's ``hutchinson``.
@@ -64,7 +118,9 @@ class CurvlinopsHutchinson(Estimator):
     Known deviations: curvlinops refuses ``k`` at or above the number of
     parameter entries ``P``; hessbench then calls it on chunks of at most ``P - 1``
     probes and averages them (the same estimator; ``P = 1`` is refused).
-    Training-mode dropout and batch normalisation are refused. The call includes
+    Training-mode dropout and batch normalisation are refused, and so is a model
+    with an affine ``LayerNorm`` while curvlinops' products are wrong there
+    (:func:`layer_norm_hvp_error`, measured at first use). The call includes
     one extra no-grad forward pass, to check the inputs, targets and output the
     way hessbench's own estimators do.
 
@@ -89,6 +145,10 @@ class CurvlinopsHutchinson(Estimator):
     num_samples: Count = 1
     probes: Probes = "rademacher"
 
+    def _check_model(self, model: nn.Module, loss: LossSpec) -> None:
+        _refuse_layer_norm_weights(model)
+
+    @differentiable_attention  # the fused attention kernels have no forward-mode AD rule
     def _estimate(
         self,
         model: nn.Module,
@@ -101,6 +161,7 @@ class CurvlinopsHutchinson(Estimator):
 
         assert generator is not None
         _refuse_training_mode_batch_layers(model)
+        _refuse_layer_norm_weights(model)
         params = trainable_parameters(model)
         dim = sum(p.numel() for p in params.values())
         if dim < 2:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from hessbench.errors import UnsupportedError
+from hessbench.estimators._autograd import differentiable_attention
 from hessbench.estimators._base import (
     Estimator,
     estimator_dataclass,
@@ -23,7 +24,10 @@ from hessbench.estimators.peers._common import (
     rng_restored,
     seeded_global_rng,
 )
-from hessbench.estimators.peers.curvlinops_hutchinson import _refuse_training_mode_batch_layers
+from hessbench.estimators.peers.curvlinops_hutchinson import (
+    _refuse_layer_norm_weights,
+    _refuse_training_mode_batch_layers,
+)
 from hessbench.estimators.xdiag import EvenCount
 
 __all__ = ["CurvlinopsXDiag"]
@@ -49,7 +53,9 @@ class CurvlinopsXDiag(Estimator):
     parameter entries ``P`` (hessbench's ``xdiag`` is exact there), and inverts
     ``R`` without a rank check (a Hessian of rank below ``m/2`` gives a singular
     ``R``: NaN or inaccurate results, where hessbench's ``xdiag`` is exact).
-    Training-mode dropout and batch normalisation are refused. One extra
+    Training-mode dropout and batch normalisation are refused, and so is an affine
+    ``LayerNorm`` while curvlinops' products are wrong there (as for
+    ``curvlinops.hutchinson``). One extra
     no-grad forward pass checks inputs, targets and output.
 
     Args:
@@ -70,6 +76,10 @@ class CurvlinopsXDiag(Estimator):
         """A sweep varies the budget ``num_matvecs``."""
         return "num_matvecs"
 
+    def _check_model(self, model: nn.Module, loss: LossSpec) -> None:
+        _refuse_layer_norm_weights(model)
+
+    @differentiable_attention  # the fused attention kernels have no forward-mode AD rule
     def _estimate(
         self,
         model: nn.Module,
@@ -82,6 +92,7 @@ class CurvlinopsXDiag(Estimator):
 
         assert generator is not None
         _refuse_training_mode_batch_layers(model)
+        _refuse_layer_norm_weights(model)
         params = trainable_parameters(model)
         dim = sum(p.numel() for p in params.values())
         if self.num_matvecs >= dim:
