@@ -13,6 +13,9 @@ How it works (docs/benchmarks.md has the details):
   versions, in the current interpreter: a worker process per version with
   ``PYTHONPATH`` set to that version's root, so ``import hessbench`` finds it.
   HEAD is the working tree (in CI, a fresh clone of HEAD).
+- Workers run with glibc's malloc thresholds fixed (``MALLOC_MMAP_THRESHOLD_`` 32 MiB,
+  ``MALLOC_TRIM_THRESHOLD_`` 4 GiB): left to adapt, they made the same code's
+  timings of megabyte-sized benchmarks differ 2-4x from one process to the next.
 - Rounds (default 3): each round starts a fresh worker per version; per
   benchmark both versions are set up side by side. A ``time_`` benchmark is
   timed with ``time.process_time`` (CPU time: wall-clock figures swing
@@ -224,6 +227,14 @@ class Worker:
             PYTHONDONTWRITEBYTECODE="1",
             OMP_NUM_THREADS="1",
             MKL_NUM_THREADS="1",
+            # glibc's malloc otherwise adapts its mmap threshold to what the process
+            # freed before and returns freed memory to the system: a benchmark with
+            # megabyte tensors then runs 2-4x slower in some processes than in others
+            # (adahessian on costnet_b1: 2.2 to 11 ms medians, same code), and a round
+            # whose HEAD worker drew the slow mode twice failed the gate on a
+            # docstring change. Fixed thresholds give every worker the same allocator.
+            MALLOC_MMAP_THRESHOLD_=str(32 * 2**20),
+            MALLOC_TRIM_THRESHOLD_=str(4 * 2**30),
         )
         self.log = open(log_dir / f"{version}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
