@@ -183,10 +183,9 @@ def graph_diag_pass(
             if rule.elementwise:
                 g_in, h_in = rule.backward_diag(m, c, g, h, residual)
             elif isinstance(rule, LocalRule):
-                h_in = rule.vjp_sq(m, c, h)
-                if residual:
-                    h_in = h_in + rule.residual_diag(m, c, g)
-                g_in = None if g_down is None else rule.vjp(m, c, g_down)
+                g_in, h_in = rule.diag_backward_local(
+                    m, c, g, h, residual=residual, backprop=g_down is not None
+                )
             else:
                 h_in = rule.vjp_sq(m, c, h)
                 g_in = None if g_down is None else rule.vjp(m, c, g_down)

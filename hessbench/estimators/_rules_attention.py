@@ -361,7 +361,12 @@ class AttentionRule(LocalRule):
     """
 
     def forward(self, m: AttentionSpec, x, generator):
-        q, k, v = m.split(x)
+        n, length, three = x.shape
+        heads = m.heads
+        dh = three // (3 * heads)
+        # q, k, v per head, each contiguous (N, H, L, d_h): one copy here instead of one
+        # in every batched product that reads a strided view
+        q, k, v = x.view(n, length, 3, heads, dh).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
         a = torch.softmax(m.scores(q, k), -1)
         o = a @ v
         return m.merge([o]), _AttnCache(x, a, x.shape[1:], q, k, v, o, {})
@@ -373,8 +378,15 @@ class AttentionRule(LocalRule):
 
     @staticmethod
     def _heads(cache: _AttnCache, t: Tensor) -> Tensor:
-        n, length, heads, dh = t.shape[0], cache.q.shape[2], cache.q.shape[1], cache.q.shape[3]
-        return t.reshape(n, length, heads, dh).transpose(1, 2)
+        """``t`` (N, L, d) per head, contiguous (N, H, L, d_h)."""
+        n, heads, length, dh = cache.q.shape
+        return t.reshape(n, length, heads, dh).transpose(1, 2).contiguous()
+
+    @staticmethod
+    def _merge(parts: list[Tensor]) -> Tensor:
+        """Per-head ``[.._q, .._k, .._v]`` (N, H, L, d_h) as one input-shaped (N, L, 3 d) tensor."""
+        n, heads, length, dh = parts[0].shape
+        return torch.stack([t.transpose(1, 2) for t in parts], 2).view(n, length, 3 * heads * dh)
 
     @staticmethod
     def _score_grad(cache: _AttnCache, gh: Tensor) -> Tensor:
@@ -383,38 +395,66 @@ class AttentionRule(LocalRule):
         u = gh @ cache.v.transpose(-1, -2)
         return a * (u - (a * u).sum(-1, keepdim=True))
 
+    def _vjp_heads(
+        self, cache: _AttnCache, gh: Tensor, aw: Tensor, awk: Tensor | None = None
+    ) -> list[Tensor]:
+        """``[g_Q, g_K, g_V]`` per head; ``awk`` is ``A_w K`` where already computed."""
+        c = 1.0 / math.sqrt(cache.q.shape[-1])
+        gq = (aw @ cache.k if awk is None else awk).mul(c)
+        gk = (aw.transpose(-1, -2) @ cache.q).mul_(c)
+        return [gq, gk, cache.a.transpose(-1, -2) @ gh]
+
     def vjp(self, m, cache, v):
         gh = self._heads(cache, v)
-        c = 1.0 / math.sqrt(cache.q.shape[-1])
-        aw = self._score_grad(cache, gh)
-        gq = (aw @ cache.k).mul_(c)
-        gk = (aw.transpose(-1, -2) @ cache.q).mul_(c)
-        return AttentionSpec.merge([gq, gk, cache.a.transpose(-1, -2) @ gh])
+        return self._merge(self._vjp_heads(cache, gh, self._score_grad(cache, gh)))
 
-    def vjp_sq(self, m, cache, h):
+    def diag_backward_local(self, m, cache, g, h, *, residual, backprop):
         a, q, k, v, o = cache.a, cache.q, cache.k, cache.v, cache.o
-        hh = self._heads(cache, h)
         c2 = 1.0 / q.shape[-1]
+        hh = self._heads(cache, h)
         # M_i^T = K^T diag(A_i) V - (A K)_i O_i^T for every row i at once, (N, H, L, d_h, d_h):
         # A (K_j V_j^T flattened), one (L, L) @ (L, d_h^2) product per sample and head
         n, heads, length, dh = v.shape
         kv = (k.unsqueeze(-1) * v.unsqueeze(-2)).view(n, heads, length, dh * dh)
+        ak = a @ k
         mt = (a @ kv).view(n, heads, length, dh, dh)
-        mt -= (a @ k).unsqueeze(-1) * o.unsqueeze(-2)
-        hq = (mt.square_() * hh.unsqueeze(-2)).sum(-1).mul_(c2)
-        # E[i, j] = sum_a h[i, a] (V[j, a] - O[i, a])^2, on (N, H, L, L, d_h)
-        e = ((v.unsqueeze(-3) - o.unsqueeze(-2)).square_() * hh.unsqueeze(-2)).sum(-1)
+        mt -= ak.unsqueeze(-1) * o.unsqueeze(-2)
+        hq = (mt.square_() @ hh.unsqueeze(-1)).squeeze(-1)  # a batched product: no broadcast
+        # E[i, j] = sum_a h[i, a] (V[j, a] - O[i, a])^2
+        #         = (h (V o V)^T)_ij - 2 ((h o O) V^T)_ij + rowsum(h o O o O)_i
+        ho = hh * o
+        flat = (n * heads, length, dh)
+        e = torch.baddbmm(
+            (ho * o).sum(-1, keepdim=True).view(n * heads, length, 1),
+            hh.view(flat),
+            (v * v).view(flat).transpose(1, 2),
+        )
+        e = e.baddbmm_(ho.view(flat), v.view(flat).transpose(1, 2), alpha=-2.0)
+        e = e.view(n, heads, length, length)
         a2 = a * a
-        hk = ((a2 * e).transpose(-1, -2) @ (q * q)).mul_(c2)
-        return AttentionSpec.merge([hq, hk, a2.transpose(-1, -2) @ hh])
+        wk = a2 * e  # h_K = c^2 wk^T (Q o Q)
+        hv = a2.transpose(-1, -2) @ hh
+        g_parts = None
+        if residual or backprop:
+            gh = self._heads(cache, g)
+            aw = self._score_grad(cache, gh)
+            awk = None
+            if residual:  # the residual's Q and K terms join h_Q and wk
+                awk = aw @ k
+                hq.add_(aw @ (k * k)).addcmul_(awk, ak, value=-2.0)
+                wk.add_(aw).addcmul_(aw, a, value=-2.0)  # + A_w o (1 - 2 A)
+            if backprop:
+                g_parts = self._vjp_heads(cache, gh, aw, awk)
+        hk = wk.transpose(-1, -2) @ (q * q)
+        h_in = self._merge([hq.mul_(c2), hk.mul_(c2), hv])
+        return (None if g_parts is None else self._merge(g_parts)), h_in
+
+    def vjp_sq(self, m, cache, h):
+        return self.diag_backward_local(m, cache, None, h, residual=False, backprop=False)[1]
 
     def residual_diag(self, m, cache, g):
-        a, q, k = cache.a, cache.q, cache.k
-        aw = self._score_grad(cache, self._heads(cache, g))
-        c2 = 1.0 / q.shape[-1]
-        rq = (aw @ (k * k) - 2.0 * (aw @ k) * (a @ k)).mul_(c2)
-        rk = ((aw * (1.0 - 2.0 * a)).transpose(-1, -2) @ (q * q)).mul_(c2)
-        return AttentionSpec.merge([rq, rk, torch.zeros_like(rq)])
+        zero = torch.zeros_like(g)
+        return self.diag_backward_local(m, cache, g, zero, residual=True, backprop=False)[1]
 
     def vjp_cols(self, m, cache, v):
         return LocalRule.vjp_cols(self, m, self._generic(m, cache), v)

@@ -13,7 +13,7 @@ through them as a diagonal.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -324,6 +324,20 @@ class LocalRule(LinearMap):
         res = self.residual(m, cache, g)
         return res.diagonal(dim1=1, dim2=2).reshape(g.shape[0], *cache[2])
 
+    def diag_backward_local(
+        self, m, cache, g: Tensor | None, h: Tensor, *, residual: bool, backprop: bool
+    ) -> tuple[Tensor | None, Tensor]:
+        """The diagonal pass at this node: ``(J^T g, (J o J)^T h [+ diag nabla^2 (g . f)])``.
+
+        ``J^T g`` only with ``backprop``, the residual ``diag nabla^2 (g . f)``
+        only with ``residual`` (``g`` is given when either is). Rules in closed
+        form override it to share the work of the three products.
+        """
+        h_in = self.vjp_sq(m, cache, h)
+        if residual:
+            h_in = h_in + self.residual_diag(m, cache, g)
+        return (self.vjp(m, cache, g) if backprop else None), h_in
+
     def residual_cols(self, m, cache, g: Tensor) -> tuple[Tensor, Tensor]:
         """Signed columns of the residual: eigenvectors times ``sqrt|lambda|``, signs ``sign(lambda)``."""
         res = self.residual(m, cache, g)
@@ -346,8 +360,8 @@ class _LNCache(NamedTuple):
     mean: Tensor
     rstd: Tensor
     """The input and ``torch.native_layer_norm``'s statistics, for its backward."""
-    lazy: dict[str, tuple[Tensor, ...]]
-    """Per-sample bases of ``vjp_sq`` and ``residual_diag``, built at first use."""
+    lazy: dict[str, Tensor]
+    """``1 / (D sigma)^2`` for the diagonal pass, built at first use."""
 
 
 class LayerNormRule(LocalRule):
@@ -365,10 +379,13 @@ class LayerNormRule(LocalRule):
     ``m = mean(g x_hat)``, ``a = g - mean(g) - x_hat m``; its diagonal is
     ``(m (-1 + (1 + 3 x_hat^2) / D) - 2 x_hat (g - mean(g)) / D) / sigma^2``.
 
-    The forward pass and ``J^T v`` are torch's own LayerNorm kernels; the sums
-    ``Sk`` are one reduction against the per-row basis ``[1, x_hat, x_hat^2]``, so
-    each rule costs a handful of kernels whatever ``D`` (at batch 1 the pass is
-    bound by the number of kernels, not their size).
+    Together (the diagonal pass, :meth:`diag_backward_local`), with ``Tk = sum g x_hat^k``:
+    ``h_in = ((1 - 2/D) h - (2/D) x_hat (x_hat h + g) + v0 + v1 x_hat + v2 x_hat^2) / sigma^2``,
+    ``v0 = (S0 + (1 - D) T1) / D^2``, ``v1 = 2 (S1 + T0) / D^2``, ``v2 = (S2 + 3 T1) / D^2``.
+
+    The forward pass and ``J^T v`` are torch's own LayerNorm kernels; the diagonal
+    pass is five row sums and eight element-wise kernels (:meth:`_h_in`), whatever
+    ``D``: at batch 1 it is bound by the number of kernels, not their size.
     """
 
     def forward(self, m, x, generator):
@@ -397,56 +414,48 @@ class LayerNormRule(LocalRule):
         out = vf - vf.mean(3, keepdim=True) - xh * (vf * xh).mean(3, keepdim=True)
         return (out * inv.view(n, 1, rows, 1)).view(n, k, *shape)
 
-    _constants: ClassVar[dict[tuple, tuple[Tensor, ...]]] = {}
-    """Per ``(D, dtype, device)``: the constant tables of :meth:`_coefficients`."""
+    def diag_backward_local(self, m, cache, g, h, *, residual, backprop):
+        if not isinstance(cache, _LNCache):  # the generic rule's cache
+            return LocalRule.diag_backward_local(
+                self, m, cache, g, h, residual=residual, backprop=backprop
+            )
+        g_in = self.vjp(m, cache, g) if backprop else None
+        return g_in, self._h_in(cache, g, h, residual)
 
-    @classmethod
-    def _coefficients(cls, cache: _LNCache) -> tuple[Tensor, ...]:
-        """The per-sample terms of :meth:`vjp_sq` and :meth:`residual_diag`, built once per cache.
+    @staticmethod
+    def _h_in(cache: _LNCache, g: Tensor | None, h: Tensor, residual: bool) -> Tensor:
+        """``(J o J)^T h`` (plus the residual's diagonal with ``residual``), in Horner form.
 
-        ``basis = [1, x_hat, x_hat^2]`` stacked first (3, N, D), so that the sums
-        ``Sk = sum h x_hat^k`` and their spread back are contiguous reductions;
-        ``weights`` turns ``[S0, S1, S2]`` into ``[S0, 2 S1, S2] / (D sigma)^2``.
-        The four per-feature coefficients are each ``k0 + k1 x_hat + k2 x_hat^2``
-        times ``1 / sigma^2``, computed together from a constant table:
-        ``scale = (1 - 2 (1 + x_hat^2) / D) / sigma^2`` (``h``'s own weight in
-        ``vjp_sq``), ``mix = [2 x_hat / D^2, (1/D - 1 + 3 x_hat^2 / D) / D] / sigma^2``
-        (the weights of ``sum g`` and ``sum g x_hat`` in ``residual_diag``) and
-        ``own = -2 x_hat / (D sigma^2)`` (``g``'s own weight). A dozen kernels in
-        all: at batch 1 their launch, not their size, is the cost.
+        ``D^2 sigma^2 h_in = (D^2 - 2 D) h + A0 + 2 x_hat (A1 - D g + x_hat (A2 - 2 D h) / 2)``
+        with ``A = [S0, S1, S2]`` (``+ [(1 - D) T1, T0, 3 T1]`` and the ``g`` term with
+        ``residual``): row sums and element-wise kernels only.
         """
-        if not cache.lazy:
-            xhat = cache.xhat
-            d = xhat.shape[1]
-            key = (d, xhat.dtype, xhat.device)
-            if key not in cls._constants:
-                table = torch.tensor(
-                    [  # k0, k1, k2 of scale, mix (2 rows), own
-                        [1 - 2 / d, 0.0, -2 / d],
-                        [0.0, 2 / d**2, 0.0],
-                        [(1 / d - 1) / d, 0.0, 3 / d**2],
-                        [0.0, -2 / d, 0.0],
-                    ],
-                    dtype=xhat.dtype,
-                    device=xhat.device,
-                ).view(4, 3, 1, 1)
-                weights = torch.tensor([1.0, 2.0, 1.0], dtype=xhat.dtype, device=xhat.device)
-                cls._constants[key] = (*table.unbind(1), weights.div_(d * d).view(3, 1, 1))
-            k0, k1, k2, weights = cls._constants[key]
-            x2 = xhat * xhat
-            inv2 = cache.inv * cache.inv  # (N, 1)
-            coef = torch.addcmul(torch.addcmul(k0, k1, xhat), k2, x2).mul_(inv2)  # (4, N, D)
-            basis = torch.stack([torch.ones_like(xhat), xhat, x2])
-            cache.lazy["c"] = (basis, weights * inv2, coef[0], coef[1:3], coef[3])
-        return cache.lazy["c"]
+        xhat = cache.xhat
+        rows, d = xhat.shape
+        hf = h.reshape(rows, d)
+        if "inv2" not in cache.lazy:
+            cache.lazy["inv2"] = cache.inv.square().div_(d * d)  # 1 / (D sigma)^2
+        hx = hf * xhat
+        a0 = hf.sum(1, keepdim=True)
+        a1 = hx.sum(1, keepdim=True)
+        a2 = torch.linalg.vecdot(hx, xhat).unsqueeze(1)
+        inner = torch.add(a2, hf, alpha=-2.0 * d)  # A2 - 2 D h
+        if residual:
+            gf = g.reshape(rows, d)
+            t1 = torch.linalg.vecdot(gf, xhat).unsqueeze(1)
+            a0 = a0.add_(t1, alpha=1.0 - d)
+            inner.add_(t1, alpha=3.0)
+            mid = torch.add(a1.add_(gf.sum(1, keepdim=True)), gf, alpha=-float(d))
+            mid.addcmul_(xhat, inner, value=0.5)
+        else:
+            mid = torch.addcmul(a1, xhat, inner, value=0.5)
+        out = torch.addcmul(a0, xhat, mid, value=2.0).add_(hf, alpha=float(d * d - 2 * d))
+        return out.mul_(cache.lazy["inv2"]).view(h.shape)
 
     def vjp_sq(self, m, cache, h):
         if not isinstance(cache, _LNCache):  # the generic rule's cache
             return LocalRule.vjp_sq(self, m, cache, h)
-        basis, weights, scale = self._coefficients(cache)[:3]
-        hf = h.reshape(scale.shape)
-        sums = (basis * hf).sum(2, keepdim=True).mul_(weights)  # [S0, 2 S1, S2] / (D sigma)^2
-        return torch.addcmul((basis * sums).sum(0), hf, scale).view(h.shape)
+        return self._h_in(cache, None, h, False)
 
     def _terms(self, cache, g):
         xhat, inv = cache[:2]
@@ -477,7 +486,4 @@ class LayerNormRule(LocalRule):
     def residual_diag(self, m, cache, g):
         if not isinstance(cache, _LNCache):  # the generic rule's cache
             return LocalRule.residual_diag(self, m, cache, g)
-        basis, _, _, mix, own = self._coefficients(cache)
-        gf = g.reshape(own.shape)
-        sums = (basis[:2] * gf).sum(2, keepdim=True)  # [sum g, sum g x_hat]
-        return torch.addcmul((mix * sums).sum(0), gf, own).view(g.shape)
+        return self._h_in(cache, g, torch.zeros_like(g), True)
