@@ -25,6 +25,7 @@ from hessbench.estimators._rules import Elementwise, LinearMap, Parametric, _wei
 from hessbench.estimators._rules_maps import FlattenRule
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 
 _CONSTANTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
 
@@ -53,11 +54,14 @@ class GELURule(Elementwise):
         return F.gelu(x), x
 
     def derivs(self, m, x):
-        # e = sqrt(2 pi) phi(x); seven kernels, the constants as cached 0-dim tensors
-        # (a Python scalar operand costs a conversion per kernel, as much as the kernel at batch 1)
+        # e = sqrt(2 pi) phi(x), Phi = (1 + erf(x / sqrt 2)) / 2; the constants as cached 0-dim
+        # tensors (a Python scalar operand costs a conversion per kernel, as much as the kernel
+        # at batch 1), Phi from erf (torch.special.ndtr costs several of these kernels)
         x2 = x * x
         e = torch.exp(x2 * _constant(-0.5, x))
-        d1 = torch.addcmul(torch.special.ndtr(x), x, e, value=_INV_SQRT_2PI)
+        half = _constant(0.5, x)
+        cdf = torch.addcmul(half, half, torch.erf(x * _constant(_INV_SQRT_2, x)))
+        d1 = torch.addcmul(cdf, x, e, value=_INV_SQRT_2PI)
         d2 = e * torch.addcmul(_constant(2.0 * _INV_SQRT_2PI, x), x2, _constant(-_INV_SQRT_2PI, x))
         return d1, d2
 
