@@ -158,7 +158,7 @@ def graph_diag_pass(
             if gn.kind == "add":
                 a, b = gn.inputs
                 send(a, g_down, h)
-                send(b, None if g_down is None else g_down * gn.coef, h)
+                send(b, g_down if g_down is None or gn.coef > 0 else -g_down, h)
                 continue
             if gn.kind == "cat":
                 for j, gj, hj in zip(

@@ -354,7 +354,10 @@ class AttentionRule(LocalRule):
       ``c^2 (A_w o (1 - 2 A))^T (Q o Q)`` for ``K``.
 
     Masked entries have ``A = 0`` and drop out. Each is a few batched products of
-    ``L x L`` and ``L x d_h`` matrices per head; the generic rule builds the
+    ``L x L`` and ``L x d_h`` matrices per head (``E`` as
+    ``h (V o V)^T - 2 (h o O) V^T + rowsum(h o O o O)``), computed together in
+    :meth:`diag_backward_local`, which shares ``A_w``, ``A K`` and ``Q o Q`` between
+    the three products and merges the heads once per result; the generic rule builds the
     ``3 L d x 3 L d`` residual with ``jacrev(jacrev)`` (tested equal in float64).
     The column and full-matrix passes (``vjp_cols``, ``residual``,
     ``residual_cols``) build the generic rule's Jacobian on first use.
@@ -366,7 +369,7 @@ class AttentionRule(LocalRule):
         dh = three // (3 * heads)
         # q, k, v per head, each contiguous (N, H, L, d_h): one copy here instead of one
         # in every batched product that reads a strided view
-        q, k, v = x.view(n, length, 3, heads, dh).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+        q, k, v = x.reshape(n, length, 3, heads, dh).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
         a = torch.softmax(m.scores(q, k), -1)
         o = a @ v
         return m.merge([o]), _AttnCache(x, a, x.shape[1:], q, k, v, o, {})
