@@ -424,7 +424,9 @@ class AttentionRule(LocalRule):
         mt -= ak.unsqueeze(-1) * o.unsqueeze(-2)
         hq = (mt.square_() @ hh.unsqueeze(-1)).squeeze(-1)  # a batched product: no broadcast
         # E[i, j] = sum_a h[i, a] (V[j, a] - O[i, a])^2
-        #         = (h (V o V)^T)_ij - 2 ((h o O) V^T)_ij + rowsum(h o O o O)_i
+        #         = (h (V o V)^T)_ij - 2 ((h o O) V^T)_ij + rowsum(h o O o O)_i: two batched
+        # products instead of an (N, H, L, L, d_h) tensor; the expansion cancels where
+        # V_j is close to O_i, i.e. where E is small next to the other entries of its row
         ho = hh * o
         flat = (n * heads, length, dh)
         e = torch.baddbmm(

@@ -388,7 +388,7 @@ class LayerNormRule(LocalRule):
     ``v0 = (S0 + (1 - D) T1) / D^2``, ``v1 = 2 (S1 + T0) / D^2``, ``v2 = (S2 + 3 T1) / D^2``.
 
     The forward pass and ``J^T v`` are torch's own LayerNorm kernels; the diagonal
-    pass is five row sums and eight element-wise kernels (:meth:`_h_in`), whatever
+    pass is five row sums and a dozen element-wise kernels (:meth:`_h_in`), whatever
     ``D``: at batch 1 it is bound by the number of kernels, not their size.
     """
 
