@@ -29,7 +29,7 @@ import torch
 from hessbench.estimators import available_estimators, get_estimator
 
 from ._memory import peak_memory
-from ._problems import EXTRA_PROBLEMS, PROBLEMS, build_problem
+from ._problems import EXTRA_PROBLEMS, GRAPH_PROBLEMS, PROBLEMS, build_problem
 
 try:
     from hessbench.errors import TooLargeError, UnsupportedError
@@ -91,8 +91,8 @@ class Estimators(_Timing):
 
     def track_rel_l1(self, problem: str, estimator: str) -> float:
         model64 = copy.deepcopy(self.model).double()
-        y64 = self.y.double() if self.y.is_floating_point() else self.y
-        truth = get_estimator("exact")(model64, self.loss_fn, self.x.double(), y64)
+        x64, y64 = (t.double() if t.is_floating_point() else t for t in (self.x, self.y))
+        truth = get_estimator("exact")(model64, self.loss_fn, x64, y64)  # tokens stay integers
         return relative_l1(self._call(torch.Generator().manual_seed(0)), truth)
 
     track_rel_l1.unit = "relative L1"
@@ -155,3 +155,19 @@ class Gradient(_Timing):
         return peak_memory(self._grad)
 
     track_peak_memory.unit = "bytes"
+
+
+class GraphEstimators(Estimators):
+    """The HesScale family on residual and transformer models (:data:`GRAPH_PROBLEMS`).
+
+    The same figures as :class:`Estimators`; the models are captured by the graph
+    engine (``torch.fx``), whose diagonal pass these time.
+    """
+
+    params = (list(GRAPH_PROBLEMS), ["hesscale", "hesscale_gn", "bl89"])
+
+
+class GraphGradient(Gradient):
+    """:class:`Gradient` on :data:`GRAPH_PROBLEMS`."""
+
+    params = (list(GRAPH_PROBLEMS),)

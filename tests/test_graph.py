@@ -214,6 +214,61 @@ def test_a_chain_as_a_graph_draws_the_same_samples(name):
     _close({k.removeprefix("seq."): v for k, v in got.items()}, want, rtol=1e-13, atol=1e-15)
 
 
+class BNBlock(nn.Module):
+    """``tanh(x + bn(conv(x)))``: a residual block of the user's inside an ``nn.Sequential``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        return torch.tanh(x + self.bn(self.conv(x)))
+
+
+def _sequential_of_graph_layers() -> nn.Sequential:
+    torch.manual_seed(3)
+    seq = nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.BatchNorm2d(2),
+        nn.GELU(),
+        BNBlock(),
+        nn.Flatten(),
+        nn.LayerNorm(8),
+        nn.Linear(8, 3),
+    )
+    for m in seq.modules():  # non-trivial statistics and affine parts
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return seq.double().eval()
+
+
+@pytest.mark.parametrize("name", ["hesscale", "hesscale_gn", "bl89", "exact", "ggn_exact", "kfac"])
+def test_a_sequential_with_graph_layers_runs_on_the_graph_engine(name):
+    """BatchNorm, GELU, LayerNorm and a residual block in an ``nn.Sequential``: the graph
+    engine takes it, with the numbers of the same layers in a plain module."""
+    from hessbench.estimators._graph import GraphPlan
+    from hessbench.estimators._sequential import build_plan
+
+    seq = _sequential_of_graph_layers()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (3,), generator=g)
+    assert isinstance(build_plan(seq, graph=True), GraphPlan)
+    with pytest.raises(UnsupportedError, match=r"layer '1' \(BatchNorm2d\) is not supported"):
+        build_plan(seq)  # the sequential engines' callers still get the table's one line
+    est, loss = get_estimator(name), nn.CrossEntropyLoss()
+    got = est(seq, loss, x, y, generator=torch.Generator().manual_seed(5))
+    want = est(Wrapper(seq), loss, x, y, generator=torch.Generator().manual_seed(5))
+    _close(got, {k.removeprefix("seq."): v for k, v in want.items()}, rtol=1e-13, atol=1e-15)
+    if name == "exact":
+        _close(got, reference.hessian_diag(seq, nn.CrossEntropyLoss(), x, y))
+
+
 class ResBlock(nn.Module):
     """``out(y)``, ``y = x + tanh(W1 x)``, ``x = W0 input``."""
 

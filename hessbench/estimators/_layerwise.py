@@ -41,12 +41,15 @@ def keep_grad(
 
 
 class LayerwiseEstimator(Estimator):
-    """An estimator that supports exactly the layers of the rule table.
+    """An estimator that supports exactly the layers of the rule tables.
 
-    Supported: ``nn.Sequential`` (nested allowed) of Linear, Conv1d, Conv2d
-    (stride, padding, dilation, groups), Tanh, Sigmoid, ReLU, LeakyReLU, ELU,
-    SELU, Softplus, LogSigmoid, Flatten, MaxPool1d/2d, AvgPool1d/2d, Dropout and
-    Identity; every loss of :class:`~hessbench.estimators._losses.LossSpec`.
+    The sequential engine: ``nn.Sequential`` (nested allowed) of Linear, Conv1d,
+    Conv2d (stride, padding, dilation, groups), Tanh, Sigmoid, ReLU, LeakyReLU,
+    ELU, SELU, Softplus, LogSigmoid, Flatten, MaxPool1d/2d, AvgPool1d/2d, Dropout
+    and Identity; with ``graph_capable``, any other model (an ``nn.Sequential``
+    with other layers included) runs on the graph engine
+    (:mod:`hessbench.estimators._graph`). Every loss of
+    :class:`~hessbench.estimators._losses.LossSpec`.
     """
 
     uses_model_forward: ClassVar[bool] = False

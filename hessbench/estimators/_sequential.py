@@ -106,8 +106,10 @@ def build_plan(
 
     With ``graph``, a model that is not an ``nn.Sequential`` is captured by
     ``torch.fx`` into a :class:`~hessbench.estimators._graph.GraphPlan` (for the
-    engines that take one: ``diag_pass`` and ``factor_pass``); an
-    ``nn.Sequential`` always gets the sequential plan. ``like``: the model that
+    engines that take one: ``diag_pass`` and ``factor_pass``), and so is an
+    ``nn.Sequential`` with a layer outside the sequential rule table (BatchNorm,
+    LayerNorm, GELU, a residual block of the user's); any other
+    ``nn.Sequential`` gets the sequential plan. ``like``: the model that
     ``model`` is a cast copy of, whose trace the graph plan reuses
     (:func:`~hessbench.estimators._graph.build_graph_plan`). Plans are cached
     per model while what they read of it is unchanged (:data:`_PLANS`).
@@ -127,8 +129,31 @@ def build_plan(
     key = model_key(model)
     plan = _PLANS.get(model, key)
     if plan is None:
-        plan = _PLANS.put(model, key, _build(model))
+        try:
+            plan = _build(model)
+        except UnsupportedError as exc:
+            plan = exc  # remembered: the sequential table is not tried again for this model
+        _PLANS.put(model, key, plan)
+    if isinstance(plan, UnsupportedError):
+        if graph:
+            return _graph_fallback(model, like, str(plan))
+        raise UnsupportedError(str(plan))
     return plan
+
+
+def _graph_fallback(model: nn.Sequential, like: nn.Module | None, why: str) -> GraphPlan:
+    """The graph plan of an ``nn.Sequential`` the sequential table refused (for ``why``).
+
+    Refused by the graph engine too: one line with both reasons, the table's
+    first (it names the layer by path and type), unless the two say the same.
+    """
+    try:
+        return build_graph_plan(model, like=like)
+    except UnsupportedError as exc:
+        first = why.split("; supported layers:")[0]
+        if first in str(exc):
+            raise
+        raise UnsupportedError(f"{first} by the sequential pass; graph engine: {exc}") from None
 
 
 _PLANS = PerModel()
