@@ -132,13 +132,22 @@ def build_plan(
         try:
             plan = _build(model)
         except UnsupportedError as exc:
-            plan = exc  # remembered: the sequential table is not tried again for this model
+            # remembered (the message, not the exception and its frames): the sequential
+            # table is not tried again for this model
+            plan = _Refused(str(exc))
         _PLANS.put(model, key, plan)
-    if isinstance(plan, UnsupportedError):
+    if isinstance(plan, _Refused):
         if graph:
-            return _graph_fallback(model, like, str(plan))
-        raise UnsupportedError(str(plan))
+            return _graph_fallback(model, like, plan.why)
+        raise UnsupportedError(plan.why)
     return plan
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A model the sequential table refused, and why (its one-line message)."""
+
+    why: str
 
 
 def _graph_fallback(model: nn.Sequential, like: nn.Module | None, why: str) -> GraphPlan:
