@@ -14,6 +14,8 @@ float32 like the others):
 
 ``Gradient`` gives the same figures for one forward and backward pass of the
 loss (``torch.autograd.grad``), the unit estimator costs are quoted in.
+``GraphEstimators`` and ``GraphGradient`` give them for the HesScale family on
+the graph-engine models of :data:`GRAPH_PROBLEMS` (residual MLP, ResNet, GPT).
 
 A pair the estimator does not support raises ``NotImplementedError`` in
 ``setup``, which asv (and ``.ci/bench_gate.py``) report as skipped.

@@ -311,10 +311,10 @@ class AttentionSpec(LocalSpec):
 
     @staticmethod
     def merge(parts: list[Tensor]) -> Tensor:
-        """Per-head tensors (N, H, L, d_h) back to (N, L, len(parts) * d)."""
+        """Per-head tensors (N, H, L, d_h) back to (N, L, len(parts) * d), in one copy."""
         n, heads, length, dh = parts[0].shape
-        flat = [t.transpose(1, 2).reshape(n, length, heads * dh) for t in parts]
-        return flat[0] if len(flat) == 1 else torch.cat(flat, -1)
+        merged = torch.stack([t.transpose(1, 2) for t in parts], 2)
+        return merged.view(n, length, len(parts) * heads * dh)
 
     def _apply(self, x: Tensor) -> Tensor:
         q, k, v = self.split(x)
@@ -386,12 +386,6 @@ class AttentionRule(LocalRule):
         return t.reshape(n, length, heads, dh).transpose(1, 2).contiguous()
 
     @staticmethod
-    def _merge(parts: list[Tensor]) -> Tensor:
-        """Per-head ``[.._q, .._k, .._v]`` (N, H, L, d_h) as one input-shaped (N, L, 3 d) tensor."""
-        n, heads, length, dh = parts[0].shape
-        return torch.stack([t.transpose(1, 2) for t in parts], 2).view(n, length, 3 * heads * dh)
-
-    @staticmethod
     def _score_grad(cache: _AttnCache, gh: Tensor) -> Tensor:
         """``A_w = A o (u - rowsum(A o u))``, ``u = g V^T``."""
         a = cache.a
@@ -409,7 +403,7 @@ class AttentionRule(LocalRule):
 
     def vjp(self, m, cache, v):
         gh = self._heads(cache, v)
-        return self._merge(self._vjp_heads(cache, gh, self._score_grad(cache, gh)))
+        return AttentionSpec.merge(self._vjp_heads(cache, gh, self._score_grad(cache, gh)))
 
     def diag_backward_local(self, m, cache, g, h, *, residual, backprop):
         a, q, k, v, o = cache.a, cache.q, cache.k, cache.v, cache.o
@@ -451,8 +445,8 @@ class AttentionRule(LocalRule):
             if backprop:
                 g_parts = self._vjp_heads(cache, gh, aw, awk)
         hk = wk.transpose(-1, -2) @ (q * q)
-        h_in = self._merge([hq.mul_(c2), hk.mul_(c2), hv])
-        return (None if g_parts is None else self._merge(g_parts)), h_in
+        h_in = AttentionSpec.merge([hq.mul_(c2), hk.mul_(c2), hv])
+        return (None if g_parts is None else AttentionSpec.merge(g_parts)), h_in
 
     def vjp_sq(self, m, cache, h):
         return self.diag_backward_local(m, cache, None, h, residual=False, backprop=False)[1]
