@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hessbench.errors import UnsupportedError
-from hessbench.estimators import get_estimator
+from hessbench.estimators import _graph_pass, get_estimator
+from hessbench.estimators._rules_attention import SelectRule
 from hessbench.suite.architectures import TinyGPT
 
 
@@ -112,6 +113,62 @@ def test_hesscale_facts_on_transformers(kind):
         else "enc.layers.0.linear1.weight"
     )
     assert not torch.allclose(hs[k], want[k], rtol=1e-3, atol=1e-8)
+
+
+class SliceReader(nn.Module):
+    """A pre-norm block read at positions 1:3 (a slice keeping dim 1), then per-position layers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.embed = nn.Embedding(6, 8)
+        self.pos = nn.Parameter(0.5 * torch.randn(4, 8))
+        self.block = nn.TransformerEncoderLayer(
+            8, 2, 16, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(4))
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 5)
+        self.out = nn.Linear(10, 6)
+
+    def forward(self, tokens):
+        h = self.block(self.embed(tokens) + self.pos, src_mask=self.mask)
+        h = torch.tanh(self.proj(self.norm(h[:, 1:3])))
+        return self.out(torch.flatten(h, 1))
+
+
+@pytest.mark.parametrize("make", ["gpt-causal", "gpt-1-layer", "slice"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", ["hesscale", "hesscale_gn", "bl89"])
+def test_the_diagonal_pass_on_the_positions_read_equals_the_full_pass(
+    monkeypatch, make, batch, name
+):
+    """Below ``h[:, -1]`` (or ``h[:, 1:3]``) the pass runs on those positions: same numbers."""
+    model = {
+        "gpt-causal": lambda: _gpt(True),
+        "gpt-1-layer": lambda: _gpt(False, layers=1),
+        "slice": lambda: SliceReader().double().eval(),
+    }[make]()
+    g = torch.Generator().manual_seed(batch)
+    x, y = torch.randint(6, (batch, 4), generator=g), torch.randint(6, (batch,), generator=g)
+    est = get_estimator(name)
+    monkeypatch.setattr(_graph_pass, "ROWS_MIN", 10**9)  # never: the full tensors
+    full = est.estimate_with_grad(model, nn.CrossEntropyLoss(), x, y)
+    seen = []
+    rows = SelectRule.rows
+
+    def spy(m, shape):
+        seen.append(rows(m, shape))
+        return seen[-1]
+
+    monkeypatch.setattr(_graph_pass, "ROWS_MIN", 0)  # always
+    monkeypatch.setattr(SelectRule, "rows", staticmethod(spy))
+    narrow = est.estimate_with_grad(model, nn.CrossEntropyLoss(), x, y)
+    want = (slice(1, 3), False) if make == "slice" else (slice(3, 4), True)
+    assert seen == [want]
+    for got, ref in zip(narrow[:2], full[:2], strict=True):
+        _close(got, ref)
+    torch.testing.assert_close(narrow[2], full[2], rtol=1e-12, atol=0.0)
 
 
 def test_ggn_mc_mean_converges_to_ggn_exact_on_the_tiny_gpt():

@@ -25,6 +25,7 @@ consumers are.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -33,6 +34,7 @@ from torch import Tensor
 from hessbench.estimators._base import check_output
 from hessbench.estimators._curvature import _diag_cols
 from hessbench.estimators._graph import GraphPlan, graph_forward
+from hessbench.estimators._rules_attention import AttentionRule, SelectRule
 from hessbench.estimators._rules_norm import AffineRule, LocalRule
 
 __all__ = ["graph_diag_pass", "graph_factor_pass"]
@@ -130,35 +132,50 @@ def graph_diag_pass(
             h0 = torch.zeros_like(out)
         need_g = _needs_grad(plan, residual, with_grad)
         flags = _input_flags(plan, residual, with_grad)
+        # per node: [g, h, rows]; with ``rows`` (a slice of dim 1), g and h hold those
+        # positions only and are zero elsewhere (below ``h[:, -1]``, see _rows_below)
         acc: list[list | None] = [None] * len(plan.nodes)
-        acc[plan.output] = [state.grad if need_g[plan.output] else None, h0]
+        acc[plan.output] = [state.grad if need_g[plan.output] else None, h0, None]
         diag: dict[str, Tensor] = {}
         grads: dict[str, Tensor] = {}
         need = plan.need
 
-        def send(j, g, h):
+        def send(j, g, h, rows=None):
             if not need[j]:
                 return
             if not need_g[j]:
                 g = None
             if acc[j] is None:
-                acc[j] = [g, h]
-            else:
-                acc[j] = [_add(acc[j][0], g), _add(acc[j][1], h)]
+                acc[j] = [g, h, rows]
+                return
+            g0, h0, r0 = acc[j]
+            if r0 != rows:  # different positions: both in full
+                shape = outs[j].shape
+                g0, h0 = _scatter(g0, r0, shape), _scatter(h0, r0, shape)
+                g, h, rows = _scatter(g, rows, shape), _scatter(h, rows, shape), None
+            acc[j] = [_add(g0, g), _add(h0, h), rows]
 
         for i in range(len(plan.nodes) - 1, -1, -1):
             gn = plan.nodes[i]
             if acc[i] is None or gn.kind == "input":
                 continue
-            g, h = acc[i]
+            g, h, rows = acc[i]
             acc[i] = None
             c = caches[i]
+            rule, m = gn.rule, gn.module
+            if rows is not None:
+                narrowed = None if gn.kind != "rule" else rule.narrow(m, c, rows)
+                if narrowed is not None:
+                    c = narrowed
+                elif gn.kind != "add" and not isinstance(rule, AttentionRule):
+                    shape = outs[i].shape
+                    g, h, rows = _scatter(g, rows, shape), _scatter(h, rows, shape), None
             need_in, g_below = flags[i]
             g_down = g if g_below else None  # to backpropagate
             if gn.kind == "add":
                 a, b = gn.inputs
-                send(a, g_down, h)
-                send(b, g_down if g_down is None or gn.coef > 0 else -g_down, h)
+                send(a, g_down, h, rows)
+                send(b, g_down if g_down is None or gn.coef > 0 else -g_down, h, rows)
                 continue
             if gn.kind == "cat":
                 for j, gj, hj in zip(
@@ -166,7 +183,6 @@ def graph_diag_pass(
                 ):
                     send(j, gj, hj)
                 continue
-            rule, m = gn.rule, gn.module
             j = gn.inputs[0]
             if gn.has_params:
                 hw, hb, gw, gb, h_in, g_in = rule.diag_backward(
@@ -176,21 +192,54 @@ def graph_diag_pass(
                 if with_grad:
                     _store(grads, gn, gw, gb)
                 if need_in:
-                    send(j, g_in, h_in)
+                    send(j, g_in, h_in, rows)
                 continue
             if not need_in:
                 continue
+            out_rows = rows
             if rule.elementwise:
                 g_in, h_in = rule.backward_diag(m, c, g, h, residual)
+            elif isinstance(rule, AttentionRule):
+                g_in, h_in = rule.diag_backward_local(
+                    m, c, g, h, residual=residual, backprop=g_down is not None, rows=rows
+                )
+                out_rows = None  # keys and values: every position
             elif isinstance(rule, LocalRule):
                 g_in, h_in = rule.diag_backward_local(
                     m, c, g, h, residual=residual, backprop=g_down is not None
                 )
+            elif (
+                isinstance(rule, SelectRule)
+                and h.shape[0] * math.prod(c) >= ROWS_MIN
+                and (sel := rule.rows(m, c)) is not None
+            ):
+                out_rows, dropped = sel
+                g_in = g_down if g_down is None or not dropped else g_down.unsqueeze(1)
+                h_in = h.unsqueeze(1) if dropped else h
             else:
                 h_in = rule.vjp_sq(m, c, h)
                 g_in = None if g_down is None else rule.vjp(m, c, g_down)
-            send(j, g_in, h_in)
+            send(j, g_in, h_in, out_rows)
     return _ordered(plan, diag), (_ordered(plan, grads) if with_grad else grads), state
+
+
+ROWS_MIN = 4096
+"""Entries of ``x`` (all samples) from which ``x[:, i]`` starts the diagonal pass on positions.
+
+Below it the rows are too few for the narrower kernels to pay for the extra ones
+(scatters where the positions meet the full tensors): on TinyGPT (4,096 entries
+at batch 16) the pass is 2-3 % slower at batch 1 (256 entries) and 6-9 %
+faster at batch 32 with them (``cost_ratios.py --only gpt``, in-process A/B).
+"""
+
+
+def _scatter(t: Tensor | None, rows: slice | None, shape: torch.Size) -> Tensor | None:
+    """``t`` holding positions ``rows`` of dim 1 as a tensor of ``shape``, zeros elsewhere."""
+    if t is None or rows is None:
+        return t
+    out = t.new_zeros(shape)
+    out[:, rows] = t
+    return out
 
 
 # ----------------------------------------------------------------- factor pass

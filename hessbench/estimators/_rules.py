@@ -38,6 +38,16 @@ class Rule:
     def forward(self, m: nn.Module, x: Tensor, generator: torch.Generator | None):
         raise NotImplementedError
 
+    def narrow(self, m: nn.Module, cache, rows: slice):
+        """The cache of the same layer applied to positions ``rows`` alone, or None.
+
+        On inputs ``(N, P, ...)`` whose positions the layer treats one by one
+        (a Linear on the last dimension, LayerNorm over it, an activation), the
+        diagonal pass can run on the rows where the backpropagated gradient and
+        curvature are not zero (below ``h[:, -1]``); None where it cannot.
+        """
+        return None
+
 
 class Elementwise(Rule):
     """``y = f(x)`` applied entry by entry."""
@@ -48,6 +58,9 @@ class Elementwise(Rule):
 
     def derivs(self, m: nn.Module, cache) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
+
+    def narrow(self, m: nn.Module, cache, rows: slice):
+        return cache[:, rows] if isinstance(cache, Tensor) and cache.dim() >= 3 else None
 
     def vjp(self, m: nn.Module, cache, v: Tensor) -> Tensor:
         """``f'(x) v`` for ``v`` of shape (N, *shape)."""

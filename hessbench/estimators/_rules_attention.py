@@ -64,6 +64,9 @@ class PosLinearRule(LinearRule):
     def forward(self, m, x, generator):
         return F.linear(x, m.weight, m.bias), x
 
+    def narrow(self, m, x, rows):
+        return x[:, rows] if x.dim() >= 3 else None
+
     def vjp_diag_cols(self, m, x, d):
         if x.dim() == 2:
             return LinearRule.vjp_diag_cols(self, m, x, d)
@@ -246,6 +249,22 @@ class SelectRule(LinearMap):
     def forward(self, m, x, generator):
         return x[m], x.shape[1:]
 
+    @staticmethod
+    def rows(m, shape) -> tuple[slice, bool] | None:
+        """``x[:, i]`` or ``x[:, a:b]`` on ``x`` (N, P, ...): the positions read along dim 1.
+
+        Returns the contiguous ``slice`` of positions and whether dim 1 was dropped
+        (an integer index), or None for any other selection.
+        """
+        if len(m) != 2 or len(shape) < 2:
+            return None
+        idx, p = m[1], shape[0]
+        if isinstance(idx, int):
+            i = idx % p
+            return slice(i, i + 1), True
+        start, stop, step = idx.indices(p)
+        return (slice(start, stop), False) if step == 1 and start < stop else None
+
     def vjp(self, m, shape, v):
         out = v.new_zeros(v.shape[0], *shape)
         out[m] = v
@@ -321,6 +340,17 @@ class AttentionSpec(LocalSpec):
         return self.merge([torch.softmax(self.scores(q, k), -1) @ v])
 
 
+def _tmm(x: Tensor, y: Tensor) -> Tensor:
+    """``x^T y`` over the last two dims; for one row (``x``: (..., 1, L)) a broadcast product.
+
+    (A batched matrix product with an inner dimension of 1 costs several times the
+    element-wise product on the CPU.)
+    """
+    if x.shape[-2] == 1:
+        return x.transpose(-1, -2) * y
+    return x.transpose(-1, -2) @ y
+
+
 class _AttnCache(NamedTuple):
     """:class:`AttentionRule`'s cache (``shape`` at index 2, as the generic rule's)."""
 
@@ -381,71 +411,97 @@ class AttentionRule(LocalRule):
 
     @staticmethod
     def _heads(cache: _AttnCache, t: Tensor) -> Tensor:
-        """``t`` (N, L, d) per head, contiguous (N, H, L, d_h)."""
-        n, heads, length, dh = cache.q.shape
-        return t.reshape(n, length, heads, dh).transpose(1, 2).contiguous()
+        """``t`` (N, L, d) per head, contiguous (N, H, L, d_h) (``L``: all rows or some)."""
+        n, heads, _, dh = cache.q.shape
+        return t.reshape(n, -1, heads, dh).transpose(1, 2).contiguous()
 
     @staticmethod
-    def _score_grad(cache: _AttnCache, gh: Tensor) -> Tensor:
-        """``A_w = A o (u - rowsum(A o u))``, ``u = g V^T``."""
-        a = cache.a
-        u = gh @ cache.v.transpose(-1, -2)
+    def _score_grad(a: Tensor, v: Tensor, gh: Tensor) -> Tensor:
+        """``A_w = A o (u - rowsum(A o u))``, ``u = g V^T`` (``A``, ``g``: the query rows used)."""
+        u = gh @ v.transpose(-1, -2)
         return a * (u - (a * u).sum(-1, keepdim=True))
 
+    @staticmethod
     def _vjp_heads(
-        self, cache: _AttnCache, gh: Tensor, aw: Tensor, awk: Tensor | None = None
+        a: Tensor, q: Tensor, k: Tensor, gh: Tensor, aw: Tensor, awk: Tensor | None = None
     ) -> list[Tensor]:
-        """``[g_Q, g_K, g_V]`` per head; ``awk`` is ``A_w K`` where already computed."""
-        c = 1.0 / math.sqrt(cache.q.shape[-1])
-        gq = (aw @ cache.k if awk is None else awk).mul(c)
-        gk = (aw.transpose(-1, -2) @ cache.q).mul_(c)
-        return [gq, gk, cache.a.transpose(-1, -2) @ gh]
+        """``[g_Q, g_K, g_V]`` per head; ``awk`` is ``A_w K`` where already computed.
+
+        ``a``, ``q``, ``gh``, ``aw``: the query rows used; ``g_Q`` has those rows only.
+        """
+        c = 1.0 / math.sqrt(q.shape[-1])
+        gq = (aw @ k if awk is None else awk).mul(c)
+        gk = _tmm(aw, q).mul_(c)
+        return [gq, gk, _tmm(a, gh)]
 
     def vjp(self, m, cache, v):
         gh = self._heads(cache, v)
-        return AttentionSpec.merge(self._vjp_heads(cache, gh, self._score_grad(cache, gh)))
+        aw = self._score_grad(cache.a, cache.v, gh)
+        return AttentionSpec.merge(self._vjp_heads(cache.a, cache.q, cache.k, gh, aw))
 
-    def diag_backward_local(self, m, cache, g, h, *, residual, backprop):
+    @staticmethod
+    def _scatter_rows(t: Tensor, rows: slice | None, length: int) -> Tensor:
+        """Per-head ``t`` (N, H, R, d_h) of query rows ``rows`` as (N, H, L, d_h), zeros elsewhere."""
+        if rows is None:
+            return t
+        out = t.new_zeros(*t.shape[:2], length, t.shape[3])
+        out[:, :, rows] = t
+        return out
+
+    def diag_backward_local(self, m, cache, g, h, *, residual, backprop, rows=None):
+        """The diagonal pass (see the class docstring).
+
+        ``rows``: ``g`` and ``h`` are (N, R, d), the query rows ``rows`` of an
+        output that is zero elsewhere (below ``h[:, -1]``): the products run on
+        those rows, and ``h_Q``, ``g_Q`` are zero outside them.
+        """
         a, q, k, v, o = cache.a, cache.q, cache.k, cache.v, cache.o
-        c2 = 1.0 / q.shape[-1]
-        hh = self._heads(cache, h)
-        # M_i^T = K^T diag(A_i) V - (A K)_i O_i^T for every row i at once, (N, H, L, d_h, d_h):
-        # A (K_j V_j^T flattened), one (L, L) @ (L, d_h^2) product per sample and head
         n, heads, length, dh = v.shape
-        kv = (k.unsqueeze(-1) * v.unsqueeze(-2)).view(n, heads, length, dh * dh)
+        if rows is not None:  # the query side: the rows used
+            a, q, o = a[:, :, rows], q[:, :, rows], o[:, :, rows]
+        r = a.shape[2]
+        c2 = 1.0 / dh
+        hh = self._heads(cache, h)
+        # M_i^T = K^T diag(A_i) V - (A K)_i O_i^T for every row i at once, (N, H, R, d_h, d_h)
         ak = a @ k
-        mt = (a @ kv).view(n, heads, length, dh, dh)
+        if r < dh:  # few rows: (diag(A_i) K)^T V, one (d_h, L) @ (L, d_h) product per row
+            mt = (a.unsqueeze(-1) * k.unsqueeze(2)).transpose(-1, -2) @ v.unsqueeze(2)
+        else:  # A (K_j V_j^T flattened), one (R, L) @ (L, d_h^2) product per sample and head
+            kv = (k.unsqueeze(-1) * v.unsqueeze(-2)).view(n, heads, length, dh * dh)
+            mt = (a @ kv).view(n, heads, r, dh, dh)
         mt -= ak.unsqueeze(-1) * o.unsqueeze(-2)
         hq = (mt.square_() @ hh.unsqueeze(-1)).squeeze(-1)  # a batched product: no broadcast
         # E[i, j] = sum_a h[i, a] (V[j, a] - O[i, a])^2
         #         = (h (V o V)^T)_ij - 2 ((h o O) V^T)_ij + rowsum(h o O o O)_i: two batched
-        # products instead of an (N, H, L, L, d_h) tensor; the expansion cancels where
+        # products instead of an (N, H, R, L, d_h) tensor; the expansion cancels where
         # V_j is close to O_i, i.e. where E is small next to the other entries of its row
         ho = hh * o
-        flat = (n * heads, length, dh)
+        rflat, kflat = (n * heads, r, dh), (n * heads, length, dh)
         e = torch.baddbmm(
-            (ho * o).sum(-1, keepdim=True).view(n * heads, length, 1),
-            hh.view(flat),
-            (v * v).view(flat).transpose(1, 2),
+            (ho * o).sum(-1, keepdim=True).view(n * heads, r, 1),
+            hh.view(rflat),
+            (v * v).view(kflat).transpose(1, 2),
         )
-        e = e.baddbmm_(ho.view(flat), v.view(flat).transpose(1, 2), alpha=-2.0)
-        e = e.view(n, heads, length, length)
+        e = e.baddbmm_(ho.reshape(rflat), v.view(kflat).transpose(1, 2), alpha=-2.0)
+        e = e.view(n, heads, r, length)
         a2 = a * a
         wk = a2 * e  # h_K = c^2 wk^T (Q o Q)
-        hv = a2.transpose(-1, -2) @ hh
+        hv = _tmm(a2, hh)
         g_parts = None
         if residual or backprop:
             gh = self._heads(cache, g)
-            aw = self._score_grad(cache, gh)
+            aw = self._score_grad(a, v, gh)
             awk = None
             if residual:  # the residual's Q and K terms join h_Q and wk
                 awk = aw @ k
                 hq.add_(aw @ (k * k)).addcmul_(awk, ak, value=-2.0)
                 wk.add_(aw).addcmul_(aw, a, value=-2.0)  # + A_w o (1 - 2 A)
             if backprop:
-                g_parts = self._vjp_heads(cache, gh, aw, awk)
-        hk = wk.transpose(-1, -2) @ (q * q)
-        h_in = AttentionSpec.merge([hq.mul_(c2), hk.mul_(c2), hv])
+                g_parts = self._vjp_heads(a, q, k, gh, aw, awk)
+                g_parts[0] = self._scatter_rows(g_parts[0], rows, length)
+        hk = _tmm(wk, q * q)
+        hq = self._scatter_rows(hq.mul_(c2), rows, length)
+        h_in = AttentionSpec.merge([hq, hk.mul_(c2), hv])
         return (None if g_parts is None else AttentionSpec.merge(g_parts)), h_in
 
     def vjp_sq(self, m, cache, h):

@@ -162,6 +162,12 @@ class AffineRule(Parametric):
             y = xhat * w if b is None else torch.addcmul(b, xhat, w)
         return y, (xhat, scale, view, self._sum_dims(x.shape, view))
 
+    def narrow(self, m, cache, rows):
+        xhat, scale, view, dims = cache
+        if m.bn is not None or len(view) > xhat.dim() - 2:  # parameters vary over dim 1
+            return None
+        return xhat[:, rows], scale, view, dims
+
     @staticmethod
     def _sum_dims(shape: torch.Size, pview: tuple[int, ...]) -> list[int]:
         """The dims of an output-shaped tensor that a parameter's entry sums over."""
@@ -399,6 +405,22 @@ class LayerNormRule(LocalRule):
         y, mean, rstd = torch.native_layer_norm(x, m.shape, None, None, m.eps)
         d = math.prod(m.shape)
         return y, _LNCache(y.reshape(-1, d), rstd.reshape(-1, 1), x.shape[1:], x, mean, rstd, {})
+
+    def narrow(self, m, cache, rows):
+        if not isinstance(cache, _LNCache) or cache.x.dim() - len(m.shape) < 2:
+            return None  # the generic rule's cache, or dim 1 is normalized over
+        x = cache.x
+        n, p, d = x.shape[0], x.shape[1], cache.xhat.shape[1]
+        xr = x[:, rows].contiguous()  # torch's LayerNorm backward reads these as laid out
+        return _LNCache(
+            cache.xhat.view(n, p, -1, d)[:, rows].reshape(-1, d),
+            cache.inv.view(n, p, -1)[:, rows].reshape(-1, 1),
+            xr.shape[1:],
+            xr,
+            cache.mean[:, rows].contiguous(),
+            cache.rstd[:, rows].contiguous(),
+            {},
+        )
 
     def vjp(self, m, cache, v):
         if not isinstance(cache, _LNCache):  # the generic rule's cache
