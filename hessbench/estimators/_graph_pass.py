@@ -133,7 +133,7 @@ def graph_diag_pass(
         need_g = _needs_grad(plan, residual, with_grad)
         flags = _input_flags(plan, residual, with_grad)
         # per node: [g, h, rows]; with ``rows`` (a slice of dim 1), g and h hold those
-        # positions only and are zero elsewhere (below ``h[:, -1]``, see _rows_below)
+        # positions only and are zero elsewhere (below ``x[:, -1]``, see ROWS_MIN)
         acc: list[list | None] = [None] * len(plan.nodes)
         acc[plan.output] = [state.grad if need_g[plan.output] else None, h0, None]
         diag: dict[str, Tensor] = {}

@@ -464,7 +464,7 @@ class AttentionRule(LocalRule):
         hh = self._heads(cache, h)
         # M_i^T = K^T diag(A_i) V - (A K)_i O_i^T for every row i at once, (N, H, R, d_h, d_h)
         ak = a @ k
-        if r < dh:  # few rows: (diag(A_i) K)^T V, one (d_h, L) @ (L, d_h) product per row
+        if rows is not None and r < dh:  # (diag(A_i) K)^T V, a (d_h, L) @ (L, d_h) product per row
             mt = (a.unsqueeze(-1) * k.unsqueeze(2)).transpose(-1, -2) @ v.unsqueeze(2)
         else:  # A (K_j V_j^T flattened), one (R, L) @ (L, d_h^2) product per sample and head
             kv = (k.unsqueeze(-1) * v.unsqueeze(-2)).view(n, heads, length, dh * dh)
