@@ -202,9 +202,18 @@ GRAPH_PROBLEMS: dict[str, Callable[[], Problem]] = {
 a ResNet with eval-mode BatchNorm, a two-layer causal GPT of standard modules."""
 
 
+GRAPH_BATCH_PROBLEMS: dict[str, Callable[[], Problem]] = {
+    "gpt_b32": lambda: _graph("gpt", 32),
+}
+"""The GPT at batch 32, where the diagonal pass below ``h[:, -1]`` runs on the last
+position only (``bench_estimators.GraphBatch``: time and memory, no accuracy: the
+float64 ground truth takes tens of seconds there)."""
+
+
 def build_problem(name: str) -> Problem:
     """``(model, loss_fn, inputs, targets)`` of the problem ``name``, model in eval mode."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model, loss_fn, x, y = {**PROBLEMS, **EXTRA_PROBLEMS, **GRAPH_PROBLEMS}[name]()
+        problems = {**PROBLEMS, **EXTRA_PROBLEMS, **GRAPH_PROBLEMS, **GRAPH_BATCH_PROBLEMS}
+        model, loss_fn, x, y = problems[name]()
     return model.eval(), loss_fn, x, y

@@ -15,7 +15,10 @@ float32 like the others):
 ``Gradient`` gives the same figures for one forward and backward pass of the
 loss (``torch.autograd.grad``), the unit estimator costs are quoted in.
 ``GraphEstimators`` and ``GraphGradient`` give them for the HesScale family on
-the graph-engine models of :data:`GRAPH_PROBLEMS` (residual MLP, ResNet, GPT).
+the graph-engine models of :data:`GRAPH_PROBLEMS` (residual MLP, ResNet, GPT);
+``GraphBatch`` times them (and their peak memory) on the GPT at batch 32
+(:data:`GRAPH_BATCH_PROBLEMS`), where the pass runs on the last position below
+``h[:, -1]``.
 
 A pair the estimator does not support raises ``NotImplementedError`` in
 ``setup``, which asv (and ``.ci/bench_gate.py``) report as skipped.
@@ -31,7 +34,13 @@ import torch
 from hessbench.estimators import available_estimators, get_estimator
 
 from ._memory import peak_memory
-from ._problems import EXTRA_PROBLEMS, GRAPH_PROBLEMS, PROBLEMS, build_problem
+from ._problems import (
+    EXTRA_PROBLEMS,
+    GRAPH_BATCH_PROBLEMS,
+    GRAPH_PROBLEMS,
+    PROBLEMS,
+    build_problem,
+)
 
 try:
     from hessbench.errors import TooLargeError, UnsupportedError
@@ -170,6 +179,34 @@ class GraphEstimators(Estimators):
 
 
 class GraphGradient(Gradient):
-    """:class:`Gradient` on :data:`GRAPH_PROBLEMS`."""
+    """:class:`Gradient` on :data:`GRAPH_PROBLEMS` and :data:`GRAPH_BATCH_PROBLEMS`."""
 
-    params = (list(GRAPH_PROBLEMS),)
+    params = (list(GRAPH_PROBLEMS) + list(GRAPH_BATCH_PROBLEMS),)
+
+
+class GraphBatch(_Timing):
+    """The HesScale family on :data:`GRAPH_BATCH_PROBLEMS` (the GPT at batch 32): time, memory.
+
+    Their gradient is :class:`GraphGradient`'s.
+
+    No ``track_rel_l1``: the float64 ``exact`` diagonal takes tens of seconds at
+    this batch (the accuracy is :class:`GraphEstimators`' at batch 1, and the pass
+    on the positions read is tested equal to the full one).
+    """
+
+    params = (list(GRAPH_BATCH_PROBLEMS), ["hesscale", "hesscale_gn", "bl89"])
+    param_names = ("problem", "estimator")
+
+    def setup(self, problem: str, estimator: str) -> None:
+        torch.set_num_threads(1)
+        self.model, self.loss_fn, self.x, self.y = build_problem(problem)
+        self.est = make_estimator(estimator)
+        self.est(self.model, self.loss_fn, self.x, self.y)
+
+    def time_estimate(self, problem: str, estimator: str) -> None:
+        self.est(self.model, self.loss_fn, self.x, self.y)
+
+    def track_peak_memory(self, problem: str, estimator: str) -> int:
+        return peak_memory(lambda: self.est(self.model, self.loss_fn, self.x, self.y))
+
+    track_peak_memory.unit = "bytes"
