@@ -5,7 +5,8 @@ nodes (in-projection, attention core as a local rule, out-projection, norms,
 feed-forward, residual adds). The exact and GGN diagonals are checked against the
 brute force of ``tests/reference.py`` (float64, batch 1 and 3, with and without
 a causal mask, float and bool masks, norm_first or not); the HesScale facts and
-the GGN-MC mean on the tiny GPT; one-line refusals of what is not supported.
+the GGN-MC mean on the tiny GPT; the HesScale family's pass on the positions read
+(below ``h[:, -1]``) equal to its full pass; one-line refusals of what is not supported.
 """
 
 from __future__ import annotations

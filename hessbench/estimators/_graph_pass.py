@@ -8,7 +8,11 @@ consumers are.
   ``(g, h)``; at a fan-out the gradients are summed (exact) and so are the
   backpropagated diagonals, ``h_x = sum_c h_x^(c)`` (the cross terms
   ``2 sum_{c<c'} diag(J_c^T H J_c')`` are dropped). An add node passes
-  ``(g, h)`` to both inputs, a cat node splits them.
+  ``(g, h)`` to both inputs, a cat node splits them. Below a select of
+  positions ``x[:, i]`` (``x[:, a:b]``) the pair covers those positions only
+  while the layers treat positions one by one (``Rule.narrow``; the attention
+  core takes them as its query rows), and is scattered back into zeros where it
+  meets a full tensor (from :data:`ROWS_MIN` entries on).
 - :func:`graph_factor_pass` (exact Hessian, exact/MC GGN, K-FAC, empirical
   Fisher): the curvature at a node is a set of *column blocks keyed by their
   origin*: the loss's factor is one block; every curved node's residual is its
