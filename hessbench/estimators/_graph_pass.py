@@ -241,9 +241,7 @@ def _scatter(t: Tensor | None, rows: slice | None, shape: torch.Size) -> Tensor 
     """``t`` holding positions ``rows`` of dim 1 as a tensor of ``shape``, zeros elsewhere."""
     if t is None or rows is None:
         return t
-    out = t.new_zeros(shape)
-    out[:, rows] = t
-    return out
+    return SelectRule.vjp((slice(None), rows), shape[1:], t)  # the select's J^T
 
 
 # ----------------------------------------------------------------- factor pass

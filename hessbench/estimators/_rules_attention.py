@@ -265,7 +265,9 @@ class SelectRule(LinearMap):
         start, stop, step = idx.indices(p)
         return (slice(start, stop), False) if step == 1 and start < stop else None
 
-    def vjp(self, m, shape, v):
+    @staticmethod
+    def vjp(m, shape, v):
+        """``v`` put back at the entries ``m`` selects of a zero tensor (N, *shape)."""
         out = v.new_zeros(v.shape[0], *shape)
         out[m] = v
         return out
@@ -444,9 +446,7 @@ class AttentionRule(LocalRule):
         """Per-head ``t`` (N, H, R, d_h) of query rows ``rows`` as (N, H, L, d_h), zeros elsewhere."""
         if rows is None:
             return t
-        out = t.new_zeros(*t.shape[:2], length, t.shape[3])
-        out[:, :, rows] = t
-        return out
+        return SelectRule.vjp((slice(None), slice(None), rows), (t.shape[1], length, t.shape[3]), t)
 
     def diag_backward_local(self, m, cache, g, h, *, residual, backprop, rows=None):
         """The diagonal pass (see the class docstring).
