@@ -113,3 +113,72 @@ def test_cuda_estimate_equals_the_cpu_estimate(name, arch):
         torch.testing.assert_close(
             cuda[n].cpu(), v, rtol=1e-9, atol=1e-9 * scale, msg=f"{name} on {arch}: {n}"
         )
+
+
+@pytest.mark.parametrize("name", ["hesscale", "hesscale_gn", "bl89"])
+def test_cuda_positions_read_pass_equals_the_cpu_full_pass(monkeypatch, name):
+    """The pass below ``h[:, -1]`` on the last position only (ROWS_MIN 0), on CUDA, equals
+    the CPU's full pass (ROWS_MIN never), diagonal, gradient and loss."""
+    from hessbench.estimators import _graph_pass
+
+    model, loss_fn, x, y = _problem("gpt")
+    est = get_estimator(name)
+    monkeypatch.setattr(_graph_pass, "ROWS_MIN", 10**9)
+    full = est.estimate_with_grad(model, loss_fn, x, y)
+    monkeypatch.setattr(_graph_pass, "ROWS_MIN", 0)
+    cuda = torch.device("cuda")
+    with reproducible_kernels(cuda):
+        narrow = est.estimate_with_grad(model.to(cuda), loss_fn, x.to(cuda), y.to(cuda))
+    for got, ref in zip(narrow[:2], full[:2], strict=True):
+        for n, v in ref.items():
+            scale = v.abs().max().item() or 1.0
+            torch.testing.assert_close(got[n].cpu(), v, rtol=1e-9, atol=1e-9 * scale, msg=n)
+    torch.testing.assert_close(narrow[2].cpu(), full[2], rtol=1e-12, atol=0.0)
+
+
+def _f32_cnn_error(name: str, tf32: bool | None) -> float:
+    """Largest error of a float32 CUDA estimate against the float64 CPU one, over its scale.
+
+    ``tf32=None``: inside :func:`reproducible_kernels`, as a cell runs; ``True``: with
+    cuDNN's and cuBLAS's TF32 forced on (the control)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        model = nn.Sequential(
+            nn.Conv2d(8, 32, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(32 * 8 * 8, 5),
+        )
+        x, y = torch.randn(4, 8, 8, 8), torch.randint(0, 5, (4,))
+    est, loss_fn = get_estimator(name), nn.CrossEntropyLoss()
+    ref = est(model.to(F64), loss_fn, x.to(F64), y)
+    cuda = torch.device("cuda")
+    model, x, y = model.to(torch.float32).to(cuda), x.to(cuda), y.to(cuda)
+    if tf32:
+        cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+        before = cudnn.allow_tf32, matmul.allow_tf32
+        cudnn.allow_tf32 = matmul.allow_tf32 = True
+        try:
+            got = est(model, loss_fn, x, y)
+        finally:
+            cudnn.allow_tf32, matmul.allow_tf32 = before
+    else:
+        with reproducible_kernels(cuda):
+            got = est(model, loss_fn, x, y)
+    return max(
+        ((got[n].double().cpu() - v).abs().max() / v.abs().max()).item() for n, v in ref.items()
+    )
+
+
+@pytest.mark.parametrize("name", ["hesscale", "exact"])
+def test_cuda_float32_cells_carry_no_tf32_rounding(name):
+    """Inside a cell a float32 estimate on CUDA is float32-accurate (no TF32 convolutions or
+    products, whose 10-bit mantissa would put ~1e-3 into accuracy numbers); on a GPU that
+    has TF32 (compute capability 8 or more) forcing it on shows the test can see it."""
+    strict = _f32_cnn_error(name, None)
+    assert strict < 1e-4, strict
+    if torch.cuda.get_device_capability()[0] >= 8:
+        loose = _f32_cnn_error(name, True)
+        assert loose > 10 * strict, (loose, strict)
