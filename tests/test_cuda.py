@@ -172,7 +172,7 @@ def _f32_cnn_error(name: str, tf32: bool | None) -> float:
     )
 
 
-@pytest.mark.parametrize("name", ["hesscale", "exact"])
+@pytest.mark.parametrize("name", ["hesscale", "ggn_exact", "grad_sq"])
 def test_cuda_float32_cells_carry_no_tf32_rounding(name):
     """Inside a cell a float32 estimate on CUDA is float32-accurate (no TF32 convolutions or
     products, whose 10-bit mantissa would put ~1e-3 into accuracy numbers); on a GPU that
