@@ -84,6 +84,103 @@ def test_exact_diagonals_of_transformers_match_brute_force(kind, batch, name, re
     _close(get_estimator(name, method="structured")(model, loss_fn, x, y), want)
 
 
+@pytest.mark.parametrize("kind", ["gpt-causal", "encoder-gelu"])
+def test_residual_columns_rebuild_the_residual(monkeypatch, kind):
+    """The signed columns the exact pass takes at attention (head by head) and LayerNorm
+    (eigenvalues above rounding only) sum to the node's residual, to rounding."""
+    from hessbench.estimators._rules_attention import AttentionRule
+    from hessbench.estimators._rules_norm import LayerNormRule
+
+    seen = []
+
+    def spy(original):
+        def wrapped(self, m, c, g):
+            cols, signs = original(self, m, c, g)
+            res = self.residual(m, c, g)
+            v = cols.reshape(*cols.shape[:2], -1)
+            rebuilt = (v.transpose(1, 2) * signs.unsqueeze(1)) @ v
+            torch.testing.assert_close(rebuilt, res, rtol=0, atol=1e-12 * res.abs().max())
+            seen.append((type(self).__name__, v.shape[1], res.shape[1]))
+            return cols, signs
+
+        return wrapped
+
+    monkeypatch.setattr(AttentionRule, "residual_cols", spy(AttentionRule.residual_cols))
+    monkeypatch.setattr(LayerNormRule, "residual_cols", spy(LayerNormRule.residual_cols))
+    model, loss_fn, x, y = _problem(kind, 3)
+    get_estimator("exact")(model, loss_fn, x, y)
+    assert {n for n, _, _ in seen} == {"AttentionRule", "LayerNormRule"}
+    if kind == "gpt-causal":  # read at the last position: the top layers' residuals are low rank
+        assert any(k < f for n, k, f in seen if n == "AttentionRule"), seen
+        assert any(k < f for n, k, f in seen if n == "LayerNormRule"), seen
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        nn.CrossEntropyLoss(),
+        nn.CrossEntropyLoss(reduction="sum"),
+        nn.CrossEntropyLoss(
+            weight=torch.tensor([0.5, 1.0, 2.0, 1.5, 0.2, 1.0], dtype=torch.float64)
+        ),
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+    ],
+    ids=["mean", "sum", "weighted", "smoothed"],
+)
+def test_the_exact_pass_in_chunks_of_samples_equals_one_pass(monkeypatch, loss_fn):
+    """The exact pass on chunks of 2 samples (of 5), each chunk's share weighed by the
+    loss's reduction factor, gives the one-call diagonal, gradient and loss."""
+    model = _gpt(True)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randint(6, (5, 4), generator=g), torch.randint(6, (5,), generator=g)
+    est = get_estimator("exact")
+    monkeypatch.setattr(_graph_pass, "BATCH_ENTRIES", 10**12)  # one call
+    whole = est.estimate_with_grad(model, loss_fn, x, y)
+    sizes = []
+    chunk_size = _graph_pass.chunk_size
+
+    def spy(plan, problem, mode):
+        sizes.append(chunk_size(plan, problem, mode))
+        return sizes[-1]
+
+    monkeypatch.setattr(_graph_pass, "chunk_size", spy)
+    monkeypatch.setattr(_graph_pass, "BATCH_ENTRIES", 0)
+    per = next(v for k, v in model_plan_memo(model).items() if k[0] == "chunk_entries")
+    monkeypatch.setattr(_graph_pass, "CHUNK_ENTRIES", 2 * per)
+    chunked = est.estimate_with_grad(model, loss_fn, x, y)
+    assert sizes == [2]
+    for got, ref in zip(chunked[:2], whole[:2], strict=True):
+        _close(got, ref)
+    torch.testing.assert_close(chunked[2], whole[2], rtol=1e-13, atol=0.0)
+
+
+def model_plan_memo(model) -> dict:
+    """The memo of the graph plan the estimators built for ``model``."""
+    from hessbench.estimators._graph import GraphPlan
+    from hessbench.estimators._sequential import build_plan
+
+    plan = build_plan(model, graph=True)
+    assert isinstance(plan, GraphPlan)
+    return plan.memo
+
+
+def test_no_chunks_with_dropout_in_training_mode(monkeypatch):
+    """Dropout masks are drawn for the whole batch: one call however large the bound."""
+    from hessbench.estimators._factor_pass import Mode, Problem
+    from hessbench.estimators._losses import LossSpec
+    from hessbench.estimators._sequential import build_plan
+
+    model, loss_fn, x, y = _problem("encoder-gelu", 3)
+    monkeypatch.setattr(_graph_pass, "BATCH_ENTRIES", 0)
+    monkeypatch.setattr(_graph_pass, "CHUNK_ENTRIES", 0)
+    problem = Problem(model, LossSpec.of(loss_fn), x, y, torch.Generator().manual_seed(0))
+    plan, mode = build_plan(model, graph=True), Mode(columns="exact", residual=True)
+    assert _graph_pass.chunk_size(plan, problem, mode) == 1  # eval mode: one sample a call
+    model.train()
+    assert _graph_pass.chunk_size(plan, problem, mode) == 3
+    assert _graph_pass.chunk_size(plan, problem, Mode(columns="exact", residual=False)) == 3
+
+
 def test_the_causal_mask_matters_to_the_tiny_gpt():
     """Two layers: the earlier positions' masked attention reaches the last position."""
     x, y = torch.tensor([[1, 4, 2, 5]]), torch.tensor([3])

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from hessbench.estimators._base import cast_copy
 from hessbench.estimators._curvature import Curvature, Diagonal, Factored, Full
 from hessbench.estimators._graph import GraphPlan
-from hessbench.estimators._graph_pass import graph_factor_pass
+from hessbench.estimators._graph_pass import chunked_graph_factor_pass
 from hessbench.estimators._losses import LossSpec, LossState
 from hessbench.estimators._sequential import Plan, build_plan, ordered, run_start, store
 
@@ -283,7 +283,7 @@ def factor_pass(
     tests and measurements; every schedule gives the same numbers to rounding.
     """
     if isinstance(plan, GraphPlan):  # the graph engine: always factored, exact at fan-outs
-        return PassResult(*graph_factor_pass(plan, problem, mode, with_grad=with_grad))
+        return PassResult(*chunked_graph_factor_pass(plan, problem, mode, with_grad=with_grad))
     p = problem
     with torch.no_grad():
         out, caches, shapes, state = run_start(

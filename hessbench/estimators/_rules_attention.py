@@ -29,7 +29,7 @@ from torch import Tensor
 from hessbench.errors import UnsupportedError
 from hessbench.estimators._rules import LinearMap, Parametric, _weighted_sum
 from hessbench.estimators._rules_affine import LinearRule
-from hessbench.estimators._rules_norm import LocalRule, LocalSpec
+from hessbench.estimators._rules_norm import LocalRule, LocalSpec, signed_factor
 
 __all__ = [
     "AddParamRule",
@@ -516,3 +516,24 @@ class AttentionRule(LocalRule):
 
     def residual(self, m, cache, g):
         return LocalRule.residual(self, m, self._generic(m, cache), g)
+
+    def residual_cols(self, m, cache, g):
+        """Signed columns of the residual, head by head.
+
+        Heads do not interact: the residual is zero between the ``(q, k, v)``
+        entries of two heads, so it is block diagonal, one ``3 L d_h`` block per
+        head (after a permutation), and its eigendecomposition is that of the
+        blocks (``H`` times ``3 L d_h``, where the whole ``3 L d`` costs ``H^3``
+        times as much). A head's columns are zero outside its own entries.
+        """
+        n, length, three = cache.x.shape
+        heads = m.heads
+        dh = three // (3 * heads)
+        res = self.residual(m, cache, g).view(n, length, 3, heads, dh, length, 3, heads, dh)
+        size = length * 3 * dh
+        # (N, H, L, 3, d_h, L, 3, d_h): the head blocks
+        blocks = res.diagonal(dim1=3, dim2=7).permute(0, 7, 1, 2, 3, 4, 5, 6)
+        cols, signs = signed_factor(blocks.reshape(n, heads, size, size))
+        k = cols.shape[1]  # (N, K, H, L 3 d_h) -> (N, K, L, 3 H d_h)
+        cols = cols.view(n, k, heads, length, 3, dh).permute(0, 1, 3, 4, 2, 5)
+        return cols.reshape(n, k, *cache.x.shape[1:]), signs

@@ -275,6 +275,52 @@ class AdaptiveAvgPoolRule(FlattenRule):
 
 
 # ------------------------------------------------- generic local derivatives
+def signed_factor(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """Signed columns of block-diagonal symmetric matrices: ``sum_k s_k c_k c_k^T``.
+
+    ``blocks`` (N, B, F, F): sample ``n``'s matrix has the ``B`` blocks on its
+    diagonal (in the coordinates each rule knows). From ``eigh`` of every block:
+    ``c_k = sqrt|lambda_k| u_k``, ``s_k = sign(lambda_k)``, largest ``|lambda|`` first,
+    keeping the eigenvalues above ``F eps max|lambda|`` of their block (the rank
+    tolerance of ``torch.linalg.matrix_rank``), as many per block as its largest rank
+    over the samples (none for a block that is zero in every sample). The columns
+    left out change a block by at most that tolerance in norm, the size of ``eigh``'s
+    own rounding; a residual of low rank (the attention of a model read at its last
+    position: 116 of 768) then carries only its rank's columns through the layers below.
+
+    Returns:
+        ``(cols (N, K, B, F), signs (N, K))``: column ``k`` is zero outside its own
+        block; ``K >= 1`` (one zero column when every block is zero).
+
+    Example:
+        >>> u = torch.linalg.qr(torch.arange(12.0, dtype=torch.float64).view(6, 2).cos())[0]
+        >>> res = u @ torch.diag(torch.tensor([2.0, -3.0], dtype=torch.float64)) @ u.T
+        >>> cols, s = signed_factor(res.view(1, 1, 6, 6))
+        >>> c = cols.view(2, 6)
+        >>> cols.shape, s.tolist(), torch.allclose((c.T * s) @ c, res)
+        (torch.Size([1, 2, 1, 6]), [[-1.0, 1.0]], True)
+    """
+    n, nb, f = blocks.shape[:3]
+    lam, vec = torch.linalg.eigh(blocks)
+    mag = lam.abs()
+    tol = mag.amax(-1, keepdim=True) * f * torch.finfo(lam.dtype).eps
+    ranks = (mag > tol).sum(-1).amax(0).tolist() if n else [0] * nb  # per block
+    width = max(ranks) or 1
+    order = mag.argsort(-1, descending=True)[..., :width]
+    lam = lam.gather(-1, order)
+    vec = vec.gather(-1, order.unsqueeze(-2).expand(n, nb, f, width))
+    cols = (vec * lam.abs().sqrt().unsqueeze(-2)).transpose(-1, -2)  # (N, B, width, F)
+    total = sum(ranks) or 1
+    out = cols.new_zeros(n, total, nb, f)
+    signs = lam.new_zeros(n, total)
+    at = 0
+    for b, k in enumerate(ranks):
+        out[:, at : at + k, b] = cols[:, b, :k]
+        signs[:, at : at + k] = torch.sign(lam[:, b, :k])
+        at += k
+    return out, signs
+
+
 class LocalSpec:
     """A per-sample map ``fn`` (batched: ``fn(x)`` maps (N, *in) to (N, *out))."""
 
@@ -349,12 +395,10 @@ class LocalRule(LinearMap):
         return (self.vjp(m, cache, g) if backprop else None), h_in
 
     def residual_cols(self, m, cache, g: Tensor) -> tuple[Tensor, Tensor]:
-        """Signed columns of the residual: eigenvectors times ``sqrt|lambda|``, signs ``sign(lambda)``."""
+        """Signed columns of the residual (:func:`signed_factor`), (N, K, *in) and (N, K)."""
         res = self.residual(m, cache, g)
-        lam, vec = torch.linalg.eigh(res)
-        n, f = lam.shape
-        cols = (vec * lam.abs().sqrt().unsqueeze(1)).transpose(1, 2)  # (N, F cols, F)
-        return cols.reshape(n, f, *cache[2]), torch.sign(lam)
+        cols, signs = signed_factor(res.unsqueeze(1))
+        return cols.view(g.shape[0], -1, *cache[2]), signs
 
 
 class _LNCache(NamedTuple):
@@ -490,9 +534,8 @@ class LayerNormRule(LocalRule):
         a = gf - gf.mean(1, keepdim=True) - xhat * mm
         return xhat, inv, mm, a
 
-    def residual(self, m, cache, g):
-        if not isinstance(cache, _LNCache):  # the generic rule's cache
-            return LocalRule.residual(self, m, cache, g)
+    def _blocks(self, cache: _LNCache, g: Tensor) -> Tensor:
+        """The residual's diagonal blocks, one per row (N * P, D, D)."""
         xhat, inv, mm, a = self._terms(cache, g)
         d = xhat.shape[1]
         ones = torch.ones_like(xhat)
@@ -500,9 +543,23 @@ class LayerNormRule(LocalRule):
         cross = (xhat.unsqueeze(2) * a.unsqueeze(1) + a.unsqueeze(2) * xhat.unsqueeze(1)) / d
         res = mm.unsqueeze(2) * low - cross
         res.diagonal(dim1=1, dim2=2).sub_(mm)
-        res = res * (inv * inv).unsqueeze(2)  # (N * P, D, D): one block per row
-        n = g.shape[0]
-        rows = xhat.shape[0] // n
+        return res * (inv * inv).unsqueeze(2)
+
+    def residual_cols(self, m, cache, g):
+        """Signed columns of the residual, row by row (its blocks: :func:`signed_factor`)."""
+        if not isinstance(cache, _LNCache):  # the generic rule's cache
+            return LocalRule.residual_cols(self, m, cache, g)
+        res = self._blocks(cache, g)
+        n, d = g.shape[0], res.shape[1]
+        cols, signs = signed_factor(res.view(n, -1, d, d))
+        return cols.view(n, cols.shape[1], *cache.shape), signs
+
+    def residual(self, m, cache, g):
+        if not isinstance(cache, _LNCache):  # the generic rule's cache
+            return LocalRule.residual(self, m, cache, g)
+        res = self._blocks(cache, g)  # (N * P, D, D): one block per row
+        n, d = g.shape[0], res.shape[1]
+        rows = res.shape[0] // n
         if rows == 1:
             return res
         full = res.new_zeros(n, rows, d, rows, d)
