@@ -18,7 +18,8 @@ loss (``torch.autograd.grad``), the unit estimator costs are quoted in.
 the graph-engine models of :data:`GRAPH_PROBLEMS` (residual MLP, ResNet, GPT);
 ``GraphBatch`` times them (and their peak memory) on the GPT at batch 32
 (:data:`GRAPH_BATCH_PROBLEMS`), where the pass runs on the last position below
-``h[:, -1]``.
+``h[:, -1]``. ``GraphExact`` times the exact diagonal on the graph models, and
+``ExactBatch`` at batch 32 (the 8x8 CNN and the GPT).
 
 A pair the estimator does not support raises ``NotImplementedError`` in
 ``setup``, which asv (and ``.ci/bench_gate.py``) report as skipped.
@@ -118,11 +119,12 @@ class ExactBatch(_Timing):
     """The exact diagonal (float32) at batch 32, where its per-sample cost dominates.
 
     Only ``exact``: the other estimators' batch scaling is covered by
-    ``mlp784_b32``. (The 3x16x16 CNN at batch 32 takes ~3 s per exact call;
-    ``benchmarks/cost_ratios.py`` measures it.)
+    ``mlp784_b32``. The GPT at batch 32 (``gpt_b32``) runs its exact pass in
+    chunks of samples (seconds per call). (The 3x16x16 CNN at batch 32 takes ~3 s
+    per exact call; ``benchmarks/cost_ratios.py`` measures it.)
     """
 
-    params = (list(EXTRA_PROBLEMS),)
+    params = (list(EXTRA_PROBLEMS) + list(GRAPH_BATCH_PROBLEMS),)
     param_names = ("problem",)
 
     def setup(self, problem: str) -> None:
@@ -178,6 +180,31 @@ class GraphEstimators(Estimators):
     params = (list(GRAPH_PROBLEMS), ["hesscale", "hesscale_gn", "bl89"])
 
 
+class GraphExact(_Timing):
+    """The exact diagonal (float32) on :data:`GRAPH_PROBLEMS`: time and memory.
+
+    Its graph pass carries column blocks (the residuals' eigen-columns above
+    rounding, head by head at attention); the accuracy is its own reference.
+    """
+
+    params = (list(GRAPH_PROBLEMS),)
+    param_names = ("problem",)
+
+    def setup(self, problem: str) -> None:
+        torch.set_num_threads(1)
+        self.model, self.loss_fn, self.x, self.y = build_problem(problem)
+        self.est = make_estimator("exact")
+        self.est(self.model, self.loss_fn, self.x, self.y)
+
+    def time_exact(self, problem: str) -> None:
+        self.est(self.model, self.loss_fn, self.x, self.y)
+
+    def track_peak_memory(self, problem: str) -> int:
+        return peak_memory(lambda: self.est(self.model, self.loss_fn, self.x, self.y))
+
+    track_peak_memory.unit = "bytes"
+
+
 class GraphGradient(Gradient):
     """:class:`Gradient` on :data:`GRAPH_PROBLEMS` and :data:`GRAPH_BATCH_PROBLEMS`."""
 
@@ -189,9 +216,9 @@ class GraphBatch(_Timing):
 
     Their gradient is :class:`GraphGradient`'s.
 
-    No ``track_rel_l1``: the float64 ``exact`` diagonal takes tens of seconds at
-    this batch (the accuracy is :class:`GraphEstimators`' at batch 1, and the pass
-    on the positions read is tested equal to the full one).
+    No ``track_rel_l1``: the float64 ``exact`` diagonal takes seconds at this
+    batch (the accuracy is :class:`GraphEstimators`' at batch 1, and the pass on
+    the positions read is tested equal to the full one).
     """
 
     params = (list(GRAPH_BATCH_PROBLEMS), ["hesscale", "hesscale_gn", "bl89"])
