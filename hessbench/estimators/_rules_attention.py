@@ -93,6 +93,16 @@ class PosLinearRule(LinearRule):
         n, k = v.shape[:2]
         vf = v.reshape(n, k, -1, v.shape[-1])  # (N, K, P, out)
         xf = x.reshape(n, -1, x.shape[-1])  # (N, P, in)
+        if xf.shape[1] <= xf.shape[2]:
+            # sum_k s_k (sum_p v_kpo x_pi)^2 = sum_pq G_opq x_pi x_qi with the columns' Gram
+            # matrices G_o = sum_k s_k v_ko v_ko^T (P x P): K out P^2 flops instead of
+            # K out P in, and no (K, out, in) intermediate
+            vt = vf.permute(0, 3, 2, 1).contiguous()  # (N, out, P, K): one bmm per output
+            sv = vt if s is None else vt * s.view(n, 1, 1, k)
+            gram = sv @ vt.transpose(-1, -2)  # (N, out, P, P)
+            hw = (torch.matmul(gram, xf.unsqueeze(1)) * xf.unsqueeze(1)).sum((0, 2))
+            hb = gram.sum((0, 2, 3)) if m.bias is not None else None
+            return hw, hb
         hw = _weighted_sum(torch.einsum("nkpo,npi->nkoi", vf, xf).square_(), s)
         hb = _weighted_sum(vf.sum(2).square(), s) if m.bias is not None else None
         return hw, hb
