@@ -85,6 +85,28 @@ def test_exact_diagonals_of_transformers_match_brute_force(kind, batch, name, re
 
 
 @pytest.mark.parametrize("kind", ["gpt-causal", "encoder-gelu"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compressed_column_blocks_keep_the_exact_diagonal(monkeypatch, kind, batch):
+    """Merged blocks of more than twice a node's features as that node's eigen-columns
+    (from every width, ``COMPRESS_MIN`` 1): still the brute-force diagonal."""
+    model, loss_fn, x, y = _problem(kind, batch)
+    with sdpa_kernel(SDPBackend.MATH):
+        want = reference.hessian_diag(model, loss_fn, x, y)
+    monkeypatch.setattr(_graph_pass, "COMPRESS_MIN", 1)
+    compress, seen = _graph_pass._compress, []
+
+    def spy(b):
+        out = compress(b)
+        seen.append((b.v.shape[1], out.v.shape[1]))
+        return out
+
+    monkeypatch.setattr(_graph_pass, "_compress", spy)
+    _close(get_estimator("exact", method="structured")(model, loss_fn, x, y), want)
+    assert seen
+    assert all(k_out < k_in for k_in, k_out in seen), seen
+
+
+@pytest.mark.parametrize("kind", ["gpt-causal", "encoder-gelu"])
 def test_residual_columns_rebuild_the_residual(monkeypatch, kind):
     """The signed columns the exact pass takes at attention (head by head) and LayerNorm
     (eigenvalues above rounding only) sum to the node's residual, to rounding."""
