@@ -115,16 +115,14 @@ class Estimators(_Timing):
     track_peak_memory.unit = "bytes"
 
 
-class ExactBatch(_Timing):
-    """The exact diagonal (float32) at batch 32, where its per-sample cost dominates.
+class GraphExact(_Timing):
+    """The exact diagonal (float32) on :data:`GRAPH_PROBLEMS`: time and memory.
 
-    Only ``exact``: the other estimators' batch scaling is covered by
-    ``mlp784_b32``. The GPT at batch 32 (``gpt_b32``) runs its exact pass in
-    chunks of samples (seconds per call). (The 3x16x16 CNN at batch 32 takes ~3 s
-    per exact call; ``benchmarks/cost_ratios.py`` measures it.)
+    Its graph pass carries column blocks (the residuals' eigen-columns above
+    rounding, head by head at attention); the accuracy is its own reference.
     """
 
-    params = (list(EXTRA_PROBLEMS) + list(GRAPH_BATCH_PROBLEMS),)
+    params = (list(GRAPH_PROBLEMS),)
     param_names = ("problem",)
 
     def setup(self, problem: str) -> None:
@@ -132,18 +130,33 @@ class ExactBatch(_Timing):
         self.model, self.loss_fn, self.x, self.y = build_problem(problem)
         self.est = make_estimator("exact")
         self.est(self.model, self.loss_fn, self.x, self.y)
-        self.params_ = [p for p in self.model.parameters() if p.requires_grad]
 
     def time_exact(self, problem: str) -> None:
         self.est(self.model, self.loss_fn, self.x, self.y)
-
-    def time_gradient(self, problem: str) -> None:
-        torch.autograd.grad(self.loss_fn(self.model(self.x), self.y), self.params_)
 
     def track_peak_memory(self, problem: str) -> int:
         return peak_memory(lambda: self.est(self.model, self.loss_fn, self.x, self.y))
 
     track_peak_memory.unit = "bytes"
+
+
+class ExactBatch(GraphExact):
+    """The exact diagonal (float32) at batch 32, where its per-sample cost dominates.
+
+    Only ``exact``: the other estimators' batch scaling is covered by
+    ``mlp784_b32``. The GPT at batch 32 (``gpt_b32``) runs its exact pass in
+    chunks of samples (seconds per call). (The 3x16x16 CNN at batch 32 takes ~3 s
+    per exact call; ``benchmarks/cost_ratios.py`` measures it.) Also the gradient.
+    """
+
+    params = (list(EXTRA_PROBLEMS) + list(GRAPH_BATCH_PROBLEMS),)
+
+    def setup(self, problem: str) -> None:
+        super().setup(problem)
+        self.params_ = [p for p in self.model.parameters() if p.requires_grad]
+
+    def time_gradient(self, problem: str) -> None:
+        torch.autograd.grad(self.loss_fn(self.model(self.x), self.y), self.params_)
 
 
 class Gradient(_Timing):
@@ -178,31 +191,6 @@ class GraphEstimators(Estimators):
     """
 
     params = (list(GRAPH_PROBLEMS), ["hesscale", "hesscale_gn", "bl89"])
-
-
-class GraphExact(_Timing):
-    """The exact diagonal (float32) on :data:`GRAPH_PROBLEMS`: time and memory.
-
-    Its graph pass carries column blocks (the residuals' eigen-columns above
-    rounding, head by head at attention); the accuracy is its own reference.
-    """
-
-    params = (list(GRAPH_PROBLEMS),)
-    param_names = ("problem",)
-
-    def setup(self, problem: str) -> None:
-        torch.set_num_threads(1)
-        self.model, self.loss_fn, self.x, self.y = build_problem(problem)
-        self.est = make_estimator("exact")
-        self.est(self.model, self.loss_fn, self.x, self.y)
-
-    def time_exact(self, problem: str) -> None:
-        self.est(self.model, self.loss_fn, self.x, self.y)
-
-    def track_peak_memory(self, problem: str) -> int:
-        return peak_memory(lambda: self.est(self.model, self.loss_fn, self.x, self.y))
-
-    track_peak_memory.unit = "bytes"
 
 
 class GraphGradient(Gradient):
