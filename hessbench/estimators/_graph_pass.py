@@ -298,9 +298,10 @@ def _compress(b: Block) -> Block:
     """A block of more than ``2 F`` columns as at most ``F`` (per-sample eigen-columns).
 
     The signed eigen-columns of the ``F x F`` matrix ``V^T S V`` the block stands
-    for, per sample (:func:`signed_factor`). ``K`` columns cost ``K`` products at every node below; the matrix costs ``2 K F^2``
-    flops and one ``eigh`` here. On the tiny GPT's residual stream (``F = 256``) the
-    columns of the blocks above add up to 590-2502 before; its rank is at most 256.
+    for, per sample (:func:`signed_factor`). ``K`` columns cost ``K`` products at
+    every node below; the matrix costs ``2 K F^2`` flops and one ``eigh`` here. On
+    the tiny GPT's residual stream (``F = 256``) the columns of the blocks above add
+    up to 590-2502; the matrix's rank is at most 256.
     """
     n, k = b.v.shape[:2]
     shape = b.v.shape[2:]
