@@ -167,7 +167,7 @@ def test_the_exact_pass_in_chunks_of_samples_equals_one_pass(monkeypatch, loss_f
 
     monkeypatch.setattr(_graph_pass, "chunk_size", spy)
     monkeypatch.setattr(_graph_pass, "BATCH_ENTRIES", 0)
-    per = next(v for k, v in model_plan_memo(model).items() if k[0] == "chunk_entries")
+    per = next(v for k, v in _plan_memo(model).items() if k[0] == "chunk_entries")
     monkeypatch.setattr(_graph_pass, "CHUNK_ENTRIES", 2 * per)
     chunked = est.estimate_with_grad(model, loss_fn, x, y)
     assert sizes == [2]
@@ -176,7 +176,7 @@ def test_the_exact_pass_in_chunks_of_samples_equals_one_pass(monkeypatch, loss_f
     torch.testing.assert_close(chunked[2], whole[2], rtol=1e-13, atol=0.0)
 
 
-def model_plan_memo(model) -> dict:
+def _plan_memo(model) -> dict:
     """The memo of the graph plan the estimators built for ``model``."""
     from hessbench.estimators._graph import GraphPlan
     from hessbench.estimators._sequential import build_plan

@@ -24,7 +24,10 @@ consumers are.
   the pass is exact at fan-outs. A block is *complete* at a node when no other
   pending node holds its origin; complete blocks are merged (columns
   concatenated, diagonal blocks summed into one diagonal ``sum s u^2``), which
-  on a chain reproduces the sequential factored pass.
+  on a chain reproduces the sequential factored pass. Eigen-columns are kept up
+  to their rank (``signed_factor``), a merged block of more than twice its
+  node's features is compressed (:func:`_compress`), and a large batch runs in
+  chunks of samples (:func:`chunked_graph_factor_pass`).
 """
 
 from __future__ import annotations
