@@ -1,5 +1,5 @@
 """``python -m hessbench``: the same as the ``hessbench`` command."""
 
-from hessbench.cli import app
+from hessbench.cli import console
 
-app()
+console()
