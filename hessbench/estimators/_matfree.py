@@ -63,16 +63,20 @@ class FlatOperator:
         self._chunk = chunk if stacked is not None else (lambda k: 1)
         self.count = 0
 
-    def matmat(self, v: Tensor) -> Tensor:
+    def matmat(self, v: Tensor, out: Tensor | None = None) -> Tensor:
         """``H v`` column by column (or a chunk of columns at a time); ``v`` is ``(P, k)``.
 
         The result is the transpose of a contiguous ``(k, P)`` tensor: each
         column is one contiguous product, the layout the estimators' algebra
-        works in (see :func:`rademacher_matrix`).
+        works in (see :func:`rademacher_matrix`). ``out``: a contiguous ``(k, P)``
+        tensor to write the products into (a dead buffer of the caller's: at
+        hundreds of thousands of parameters a fresh one costs a page fault per
+        4 KiB, as much time as the arithmetic on it). It may be ``v.T`` itself:
+        each chunk of columns is read before its products are written.
         """
         rows = v.T
         k = v.shape[1]
-        out = v.new_empty(k, self.dim)
+        out = v.new_empty(k, self.dim) if out is None else out
         step = self._chunk(k)
         for j in range(0, k, step):
             block = rows[j : j + step]

@@ -26,13 +26,14 @@ def diagpp_split(num_matvecs: int) -> tuple[int, int]:
 
 
 def diagpp(
-    matmat: Callable[[Tensor], Tensor],
+    matmat: Callable[..., Tensor],
     dim: int,
     num_matvecs: int,
     generator: torch.Generator,
     *,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
+    reuse: bool = False,
 ) -> Tensor:
     r"""Diag++ estimate of ``diag A`` (``A`` symmetric) from ``num_matvecs`` products.
 
@@ -50,7 +51,12 @@ def diagpp(
     ``range(A) = range(A Omega)``, i.e. when ``rank A <= k``. ``m < 3`` leaves
     no sketch (plain Hutchinson with ``m`` probes). The sketch's columns are
     drawn first, then the probes. ``matmat`` returns a new tensor on each call
-    (the products are overwritten in place).
+    (the products are overwritten in place). With ``reuse`` it also takes ``out=``, a
+    contiguous ``(k, dim)`` tensor for the rows of ``A V`` (as
+    :meth:`~hessbench.estimators._matfree.FlatOperator.matmat`), and the products
+    overwrite the buffer of ``Q^T`` and the probes they are computed from: at
+    ``dim`` in the hundreds of thousands a fresh buffer costs a page fault per
+    4 KiB, as much time as the arithmetic on it.
 
     Example:
         >>> import torch
@@ -71,14 +77,15 @@ def diagpp(
         return torch.zeros(dim, dtype=dtype, device=device)
     # Z = A Q and the deflated probes' products in one call (neither needs the other):
     # Q^T and the deflated probes are the rows of one buffer, which the call reads as is
+    # and, with ``reuse``, overwrites with the products (Q^T itself stays in QR's output)
     rows = torch.empty(r + h, dim, dtype=dtype, device=device)
-    qt = rows[:r]
-    qt.copy_(q.T)
+    rows[:r].copy_(q.T)
+    qt = q.T if reuse and q.T.is_contiguous() else rows[:r]
     del q
     if h:
         gt = rademacher_matrix(dim, h, generator, dtype, device).T
         torch.addmm(gt, (qt @ gt.T).T, qt, alpha=-1, out=rows[r:])  # (g - Q Q^T g)^T
-    products = matmat(rows.T).T
+    products = (matmat(rows.T, out=rows) if reuse else matmat(rows.T)).T
     zt, hgt = products[:r], products[r:]
     if r:
         # 2 rowsum(Q o Z) - rowsum(Q Q^T Z o Q) = rowsum(Q o (2 Z - Q Q^T Z)), in place
@@ -144,5 +151,11 @@ class DiagPP(MatrixFreeEstimator):
 
     def _diagonal(self, op: FlatOperator, generator: torch.Generator) -> Tensor:
         return diagpp(
-            op.matmat, op.dim, self.num_matvecs, generator, dtype=op.dtype, device=op.device
+            op.matmat,
+            op.dim,
+            self.num_matvecs,
+            generator,
+            dtype=op.dtype,
+            device=op.device,
+            reuse=True,
         )

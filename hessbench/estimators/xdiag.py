@@ -30,7 +30,9 @@ EvenCount = Annotated[Count, pydantic.AfterValidator(_even)]
 """A positive even integer."""
 
 
-def xdiag_from_probes(matmat: Callable[[Tensor], Tensor], omega: Tensor) -> Tensor:
+def xdiag_from_probes(
+    matmat: Callable[..., Tensor], omega: Tensor, *, reuse: bool = False
+) -> Tensor:
     r"""XDiag's estimate of ``diag A`` (``A`` symmetric) from the test vectors ``omega`` ``(n, s)``.
 
     With ``Y = A Omega = Q R`` and, for each ``i``, ``Q_i`` an orthonormal basis of
@@ -61,6 +63,11 @@ def xdiag_from_probes(matmat: Callable[[Tensor], Tensor], omega: Tensor) -> Tens
     ``diag(Q Q^T A) + (1/s) sum_i w_i o (I - QQ^T) A w_i``, exact up to rounding.
 
     Cost: ``s`` products for ``Y`` and ``s`` (``r`` when rank deficient) for ``Z``.
+    The final products run on blocks of :data:`BLOCK` entries (one small buffer instead
+    of an ``n x s`` one). With ``reuse``, ``matmat`` also takes ``out=``, a contiguous
+    ``(k, n)`` tensor for the rows of ``A V`` (as :meth:`FlatOperator.matmat`), and ``Z``
+    overwrites ``Y``: at ``n`` in the hundreds of thousands, a fresh ``n x s`` buffer
+    costs a page fault per 4 KiB, as much time as the arithmetic on it.
 
     Example:
         >>> import torch
@@ -82,28 +89,44 @@ def xdiag_from_probes(matmat: Callable[[Tensor], Tensor], omega: Tensor) -> Tens
         zt = matmat(q).T
         residual = torch.addmm(yt, r.T, qt, alpha=-1)  # (Y - Q T)^T, T = Q^T Y = R
         return torch.linalg.vecdot(qt, zt, dim=0) + torch.linalg.vecdot(wt, residual, dim=0) / s
-    zt = matmat(q).T
+    # Y is no longer needed: with ``reuse`` the products with Q overwrite it
+    zt = (matmat(q, out=yt) if reuse and yt.is_contiguous() else matmat(q)).T
     eye = torch.eye(s, dtype=r.dtype, device=r.device)
     sv = torch.linalg.solve_triangular(r.T, eye, upper=False)  # R^{-T}
     sv = sv / torch.linalg.vector_norm(sv, dim=0)
     n_over_s = sv * ((sv * r).sum(0) / s)  # S diag(colsum(S o R)) / s
-    # the rows of [Z (I - S S^T / s) + Omega N^T / s]^T, then rowsum(Q o .) in place
-    inner = torch.mm(eye - sv @ sv.T / s, zt).addmm_(n_over_s, wt)
-    return inner.mul_(qt).sum(0)
+    mix = eye - sv @ sv.T / s
+    # the rows of [Z (I - S S^T / s) + Omega N^T / s]^T, then rowsum(Q o .), a block of
+    # BLOCK entries at a time: one small buffer instead of a fresh s x n one
+    n = qt.shape[1]
+    d = qt.new_empty(n)
+    buf = qt.new_empty(s * min(n, BLOCK))
+    for a in range(0, n, BLOCK):
+        b = min(a + BLOCK, n)
+        inner = torch.mm(mix, zt[:, a:b], out=buf[: s * (b - a)].view(s, b - a))
+        inner.addmm_(n_over_s, wt[:, a:b]).mul_(qt[:, a:b])
+        torch.sum(inner, 0, out=d[a:b])
+    return d
+
+
+BLOCK = 8192
+"""Entries of the diagonal per block of :func:`xdiag_from_probes`'s final products."""
 
 
 def xdiag(
-    matmat: Callable[[Tensor], Tensor],
+    matmat: Callable[..., Tensor],
     dim: int,
     num_matvecs: int,
     generator: torch.Generator,
     *,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
+    reuse: bool = False,
 ) -> Tensor:
     """XDiag with ``num_matvecs // 2`` Rademacher test vectors drawn from ``generator``.
 
-    See :func:`xdiag_from_probes`. ``matmat(V)`` returns ``A V`` for ``V`` ``(dim, k)``.
+    See :func:`xdiag_from_probes` (and its ``reuse``). ``matmat(V)`` returns ``A V``
+    for ``V`` ``(dim, k)``.
 
     Example:
         >>> import torch
@@ -113,7 +136,7 @@ def xdiag(
         tensor([...], dtype=torch.float64)
     """
     omega = rademacher_matrix(dim, num_matvecs // 2, generator, dtype, torch.device(device))
-    return xdiag_from_probes(matmat, omega)
+    return xdiag_from_probes(matmat, omega, reuse=reuse)
 
 
 @register
@@ -164,5 +187,11 @@ class XDiag(MatrixFreeEstimator):
 
     def _diagonal(self, op: FlatOperator, generator: torch.Generator) -> Tensor:
         return xdiag(
-            op.matmat, op.dim, self.num_matvecs, generator, dtype=op.dtype, device=op.device
+            op.matmat,
+            op.dim,
+            self.num_matvecs,
+            generator,
+            dtype=op.dtype,
+            device=op.device,
+            reuse=True,
         )
