@@ -18,9 +18,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hessbench.errors import UnsupportedError
-from hessbench.estimators import _graph_pass, get_estimator
+from hessbench.estimators import _graph_pass, _rules_norm, get_estimator
 from hessbench.estimators._rules_attention import SelectRule
-from hessbench.suite.architectures import TinyGPT
+from hessbench.suite.architectures import ResidualMLP, TinyGPT
 
 
 class Encoder(nn.Module):
@@ -84,6 +84,35 @@ def test_exact_diagonals_of_transformers_match_brute_force(kind, batch, name, re
     _close(get_estimator(name, method="structured")(model, loss_fn, x, y), want)
 
 
+@pytest.mark.parametrize("kind", ["gpt-causal", "gpt", "encoder-gelu", "resmlp"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layernorm_residual_split_keeps_the_exact_diagonal(monkeypatch, kind, batch):
+    """LayerNorm's residual as a diagonal plus three columns per row (from every size,
+    ``SPLIT_MIN`` 0): still the brute-force diagonal, and the split did run."""
+    if kind == "resmlp":
+        torch.manual_seed(2)
+        model = ResidualMLP((5,), 3, width=6, hidden=8, blocks=2, act=nn.GELU, norm=True, bias=True)
+        model = model.double()
+        g = torch.Generator().manual_seed(batch)
+        x = torch.randn(batch, 5, generator=g, dtype=torch.float64)
+        loss_fn, y = nn.CrossEntropyLoss(), torch.randint(3, (batch,), generator=g)
+    else:
+        model, loss_fn, x, y = _problem(kind, batch)
+    with sdpa_kernel(SDPBackend.MATH):
+        want = reference.hessian_diag(model, loss_fn, x, y)
+    monkeypatch.setattr(_rules_norm, "SPLIT_MIN", 0)
+    split, kinds = _rules_norm.LayerNormRule.residual_parts, []
+
+    def spy(self, m, c, g):
+        parts = split(self, m, c, g)
+        kinds.append(tuple(k for k, _, _ in parts))
+        return parts
+
+    monkeypatch.setattr(_rules_norm.LayerNormRule, "residual_parts", spy)
+    _close(get_estimator("exact", method="structured")(model, loss_fn, x, y), want)
+    assert ("diag", "cols") in kinds, kinds
+
+
 @pytest.mark.parametrize("kind", ["gpt-causal", "encoder-gelu"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_compressed_column_blocks_keep_the_exact_diagonal(monkeypatch, kind, batch):
@@ -108,8 +137,9 @@ def test_compressed_column_blocks_keep_the_exact_diagonal(monkeypatch, kind, bat
 
 @pytest.mark.parametrize("kind", ["gpt-causal", "encoder-gelu"])
 def test_residual_columns_rebuild_the_residual(monkeypatch, kind):
-    """The signed columns the exact pass takes at attention (head by head) and LayerNorm
-    (eigenvalues above rounding only) sum to the node's residual, to rounding."""
+    """The blocks the exact pass takes at attention (signed columns head by head,
+    eigenvalues above rounding only) and LayerNorm (a diagonal and three columns per
+    position) sum to the node's residual, to rounding."""
     from hessbench.estimators._rules_attention import AttentionRule
     from hessbench.estimators._rules_norm import LayerNormRule
 
@@ -117,18 +147,26 @@ def test_residual_columns_rebuild_the_residual(monkeypatch, kind):
 
     def spy(original):
         def wrapped(self, m, c, g):
-            cols, signs = original(self, m, c, g)
+            parts = original(self, m, c, g)
             res = self.residual(m, c, g)
-            v = cols.reshape(*cols.shape[:2], -1)
-            rebuilt = (v.transpose(1, 2) * signs.unsqueeze(1)) @ v
+            n = res.shape[0]
+            rebuilt, k = torch.zeros_like(res), 0
+            for kind, v, signs in parts:
+                if kind == "diag":
+                    rebuilt += torch.diag_embed(v.reshape(n, -1).square() * signs.reshape(n, -1))
+                    continue
+                v = v.reshape(*v.shape[:2], -1)
+                rebuilt += (v.transpose(1, 2) * signs.unsqueeze(1)) @ v
+                k += v.shape[1]
             torch.testing.assert_close(rebuilt, res, rtol=0, atol=1e-12 * res.abs().max())
-            seen.append((type(self).__name__, v.shape[1], res.shape[1]))
-            return cols, signs
+            seen.append((type(self).__name__, k, res.shape[1]))
+            return parts
 
         return wrapped
 
-    monkeypatch.setattr(AttentionRule, "residual_cols", spy(AttentionRule.residual_cols))
-    monkeypatch.setattr(LayerNormRule, "residual_cols", spy(LayerNormRule.residual_cols))
+    monkeypatch.setattr(AttentionRule, "residual_parts", spy(AttentionRule.residual_parts))
+    monkeypatch.setattr(LayerNormRule, "residual_parts", spy(LayerNormRule.residual_parts))
+    monkeypatch.setattr(_rules_norm, "SPLIT_MIN", 0)  # LayerNorm's split wherever it applies
     model, loss_fn, x, y = _problem(kind, 3)
     get_estimator("exact")(model, loss_fn, x, y)
     assert {n for n, _, _ in seen} == {"AttentionRule", "LayerNormRule"}

@@ -487,8 +487,8 @@ def graph_factor_pass(plan: GraphPlan, problem, mode, *, with_grad: bool = False
                 g_in = g * d1
             elif isinstance(rule, LocalRule):
                 if mode.residual:
-                    cols, signs = rule.residual_cols(m, c, g)
-                    new[("r", i)] = Block("cols", cols, signs)
+                    for k, (kind, v, sg) in enumerate(rule.residual_parts(m, c, g)):
+                        new[("r", i, k)] = Block(kind, v, sg)
                 g_in = rule.vjp(m, c, g)
             else:
                 g_in = rule.vjp(m, c, g)

@@ -400,6 +400,23 @@ class LocalRule(LinearMap):
         cols, signs = signed_factor(res.unsqueeze(1))
         return cols.view(g.shape[0], -1, *cache[2]), signs
 
+    def residual_parts(self, m, cache, g: Tensor) -> list[tuple[str, Tensor, Tensor | None]]:
+        """The residual as the factor pass's blocks: ``[("cols", columns, signs)]``.
+
+        A rule whose residual is a diagonal plus few columns returns a ``("diag",
+        u, signs)`` part too (``u`` (N, *in): the columns ``u_i e_i``).
+        """
+        cols, signs = self.residual_cols(m, cache, g)
+        return [("cols", cols, signs)]
+
+
+SPLIT_MIN = 2**20
+"""``rows x D^3`` from which :meth:`LayerNormRule.residual_parts` splits the residual into
+a diagonal and three columns per row instead of ``eigh`` row by row. In-process A/B of
+``exact`` (float32, residual MLPs of ``benchmarks/cost_ratios.py``'s shape): width 128
+0.80-0.85 of the time at batch 1 and 0.54 at batch 32 (0.63 in float64); width 64 1.00
+and 0.51; width 32 1.07 and 0.65; the tiny GPT (8 rows of 32) 1.02-1.05 at batch 1."""
+
 
 class _LNCache(NamedTuple):
     """:class:`LayerNormRule`'s cache (``shape`` at index 2, as the generic rule's)."""
@@ -553,6 +570,46 @@ class LayerNormRule(LocalRule):
         n, d = g.shape[0], res.shape[1]
         cols, signs = signed_factor(res.view(n, -1, d, d))
         return cols.view(n, cols.shape[1], *cache.shape), signs
+
+    def residual_parts(self, m, cache, g):
+        """The residual as ``-m inv^2 I`` (a diagonal part) plus three signed columns per row.
+
+        Per row, ``inv^2 (-m I + U C U^T)`` with ``U = [1, x_hat, a]`` and
+        ``C = [[m/D, 0, 0], [0, m/D, -1/D], [0, -1/D, 0]]`` (the blocks of :meth:`_blocks`).
+        With ``U = Q R`` and ``R C R^T inv^2 = V diag(lambda) V^T`` (a 3 x 3 ``eigh``),
+        the columns are ``Q V sqrt|lambda|`` with signs ``sign(lambda)``: no ``D x D``
+        ``eigh`` per row (on the residual MLP, a quarter of the exact pass), and the
+        diagonal parts of several LayerNorms on one residual stream merge into one.
+        """
+        if not isinstance(cache, _LNCache):  # the generic rule's cache
+            return LocalRule.residual_parts(self, m, cache, g)
+        xhat = cache.xhat
+        rows, d = xhat.shape
+        n = g.shape[0]
+        p = rows // n  # positions per sample: each row's columns are zero elsewhere
+        if rows * d**3 < SPLIT_MIN or (
+            p > 1 and bool((g.reshape(n, p, d).abs().amax((0, 2)) == 0).any())
+        ):
+            # few or small rows: their eigen-columns cost less than D + 3 columns; a
+            # position without gradient in any sample (a model read at its last
+            # position): the eigen-columns leave it out, the diagonal part would not
+            return LocalRule.residual_parts(self, m, cache, g)
+        xhat, inv, mm, a = self._terms(cache, g)
+        inv2 = inv * inv
+        diag = (mm * inv2).neg_().expand(rows, d)  # -m inv^2, the same across a row
+        q, r = torch.linalg.qr(torch.stack([torch.ones_like(xhat), xhat, a], 2))
+        c = mm.new_zeros(rows, 3, 3)
+        c[:, 0, 0] = c[:, 1, 1] = mm.squeeze(1) / d
+        c[:, 1, 2] = c[:, 2, 1] = -1.0 / d
+        lam, vec = torch.linalg.eigh(r @ (c * inv2.unsqueeze(2)) @ r.transpose(1, 2))
+        cols = (q @ vec) * lam.abs().sqrt().unsqueeze(1)  # (rows, D, 3)
+        full = cols.new_zeros(n, p, 3, p, d)
+        full.diagonal(dim1=1, dim2=3).copy_(cols.view(n, p, d, 3).permute(0, 3, 2, 1))
+        shape = cache.shape
+        return [
+            ("diag", diag.abs().sqrt().reshape(n, *shape), diag.sign().reshape(n, *shape)),
+            ("cols", full.view(n, 3 * p, *shape), lam.sign().reshape(n, 3 * p)),
+        ]
 
     def residual(self, m, cache, g):
         if not isinstance(cache, _LNCache):  # the generic rule's cache
