@@ -170,6 +170,22 @@ class MatrixFreeEstimator(DualPathEstimator):
     def _diagonal(self, op: FlatOperator, generator: torch.Generator) -> Tensor:
         """The flat ``(P,)`` estimate of ``diag H`` from products with ``op``."""
 
+    def _run(self, algorithm: Callable[..., Tensor], op: FlatOperator, generator) -> Tensor:
+        """``algorithm(matmat, P, num_matvecs, generator)`` on ``op``, its buffers reused.
+
+        ``algorithm`` is :func:`~hessbench.estimators.xdiag.xdiag` or
+        :func:`~hessbench.estimators.diagpp.diagpp` (their ``reuse``).
+        """
+        return algorithm(
+            op.matmat,
+            op.dim,
+            self.num_matvecs,  # type: ignore[attr-defined]
+            generator,
+            dtype=op.dtype,
+            device=op.device,
+            reuse=True,
+        )
+
     def _structured(
         self,
         plan: Plan,

@@ -150,12 +150,4 @@ class DiagPP(MatrixFreeEstimator):
     method: Literal["auto", "structured", "autograd"] = "auto"
 
     def _diagonal(self, op: FlatOperator, generator: torch.Generator) -> Tensor:
-        return diagpp(
-            op.matmat,
-            op.dim,
-            self.num_matvecs,
-            generator,
-            dtype=op.dtype,
-            device=op.device,
-            reuse=True,
-        )
+        return self._run(diagpp, op, generator)

@@ -186,12 +186,4 @@ class XDiag(MatrixFreeEstimator):
     method: Literal["auto", "structured", "autograd"] = "auto"
 
     def _diagonal(self, op: FlatOperator, generator: torch.Generator) -> Tensor:
-        return xdiag(
-            op.matmat,
-            op.dim,
-            self.num_matvecs,
-            generator,
-            dtype=op.dtype,
-            device=op.device,
-            reuse=True,
-        )
+        return self._run(xdiag, op, generator)
