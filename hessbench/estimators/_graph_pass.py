@@ -507,8 +507,9 @@ def chunk_size(plan: GraphPlan, problem, mode) -> int:
 
     The exact Hessian's pass carries, per sample, columns for the loss's outputs
     and for every curved node's input (a residual's columns; fewer where it has
-    lower rank), each as long as the node's features: at most ``K F`` entries per
-    sample, ``K`` those columns, ``F`` the largest node. When the batch's bound
+    lower rank, three more per position where a LayerNorm's is split into a
+    diagonal and columns), each as long as the node's features: about ``K F``
+    entries per sample at most, ``K`` those columns, ``F`` the largest node. When the batch's bound
     passes :data:`BATCH_ENTRIES` (16.8M), the pass runs on chunks of
     ``CHUNK_ENTRIES // (K F)`` samples (2.1M entries, at least one sample), whose
     blocks stay in the caches. Measured on the tiny GPT of ``benchmarks/cost_ratios.py``
