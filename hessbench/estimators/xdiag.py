@@ -63,8 +63,8 @@ def xdiag_from_probes(
     ``diag(Q Q^T A) + (1/s) sum_i w_i o (I - QQ^T) A w_i``, exact up to rounding.
 
     Cost: ``s`` products for ``Y`` and ``s`` (``r`` when rank deficient) for ``Z``.
-    The final products run on blocks of :data:`BLOCK` entries (one small buffer instead
-    of an ``n x s`` one). With ``reuse``, ``matmat`` also takes ``out=``, a contiguous
+    The final products run on blocks of entries (one buffer of :data:`BLOCK_ENTRIES`
+    instead of an ``n x s`` one). With ``reuse``, ``matmat`` also takes ``out=``, a contiguous
     ``(k, n)`` tensor for the rows of ``A V`` (as :meth:`FlatOperator.matmat`), and ``Z``
     overwrites ``Y``: at ``n`` in the hundreds of thousands, a fresh ``n x s`` buffer
     costs a page fault per 4 KiB, as much time as the arithmetic on it.
@@ -97,20 +97,23 @@ def xdiag_from_probes(
     n_over_s = sv * ((sv * r).sum(0) / s)  # S diag(colsum(S o R)) / s
     mix = eye - sv @ sv.T / s
     # the rows of [Z (I - S S^T / s) + Omega N^T / s]^T, then rowsum(Q o .), a block of
-    # BLOCK entries at a time: one small buffer instead of a fresh s x n one
+    # entries at a time: one buffer of BLOCK_ENTRIES instead of a fresh s x n one
     n = qt.shape[1]
+    block = max(1, BLOCK_ENTRIES // s)
     d = qt.new_empty(n)
-    buf = qt.new_empty(s * min(n, BLOCK))
-    for a in range(0, n, BLOCK):
-        b = min(a + BLOCK, n)
+    buf = qt.new_empty(s * min(n, block))
+    for a in range(0, n, block):
+        b = min(a + block, n)
         inner = torch.mm(mix, zt[:, a:b], out=buf[: s * (b - a)].view(s, b - a))
         inner.addmm_(n_over_s, wt[:, a:b]).mul_(qt[:, a:b])
         torch.sum(inner, 0, out=d[a:b])
     return d
 
 
-BLOCK = 8192
-"""Entries of the diagonal per block of :func:`xdiag_from_probes`'s final products."""
+BLOCK_ENTRIES = 2**20
+"""Entries of the ``s x block`` buffer of :func:`xdiag_from_probes`'s final products
+(4 MiB in float32: below glibc's 32 MiB threshold for a fresh mapping, so the buffer
+is heap memory used again, not pages faulted in on every call)."""
 
 
 def xdiag(
