@@ -164,6 +164,7 @@ def test_matfree_reused_buffers_change_nothing(monkeypatch, name, rank):
     torch.testing.assert_close(fn(_into(a), 30, 12, gen(1), reuse=True), fresh, rtol=0, atol=0)
     # s = 6 test vectors, 30 entries: blocks of 7, 7, 7, 7, 2
     monkeypatch.setattr(xdiag_module, "BLOCK_ENTRIES", 6 * 7)
+    monkeypatch.setattr(xdiag_module, "BLOCK_MIN", 1)
     torch.testing.assert_close(fn(_into(a), 30, 12, gen(1), reuse=True), fresh)
 
 

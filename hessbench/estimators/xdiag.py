@@ -99,7 +99,7 @@ def xdiag_from_probes(
     # the rows of [Z (I - S S^T / s) + Omega N^T / s]^T, then rowsum(Q o .), a block of
     # entries at a time: one buffer of BLOCK_ENTRIES instead of a fresh s x n one
     n = qt.shape[1]
-    block = max(1, BLOCK_ENTRIES // s)
+    block = max(BLOCK_MIN, BLOCK_ENTRIES // s)
     d = qt.new_empty(n)
     buf = qt.new_empty(s * min(n, block))
     for a in range(0, n, block):
@@ -110,10 +110,12 @@ def xdiag_from_probes(
     return d
 
 
-BLOCK_ENTRIES = 2**20
+BLOCK_ENTRIES = 2**16
 """Entries of the ``s x block`` buffer of :func:`xdiag_from_probes`'s final products
-(4 MiB in float32: below glibc's 32 MiB threshold for a fresh mapping, so the buffer
-is heap memory used again, not pages faulted in on every call)."""
+(256 KiB in float32: small next to the method's ``n x s`` matrices, and heap memory
+used again rather than pages faulted in on every call), with blocks of at least
+:data:`BLOCK_MIN` entries (each block is four small kernels)."""
+BLOCK_MIN = 2048
 
 
 def xdiag(
