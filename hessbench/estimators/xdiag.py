@@ -63,8 +63,8 @@ def xdiag_from_probes(
     ``diag(Q Q^T A) + (1/s) sum_i w_i o (I - QQ^T) A w_i``, exact up to rounding.
 
     Cost: ``s`` products for ``Y`` and ``s`` (``r`` when rank deficient) for ``Z``.
-    The final products run on blocks of entries (one buffer of :data:`BLOCK_ENTRIES`
-    instead of an ``n x s`` one). With ``reuse``, ``matmat`` also takes ``out=``, a contiguous
+    The final products run on blocks of entries (one buffer of about
+    :data:`BLOCK_ENTRIES` instead of an ``n x s`` one). With ``reuse``, ``matmat`` also takes ``out=``, a contiguous
     ``(k, n)`` tensor for the rows of ``A V`` (as :meth:`FlatOperator.matmat`), and ``Z``
     overwrites ``Y``: at ``n`` in the hundreds of thousands, a fresh ``n x s`` buffer
     costs a page fault per 4 KiB, as much time as the arithmetic on it.
@@ -97,7 +97,8 @@ def xdiag_from_probes(
     n_over_s = sv * ((sv * r).sum(0) / s)  # S diag(colsum(S o R)) / s
     mix = eye - sv @ sv.T / s
     # the rows of [Z (I - S S^T / s) + Omega N^T / s]^T, then rowsum(Q o .), a block of
-    # entries at a time: one buffer of BLOCK_ENTRIES instead of a fresh s x n one
+    # entries at a time: one small buffer (BLOCK_ENTRIES, or s x BLOCK_MIN for large s)
+    # instead of a fresh s x n one
     n = qt.shape[1]
     block = max(BLOCK_MIN, BLOCK_ENTRIES // s)
     d = qt.new_empty(n)
