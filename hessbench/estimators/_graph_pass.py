@@ -509,8 +509,8 @@ def chunk_size(plan: GraphPlan, problem, mode) -> int:
     and for every curved node's input (a residual's columns; fewer where it has
     lower rank, three more per position where a LayerNorm's is split into a
     diagonal and columns), each as long as the node's features: about ``K F``
-    entries per sample at most, ``K`` those columns, ``F`` the largest node. When the batch's bound
-    passes :data:`BATCH_ENTRIES` (16.8M), the pass runs on chunks of
+    entries per sample at most, ``K`` those columns, ``F`` the largest node. When
+    the batch's bound passes :data:`BATCH_ENTRIES` (16.8M), the pass runs on chunks of
     ``CHUNK_ENTRIES // (K F)`` samples (2.1M entries, at least one sample), whose
     blocks stay in the caches. Measured on the tiny GPT of ``benchmarks/cost_ratios.py``
     (2.8M entries per sample, float32, batch 32): one call 6.4-6.9 s and 2.7 GB

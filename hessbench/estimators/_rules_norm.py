@@ -583,8 +583,7 @@ class LayerNormRule(LocalRule):
         """
         if not isinstance(cache, _LNCache):  # the generic rule's cache
             return LocalRule.residual_parts(self, m, cache, g)
-        xhat = cache.xhat
-        rows, d = xhat.shape
+        rows, d = cache.xhat.shape
         n = g.shape[0]
         p = rows // n  # positions per sample: each row's columns are zero elsewhere
         if rows * d**3 < SPLIT_MIN or (
